@@ -1,0 +1,160 @@
+"""The ``shmstore`` command: serve, stats, ls, show.
+
+Secrets never travel on the command line: a server's key comes from ``SHMSTORE_AUTHKEY``
+or a connection file (``--connection-file`` / ``SHMSTORE_CONNECTION_FILE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import ShmstoreError
+
+__all__ = ["main"]
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from .client import connect
+    from .server import ENV_CONNECTION_FILE, read_connection_file
+
+    if args.connection_file:
+        url, key = read_connection_file(args.connection_file)
+        return connect(args.url or url, authkey=key, timeout=args.timeout)
+    if args.url is None and ENV_CONNECTION_FILE in os.environ and "SHMSTORE_URL" not in os.environ:
+        url, key = read_connection_file(os.environ[ENV_CONNECTION_FILE])
+        return connect(url, authkey=key, timeout=args.timeout)
+    return connect(args.url, timeout=args.timeout)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .server import ENV_AUTHKEY, _coerce_authkey, run_server, write_connection_file
+    from .wire import parse_url
+
+    address = args.address
+    private_dir = None
+    if address is None:
+        private_dir = tempfile.mkdtemp(prefix="shmstore-")
+        address = f"unix://{private_dir}/store.sock"
+    parsed = parse_url(address)
+    if not parsed.is_loopback and not args.allow_remote:
+        from .errors import ConfigError
+
+        raise ConfigError(f"{parsed.url} is not a loopback address; add --allow-remote to "
+                          "serve other machines", value=parsed.url)
+    key = _coerce_authkey(os.environ.get(ENV_AUTHKEY))
+    conn_file = args.connection_file
+    if conn_file is None and ENV_AUTHKEY not in os.environ:
+        # The key is random and must reach clients somehow: a private file, not stdout.
+        private_dir = private_dir or tempfile.mkdtemp(prefix="shmstore-")
+        conn_file = os.path.join(private_dir, "connection.json")
+
+    def ready(url: str) -> None:
+        if conn_file is not None:
+            write_connection_file(conn_file, url, key, os.getpid())
+        print(f"shmstore server {os.getpid()} listening at {url}", flush=True)
+        if conn_file is not None:
+            print(f"export SHMSTORE_CONNECTION_FILE={conn_file}", flush=True)
+
+    try:
+        run_server(parsed, key, on_ready=ready, stop_event=threading.Event())
+    finally:
+        if args.connection_file is not None:
+            try:
+                os.unlink(args.connection_file)
+            except FileNotFoundError:
+                pass
+        if private_dir is not None:
+            shutil.rmtree(private_dir, ignore_errors=True)
+    print("shmstore server stopped", flush=True)
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        stats = store.stats()
+    if args.json:
+        print(json.dumps(stats.to_dict(), indent=2, sort_keys=True))
+    else:
+        print(stats)
+    return 0
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        if args.execution is None:
+            for name in store.executions():
+                latest = store.latest(name)
+                print(f"{name}\t{latest.version if latest else 0}")
+            return 0
+        for cp in store.list(args.execution, limit=args.limit, newest_first=args.newest_first):
+            print(f"{cp.version}\t{cp.id}\t{cp.node_name}\t{cp.timestamp.isoformat()}")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        cp = store.load(args.checkpoint_id)
+    print(json.dumps({
+        "id": cp.id, "execution_id": cp.execution_id, "node_name": cp.node_name,
+        "version": cp.version, "timestamp": cp.timestamp.isoformat(),
+        "parent_id": cp.parent_id, "metadata": cp.metadata, "state": cp.state,
+    }, indent=2, default=repr))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shmstore", description="A shared, non-persistent checkpoint store."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a server in the foreground")
+    serve.add_argument("--address", help="unix:///path.sock or tcp://127.0.0.1:PORT "
+                       "(default: a socket in a private temp directory)")
+    serve.add_argument("--connection-file", help="write url, authkey and pid here (mode 0600)")
+    serve.add_argument("--allow-remote", action="store_true",
+                       help="allow a non-loopback TCP host")
+    serve.set_defaults(func=_cmd_serve)
+
+    def client_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--url", help="server URL (default: SHMSTORE_URL)")
+        p.add_argument("--connection-file", help="read url and authkey from this file")
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+
+    stats = sub.add_parser("stats", help="print a server's stats")
+    client_options(stats)
+    stats.add_argument("--json", action="store_true", help="as JSON")
+    stats.set_defaults(func=_cmd_stats)
+
+    ls = sub.add_parser("ls", help="list executions, or the checkpoints of one")
+    client_options(ls)
+    ls.add_argument("execution", nargs="?")
+    ls.add_argument("--limit", type=int)
+    ls.add_argument("--newest-first", action="store_true")
+    ls.set_defaults(func=_cmd_ls)
+
+    show = sub.add_parser("show", help="print one checkpoint as JSON")
+    client_options(show)
+    show.add_argument("checkpoint_id")
+    show.set_defaults(func=_cmd_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ShmstoreError as exc:
+        print(f"shmstore: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,193 @@
+"""`SharedStore` and `connect()`: the store as seen from any process.
+
+Every operation goes through one path, `SharedStore._call`: encode the request, send,
+read the answer, and translate whatever went wrong into the exception tree.  Each process
+and each thread gets its own connection (a connection shared across fork would be
+corrupted, cpython gh-101320); a connection that failed or timed out mid-call is dropped,
+never reused out of step, and the next call opens a new one.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from multiprocessing import connection
+from typing import Any
+
+from .codec import MsgpackCodec
+from .errors import ConfigError, ShmstoreError, StoreUnavailable
+from .server import (
+    ENV_AUTHKEY,
+    ENV_CONNECTION_FILE,
+    ENV_URL,
+    TABLE_IDENT,
+    _coerce_authkey,
+    read_connection_file,
+)
+from .store import BaseStore
+from .wire import open_connection, pack, parse_url, translate, unpack
+
+__all__ = ["SharedStore", "connect"]
+
+DEFAULT_TIMEOUT = 30.0
+_NO_KWARGS: dict[str, Any] = {}
+
+
+class SharedStore(BaseStore):
+    """A store whose checkpoints live in a shmstore server process.
+
+    Use it from any number of threads and processes; pass it to a child process (spawn)
+    or keep it across fork: each process and thread opens its own connection.
+
+    Parameters:
+        url: the server's URL (``unix:///...`` or ``tcp://host:port``).
+        authkey: the server's key, bytes or hex.
+        timeout: seconds any call may take before `StoreTimeout`.
+        name: how this client is named in the server's thread names.
+        codec: encodes states and metadata.
+
+    Raises:
+        ConfigError: a bad URL, authkey or timeout.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        authkey: bytes | str,
+        timeout: float = DEFAULT_TIMEOUT,
+        name: str | None = None,
+        codec: MsgpackCodec | None = None,
+    ) -> None:
+        super().__init__(codec=codec)
+        self._address = parse_url(url)
+        self.url = self._address.url
+        self._authkey = _coerce_authkey(authkey)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError(f"timeout must be a number > 0, not {timeout!r}",
+                              value=repr(timeout))
+        self.timeout = float(timeout)
+        self.name = name or f"client-{os.getpid()}"
+        self._local = threading.local()
+        self._conns: set[connection.Connection] = set()
+        self._conns_lock = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<SharedStore {self.url}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Crosses to spawned children through multiprocessing's pipe, never a command line.
+        return (_rebuild, (self.url, self._authkey.hex(), self.timeout, self.name))
+
+    def _connection(self) -> connection.Connection:
+        local = self._local
+        conn: connection.Connection | None = getattr(local, "conn", None)
+        pid = os.getpid()
+        if conn is not None and local.pid == pid:
+            return conn
+        if self._closed:
+            raise StoreUnavailable(f"this store was closed ({self.url})", address=self.url)
+        if conn is not None:
+            # Inherited across fork: the parent owns that socket; leave it alone.
+            self._conns = set()
+        conn = open_connection(self._address, self._authkey, timeout=self.timeout,
+                               name=f"{self.name}/{threading.current_thread().name}")
+        local.conn, local.pid = conn, pid
+        with self._conns_lock:
+            self._conns.add(conn)
+        return conn
+
+    def _discard(self, conn: connection.Connection) -> None:
+        self._local.conn = None
+        with self._conns_lock:
+            self._conns.discard(conn)
+        try:
+            conn.close()
+        except OSError:
+            pass
+
+    def _call(self, op: str, *args: Any) -> Any:
+        conn = self._connection()
+        try:
+            conn.send_bytes(pack((TABLE_IDENT, op, args, _NO_KWARGS)))
+            if op == "wait" and not conn.poll(args[2] + self.timeout):
+                raise TimeoutError
+            kind, result = unpack(conn.recv_bytes())
+        except BaseException as exc:
+            # Whatever happened, this connection may be out of step: never reuse it.
+            self._discard(conn)
+            raise translate(exc, self.url, self.timeout) from None
+        if kind == "#RETURN":
+            return result
+        if kind == "#ERROR" and isinstance(result, BaseException):
+            raise result
+        raise ShmstoreError(f"the server at {self.url} failed: {result}")
+
+    def close(self) -> None:
+        """Close every connection this store opened; later calls raise `StoreUnavailable`."""
+        self._closed = True
+        with self._conns_lock:
+            conns, self._conns = self._conns, set()
+        for conn in conns:
+            try:
+                conn.close()
+            except OSError:
+                pass
+        self._local = threading.local()
+
+
+def _rebuild(url: str, authkey: str, timeout: float, name: str) -> SharedStore:
+    return SharedStore(url, authkey=authkey, timeout=timeout, name=name)
+
+
+def connect(
+    url: str | None = None,
+    *,
+    authkey: bytes | str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    name: str | None = None,
+) -> SharedStore:
+    """Connect to a shmstore server.
+
+    With no ``url``, it comes from ``SHMSTORE_URL`` (and the key from ``SHMSTORE_AUTHKEY``)
+    as exported by `serve`, or from the connection file named by
+    ``SHMSTORE_CONNECTION_FILE``.  No connection is opened until the first call.
+
+    Parameters:
+        url: ``unix:///path`` or ``tcp://host:port``.
+        authkey: bytes or hex; default from the environment.
+        timeout: seconds any call may take before `StoreTimeout`.
+        name: a name for this client, shown by the server.
+
+    Raises:
+        ConfigError: no URL or authkey could be found, or one is malformed.
+
+    Example:
+        >>> store = shmstore.connect()          # inside a process started under serve()
+        >>> store.latest("run-1")
+    """
+    if url is None:
+        url = os.environ.get(ENV_URL)
+        if url is None:
+            path = os.environ.get(ENV_CONNECTION_FILE)
+            if path is None:
+                raise ConfigError(
+                    "no server named: pass a URL, or set SHMSTORE_URL and SHMSTORE_AUTHKEY "
+                    "(serve() does), or SHMSTORE_CONNECTION_FILE",
+                    value="",
+                )
+            url, key = read_connection_file(path)
+            authkey = key if authkey is None else authkey
+    if authkey is None:
+        authkey = os.environ.get(ENV_AUTHKEY)
+        if authkey is None and os.environ.get(ENV_CONNECTION_FILE):
+            file_url, key = read_connection_file(os.environ[ENV_CONNECTION_FILE])
+            if file_url == url:
+                authkey = key
+        if authkey is None:
+            raise ConfigError(
+                f"no authkey for {url}: pass authkey=, or set SHMSTORE_AUTHKEY",
+                value=url,
+            )
+    return SharedStore(url, authkey=authkey, timeout=timeout, name=name)

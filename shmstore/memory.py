@@ -1,0 +1,45 @@
+"""`MemoryStore`: the contract in one process (the seed's store, done right)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .codec import MsgpackCodec
+from .errors import StoreUnavailable
+from .store import BaseStore
+from .table import TABLE_OPS, CheckpointTable
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore(BaseStore):
+    """A thread-safe checkpoint store inside this process.
+
+    States are encoded on save, so what is stored is a snapshot: mutating a state after
+    saving it, or a loaded one, never changes history.  Versions are assigned per
+    execution, so "latest" is well defined (the seed's is random).
+
+    Parameters:
+        codec: encodes states and metadata (default: msgpack with extension types).
+
+    Example:
+        >>> from shmstore import Checkpoint, MemoryStore
+        >>> with MemoryStore() as store:
+        ...     store.save(Checkpoint(execution_id="run", state=[1, 2])).version
+        1
+    """
+
+    def __init__(self, *, codec: MsgpackCodec | None = None) -> None:
+        super().__init__(codec=codec)
+        self._table: CheckpointTable | None = CheckpointTable()
+        self._ops = {op: getattr(self._table, op) for op in TABLE_OPS}
+
+    def _call(self, op: str, *args: Any) -> Any:
+        if self._table is None:
+            raise StoreUnavailable("this MemoryStore was closed", address="memory://")
+        return self._ops[op](*args)
+
+    def close(self) -> None:
+        """Drop every checkpoint; later calls raise `StoreUnavailable`."""
+        self._table = None
+        self._ops = {}

@@ -1,0 +1,432 @@
+"""The server process that owns the checkpoints: start, stop, addresses, authkey, watchdog.
+
+`serve()` starts a ``multiprocessing.managers`` server (`TableServer`, one thread per
+connection) in a child process that owns one `CheckpointTable`, and returns once that
+process accepts connections.  The child is started with ``subprocess`` running
+``python -c`` rather than ``BaseManager.start()``: spawn would re-import the user's
+``__main__`` (a script without a ``__main__`` guard would start itself again) and fork
+would copy the user's threads and locks.  The configuration, authkey included, goes over
+the child's stdin, never its command line.
+
+The child watches its stdin: when the process that started it dies — even by SIGKILL —
+the pipe closes and the server stops within a fraction of a second.  A second check of
+its parent pid covers forked children of the starter that still hold the pipe.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import secrets
+import select
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing import managers, util
+from typing import IO, Any
+
+from .errors import ConfigError, ShmstoreError, StoreUnavailable
+from .table import TABLE_OPS, CheckpointTable
+from .wire import SERIALIZER, Address, WireConnection, parse_url, set_io_timeout
+
+__all__ = ["StoreServer", "TableServer", "read_connection_file", "run_server", "serve"]
+
+log = logging.getLogger("shmstore")
+
+TABLE_IDENT = "table"
+START_TIMEOUT = 60.0
+WATCH_INTERVAL = 0.2
+ENV_URL = "SHMSTORE_URL"
+ENV_AUTHKEY = "SHMSTORE_AUTHKEY"
+ENV_CONNECTION_FILE = "SHMSTORE_CONNECTION_FILE"
+AUTHKEY_BYTES = 32
+
+
+class TableServer(managers.Server):
+    """A stdlib manager server that serves one `CheckpointTable` under a fixed ident.
+
+    Clients call the table's methods (exactly `TABLE_OPS`) with the stdlib's request
+    format ``(ident, method, args, kwargs)``; the fixed ident saves the ``create`` round
+    trip and the reference counting that a proxy per connection would need.
+    """
+
+    def __init__(self, address: Any, authkey: bytes, table: CheckpointTable) -> None:
+        super().__init__({}, address, authkey, SERIALIZER)
+        self.table = table
+        self.id_to_obj[TABLE_IDENT] = (table, frozenset(TABLE_OPS), None)
+        self.stop_event = threading.Event()
+
+    def accept_connection(self, c: WireConnection, name: str) -> None:
+        # The peer has authenticated: lift the handshake's time bound.
+        set_io_timeout(c.fileno(), 0)
+        super().accept_connection(c, name)  # type: ignore[misc]
+
+    def serve_forever(self) -> None:
+        """Accept connections until `stop_event` is set, then return (no ``sys.exit``)."""
+        from multiprocessing import process
+
+        process.current_process()._manager_server = self  # type: ignore[attr-defined]
+        accepter = threading.Thread(target=self.accepter, name="shmstore-accepter",
+                                    daemon=True)
+        accepter.start()
+        self.stop_event.wait()
+
+
+def _prepare_unix_path(path: str) -> None:
+    """Replace a stale socket left by a killed server; refuse a live one or a non-socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            raise ConfigError(f"the directory {parent!r} of the socket does not exist",
+                              value=path) from None
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"{path!r} exists and is not a socket; choose another path",
+                          value=path)
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: a killed server's leftover
+        return
+    finally:
+        probe.close()
+    raise ConfigError(f"a server is already listening at unix://{path}", value=path)
+
+
+def run_server(
+    address: Address,
+    authkey: bytes,
+    *,
+    on_ready: Any = None,
+    stop_event: threading.Event | None = None,
+) -> None:
+    """Serve a new table at ``address`` in this process until stopped.
+
+    Parameters:
+        address: where to listen; TCP port 0 picks a free port.
+        authkey: the key clients must prove they know.
+        on_ready: called with the URL once connections are accepted.
+        stop_event: set it to stop the server (SIGTERM and SIGINT set it too when this
+            runs in the main thread).
+
+    Raises:
+        ConfigError: the address is taken or unusable.
+    """
+    if address.family == "AF_UNIX":
+        _prepare_unix_path(address.target)
+    try:
+        server = TableServer(address.target, authkey, CheckpointTable())
+    except OSError as exc:
+        raise ConfigError(f"cannot listen at {address.url}: {exc.strerror or exc}",
+                          value=address.url) from None
+    if stop_event is not None:
+        server.stop_event = stop_event
+    if address.family == "AF_UNIX":
+        os.chmod(address.target, 0o600)
+        url = address.url
+    else:
+        host, port = server.address
+        url = f"tcp://{host}:{port}"
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: server.stop_event.set())
+    log.info("shmstore server %d listening at %s", os.getpid(), url)
+    if on_ready is not None:
+        on_ready(url)
+    try:
+        server.serve_forever()
+    finally:
+        server.listener.close()
+        if address.family == "AF_UNIX":
+            try:
+                os.unlink(address.target)
+            except FileNotFoundError:
+                pass
+        log.info("shmstore server %d stopped", os.getpid())
+
+
+def _watch_starter(stop: threading.Event, fd: int, ppid: int) -> None:
+    """Stop when the starter closes our stdin or dies (SIGKILL included)."""
+    while not stop.is_set():
+        try:
+            ready, _, _ = select.select([fd], [], [], WATCH_INTERVAL)
+            if ready and not os.read(fd, 4096):
+                break
+        except OSError:
+            break
+        if os.getppid() != ppid:
+            break
+    stop.set()
+
+
+def _child_main() -> None:
+    """Entry point of the server child process (see `serve`)."""
+    # The starter owns our lifetime: a Ctrl-C in its terminal is for it, not for us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stdin = sys.stdin.buffer
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout = sys.stderr  # keep the ready line alone on the pipe
+    config = json.loads(stdin.readline())
+    stop = threading.Event()
+    fd = stdin.fileno()
+    threading.Thread(target=_watch_starter, args=(stop, fd, os.getppid()),
+                     name="shmstore-watchdog", daemon=True).start()
+
+    def ready(url: str) -> None:
+        out.write(json.dumps({"url": url, "pid": os.getpid()}) + "\n")
+        out.flush()
+
+    try:
+        run_server(parse_url(config["url"]), bytes.fromhex(config["authkey"]),
+                   on_ready=ready, stop_event=stop)
+    except ShmstoreError as exc:
+        out.write(json.dumps({"error": str(exc), "type": type(exc).__name__}) + "\n")
+        out.flush()
+        os._exit(1)
+    util._run_finalizers(0)  # type: ignore[attr-defined]
+    os._exit(0)
+
+
+_CHILD_CODE = "from shmstore.server import _child_main; _child_main()"
+
+
+def _coerce_authkey(authkey: bytes | str | None) -> bytes:
+    if authkey is None:
+        return secrets.token_bytes(AUTHKEY_BYTES)
+    if isinstance(authkey, str):
+        try:
+            key = bytes.fromhex(authkey)
+        except ValueError:
+            raise ConfigError("an authkey given as str must be hex", value="<hidden>") from None
+    elif isinstance(authkey, (bytes, bytearray)):
+        key = bytes(authkey)
+    else:
+        raise ConfigError(f"authkey must be bytes or a hex str, not {type(authkey).__name__}",
+                          value="<hidden>")
+    if not key:
+        raise ConfigError("authkey must not be empty", value="<hidden>")
+    return key
+
+
+def write_connection_file(path: str, url: str, authkey: bytes, pid: int) -> None:
+    """Write ``{"url", "authkey" (hex), "pid"}`` to ``path``, readable by the owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fd, 0o600)
+        json.dump({"url": url, "authkey": authkey.hex(), "pid": pid}, fh)
+
+
+def read_connection_file(path: str) -> tuple[str, bytes]:
+    """Read the URL and authkey from a connection file.
+
+    Raises:
+        ConfigError: the file is missing, unreadable or not a connection file.
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        return str(data["url"]), bytes.fromhex(data["authkey"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"cannot read connection file {path!r} ({exc}); it is written by "
+            "`shmstore serve --connection-file PATH`",
+            value=path,
+        ) from None
+
+
+class StoreServer:
+    """A running server started by `serve`; stop it with `shutdown` or ``with``.
+
+    Attributes:
+        url: where clients connect (``unix:///...`` or ``tcp://host:port``).
+        authkey: the key clients need (bytes).
+        pid: the server process id.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], url: str, authkey: bytes,
+                 private_dir: str | None, exported: dict[str, str | None] | None,
+                 connection_file: str | None) -> None:
+        self._proc = proc
+        self.url = url
+        self.authkey = authkey
+        self.pid = proc.pid
+        self._private_dir = private_dir
+        self._exported = exported
+        self._connection_file = connection_file
+        self._owner = os.getpid()
+        self._stopped = False
+        atexit.register(self.shutdown)
+
+    def __repr__(self) -> str:
+        state = "stopped" if self._stopped else "running"
+        return f"<StoreServer {self.url} pid={self.pid} {state}>"
+
+    def connect(self, **options: Any) -> Any:
+        """A `SharedStore` connected to this server (options as for `connect`)."""
+        from .client import SharedStore
+
+        return SharedStore(self.url, authkey=self.authkey, **options)
+
+    @property
+    def running(self) -> bool:
+        """True while the server process is alive."""
+        return not self._stopped and self._proc.poll() is None
+
+    def shutdown(self, *, timeout: float = 2.0) -> None:
+        """Stop the server: ask, then terminate, then kill.  Calling it again does nothing."""
+        if self._stopped or os.getpid() != self._owner:
+            return
+        self._stopped = True
+        atexit.unregister(self.shutdown)
+        proc = self._proc
+        try:
+            if proc.stdin is not None:
+                proc.stdin.close()  # the ask: the watchdog sees EOF
+        except OSError:
+            pass
+        for action in (None, proc.terminate, proc.kill):
+            if action is not None and proc.poll() is None:
+                action()
+            try:
+                proc.wait(timeout)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+        if self._connection_file is not None:
+            try:
+                os.unlink(self._connection_file)
+            except FileNotFoundError:
+                pass
+        if self._exported is not None:
+            for key, old in self._exported.items():
+                if old is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = old
+
+    def __enter__(self) -> StoreServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def _discard(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a server child that failed to start, and close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            pipe.close()
+
+
+def _read_ready_line(proc: subprocess.Popen[bytes], stdout: IO[bytes], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    buf = b""
+    fd = stdout.fileno()
+    while b"\n" not in buf:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise StoreUnavailable(f"the server did not start within {timeout} s",
+                                   address="")
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                code = proc.wait()
+                raise StoreUnavailable(
+                    f"the server process exited with code {code} before it was ready "
+                    "(its error is on stderr)",
+                    address="",
+                )
+            buf += chunk
+    return json.loads(buf.split(b"\n", 1)[0])
+
+
+def serve(
+    address: str | None = None,
+    *,
+    authkey: bytes | str | None = None,
+    export: bool = True,
+    allow_remote: bool = False,
+    connection_file: str | None = None,
+) -> StoreServer:
+    """Start a server process that owns the checkpoints; return once it accepts connections.
+
+    Parameters:
+        address: ``unix:///path/to.sock`` or ``tcp://127.0.0.1:PORT`` (port 0 picks one).
+            Default: a socket in a fresh private (0700) directory, removed at shutdown.
+        authkey: bytes or hex; default 32 random bytes.
+        export: set ``SHMSTORE_URL`` and ``SHMSTORE_AUTHKEY`` (hex) in ``os.environ`` while
+            the server runs, so child processes can ``shmstore.connect()`` with no arguments.
+        allow_remote: permit a TCP host other than loopback.
+        connection_file: also write ``{"url", "authkey", "pid"}`` there (mode 0600).
+
+    Raises:
+        ConfigError: a bad address or authkey, or the address is taken.
+        StoreUnavailable: the server process failed to start.
+
+    Example:
+        >>> with shmstore.serve() as server:
+        ...     store = shmstore.connect()   # from the exported environment
+    """
+    key = _coerce_authkey(authkey)
+    private_dir = None
+    if address is None:
+        private_dir = tempfile.mkdtemp(prefix="shmstore-")  # mode 0700
+        parsed = parse_url(f"unix://{private_dir}/store.sock")
+    else:
+        parsed = parse_url(address)
+    if not parsed.is_loopback and not allow_remote:
+        raise ConfigError(
+            f"{parsed.url} is not a loopback address; pass allow_remote=True (and keep the "
+            "authkey secret) to serve other machines",
+            value=parsed.url,
+        )
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD_CODE],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps({"url": parsed.url, "authkey": key.hex()}).encode() + b"\n")
+        proc.stdin.flush()
+        reply = _read_ready_line(proc, proc.stdout, START_TIMEOUT)
+        if "error" in reply:
+            raise ConfigError(reply["error"], value=parsed.url)
+    except BaseException:
+        _discard(proc)
+        if private_dir is not None:
+            shutil.rmtree(private_dir, ignore_errors=True)
+        raise
+    url = reply["url"]
+    exported = None
+    if export:
+        exported = {ENV_URL: os.environ.get(ENV_URL), ENV_AUTHKEY: os.environ.get(ENV_AUTHKEY)}
+        os.environ[ENV_URL] = url
+        os.environ[ENV_AUTHKEY] = key.hex()
+    if connection_file is not None:
+        write_connection_file(connection_file, url, key, proc.pid)
+    server = StoreServer(proc, url, key, private_dir, exported, connection_file)
+    log.info("started shmstore server %d at %s", proc.pid, url)
+    return server

@@ -1,0 +1,287 @@
+"""`BaseStore`: the client half of the contract that every backend shares.
+
+A store is this class plus one method, ``_call(op, *args)``, that runs a table operation
+somewhere: in this process (`MemoryStore`), in the server process (`SharedStore`), or in
+Redis (`RedisStore`).  Everything else — argument checks, encoding a `Checkpoint` into a
+record and decoding it back — happens here, once, before anything is sent, so that every
+backend behaves the same and bad input never reaches a server.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .checkpoint import Checkpoint, timestamp_to_us, us_to_timestamp, validate_id
+from .codec import DEFAULT_CODEC, EMPTY_MAP, MsgpackCodec
+from .errors import ConfigError, StoreTimeout
+
+__all__ = ["BaseStore", "StoreStats"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreStats:
+    """What a store holds and how its server is doing.
+
+    Attributes:
+        checkpoints: number of checkpoints stored.
+        executions: number of executions with at least one checkpoint.
+        payload_bytes: exact sum of the encoded states' sizes.
+        server_pid: pid of the process that owns the checkpoints.
+        server_rss: resident set size of that process, in bytes (psutil).
+        uptime_s: seconds since the store was created.
+        ops: number of calls per operation.
+    """
+
+    checkpoints: int
+    executions: int
+    payload_bytes: int
+    server_pid: int
+    server_rss: int
+    uptime_s: float
+    ops: dict[str, int]
+
+    @classmethod
+    def from_dict(cls, figures: dict[str, Any]) -> StoreStats:
+        """Build from the plain dict a table returns; unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in figures.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict of the fields (JSON-ready)."""
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.checkpoints} checkpoints in {self.executions} executions, "
+            f"{_human_bytes(self.payload_bytes)} payload; server pid {self.server_pid}, "
+            f"RSS {_human_bytes(self.server_rss)}, up {self.uptime_s:.1f} s"
+        )
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _checkpoint(record: Sequence[Any], codec: MsgpackCodec) -> Checkpoint:
+    """Decode a stored record into a new Checkpoint (fields are trusted: skip checks)."""
+    cp = object.__new__(Checkpoint)
+    meta = record[6]
+    cp.__dict__.update(
+        id=record[0],
+        execution_id=record[1],
+        node_name=record[2],
+        version=record[3],
+        timestamp=us_to_timestamp(record[4]),
+        parent_id=record[5],
+        metadata={} if meta == EMPTY_MAP else codec.decode(meta),
+        state=codec.decode(record[7]),
+    )
+    return cp
+
+
+def _with_version(cp: Checkpoint, version: int) -> Checkpoint:
+    out = object.__new__(Checkpoint)
+    out.__dict__.update(cp.__dict__)
+    out.__dict__["version"] = version
+    return out
+
+
+def _check_limit(limit: object, name: str) -> int | None:
+    if limit is None:
+        return None
+    if type(limit) is not int or limit < 0:
+        raise ConfigError(f"{name} must be an int >= 0 or None, not {limit!r}", value=repr(limit))
+    return limit
+
+
+def _check_timeout(timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or math.isnan(timeout) \
+            or timeout < 0:
+        raise ConfigError(f"timeout must be a number >= 0 or None, not {timeout!r}",
+                          value=repr(timeout))
+    return float(timeout)
+
+
+class BaseStore(abc.ABC):
+    """The checkpoint-store contract; subclasses supply ``_call``.
+
+    Parameters:
+        codec: encodes states and metadata (default: msgpack with extension types).
+    """
+
+    #: Longest single server-side wait; a longer ``wait`` is several of these, so that a
+    #: frozen server is noticed and the call stays interruptible.
+    wait_slice: float = 10.0
+
+    def __init__(self, *, codec: MsgpackCodec | None = None) -> None:
+        self.codec = codec if codec is not None else DEFAULT_CODEC
+
+    @abc.abstractmethod
+    def _call(self, op: str, *args: Any) -> Any:
+        """Run table operation ``op`` with ``args`` wherever the checkpoints live."""
+
+    # -- encoding -----------------------------------------------------------------------
+
+    def _record(self, cp: Checkpoint) -> tuple[Any, ...]:
+        if not isinstance(cp, Checkpoint):
+            raise ConfigError(
+                f"expected a Checkpoint, not {type(cp).__name__}", value=repr(cp)[:80]
+            )
+        codec = self.codec
+        meta = EMPTY_MAP if not cp.metadata else codec.encode(cp.metadata, root="metadata")
+        return (
+            cp.id, cp.execution_id, cp.node_name, 0, timestamp_to_us(cp.timestamp),
+            cp.parent_id, meta, codec.encode(cp.state),
+        )
+
+    def _decode(self, record: Sequence[Any] | None) -> Checkpoint | None:
+        return None if record is None else _checkpoint(record, self.codec)
+
+    # -- the contract -------------------------------------------------------------------
+
+    def save(self, checkpoint: Checkpoint, *, expected_version: int | None = None) -> Checkpoint:
+        """Store an immutable snapshot of ``checkpoint``; return it with its version.
+
+        The version is the execution's latest + 1 (the first is 1), assigned by the store,
+        strictly increasing however many processes write.  Saving an id that exists
+        replaces that record, which gets a new version.
+
+        Parameters:
+            checkpoint: what to store; its ``version`` is ignored.
+            expected_version: store only if the execution's latest version equals this
+                (0 = the execution has no checkpoints): an atomic compare-and-set.
+
+        Raises:
+            EncodeError: the state or metadata cannot be encoded (nothing is sent).
+            VersionConflict: ``expected_version`` did not match; nothing was written.
+
+        Example:
+            >>> store.save(Checkpoint(execution_id="run", state={"n": 1})).version
+            1
+        """
+        record = self._record(checkpoint)
+        _check_limit(expected_version, "expected_version")
+        return _with_version(checkpoint, self._call("save", record, expected_version))
+
+    def save_many(self, checkpoints: Iterable[Checkpoint]) -> list[Checkpoint]:
+        """Store several checkpoints in one round trip; all or nothing.
+
+        Raises:
+            EncodeError: one of them cannot be encoded; nothing is written.
+        """
+        cps = list(checkpoints)
+        records = [self._record(cp) for cp in cps]
+        if not records:
+            return []
+        versions = self._call("save_many", records)
+        return [_with_version(cp, v) for cp, v in zip(cps, versions)]
+
+    def load(self, checkpoint_id: str) -> Checkpoint:
+        """The checkpoint with this id, as a fresh copy.
+
+        Raises:
+            CheckpointNotFound: there is none (a KeyError naming the id).
+        """
+        record = self._call("load", validate_id(checkpoint_id))
+        return _checkpoint(record, self.codec)
+
+    def load_many(self, checkpoint_ids: Iterable[str]) -> list[Checkpoint]:
+        """The checkpoints with these ids, in order, in one round trip.
+
+        Raises:
+            CheckpointNotFound: naming the first id that has none.
+        """
+        ids = [validate_id(cid) for cid in checkpoint_ids]
+        if not ids:
+            return []
+        codec = self.codec
+        return [_checkpoint(r, codec) for r in self._call("load_many", ids)]
+
+    def list(
+        self,
+        execution_id: str,
+        *,
+        limit: int | None = None,
+        before_version: int | None = None,
+        newest_first: bool = False,
+    ) -> list[Checkpoint]:
+        """The checkpoints of one execution, ordered by version.
+
+        Parameters:
+            limit: at most this many (the oldest, or the newest with ``newest_first``).
+            before_version: only versions strictly below this one.
+            newest_first: highest version first.
+        """
+        validate_id(execution_id, "execution_id")
+        limit = _check_limit(limit, "limit")
+        before_version = _check_limit(before_version, "before_version")
+        codec = self.codec
+        records = self._call("list", execution_id, limit, before_version, bool(newest_first))
+        return [_checkpoint(r, codec) for r in records]
+
+    def latest(self, execution_id: str) -> Checkpoint | None:
+        """The execution's checkpoint with the highest version, or None."""
+        return self._decode(self._call("latest", validate_id(execution_id, "execution_id")))
+
+    def delete(self, checkpoint_id: str) -> bool:
+        """Drop one checkpoint; False when there was none (not an error)."""
+        return bool(self._call("delete", validate_id(checkpoint_id)))
+
+    def clear(self, execution_id: str) -> int:
+        """Drop every checkpoint of one execution; return how many were dropped."""
+        return int(self._call("clear", validate_id(execution_id, "execution_id")))
+
+    def executions(self) -> list[str]:
+        """Ids of the executions that have checkpoints, sorted."""
+        return list(self._call("executions"))
+
+    def wait(
+        self, execution_id: str, *, after_version: int = 0, timeout: float | None = None
+    ) -> Checkpoint:
+        """Block until the execution has a version above ``after_version``; return the latest.
+
+        The store wakes the waiter when the checkpoint arrives; nothing polls.
+
+        Raises:
+            StoreTimeout: ``timeout`` seconds passed first.
+        """
+        validate_id(execution_id, "execution_id")
+        after = _check_limit(after_version, "after_version") or 0
+        total = _check_timeout(timeout)
+        deadline = None if total is None else time.monotonic() + total
+        while True:
+            remaining = self.wait_slice if deadline is None else deadline - time.monotonic()
+            chunk = max(0.0, min(remaining, self.wait_slice))
+            record = self._call("wait", execution_id, after, chunk)
+            if record is not None:
+                return _checkpoint(record, self.codec)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise StoreTimeout(
+                    f"no checkpoint above version {after} of execution {execution_id!r} "
+                    f"within {total} s",
+                    timeout=total,
+                )
+
+    def stats(self) -> StoreStats:
+        """Counts, payload bytes, the server's pid, RSS and uptime, and per-op counters."""
+        return StoreStats.from_dict(self._call("stats"))
+
+    def close(self) -> None:
+        """Release the store's resources; closing twice is fine."""
+
+    def __enter__(self) -> BaseStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

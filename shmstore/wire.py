@@ -1,0 +1,288 @@
+"""The transport between clients and the server: addresses, messages, connections.
+
+The server is a ``multiprocessing.managers`` server, but its messages are msgpack, not
+pickle: the stdlib picks a connection type by serializer name, and this module registers
+one, ``"shmstore"``, whose connections encode each message with msgpack.  So no process
+ever unpickles what a peer sent — not even after authentication — and user states travel
+as the bytes the client encoded.  Exceptions cross as (type name, message, attributes)
+and are rebuilt only from shmstore's own exception tree.
+
+Connections authenticate with the stdlib's HMAC challenge (``deliver_challenge`` /
+``answer_challenge``) before anything else is read; an unauthenticated peer can make the
+server read at most 256 bytes and must finish the handshake within `HANDSHAKE_TIMEOUT`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from multiprocessing import connection, managers
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import msgpack
+
+from . import errors
+from .errors import AccessDenied, ConfigError, ShmstoreError, StoreTimeout, StoreUnavailable
+
+__all__ = ["Address", "SERIALIZER", "open_connection", "pack", "parse_url", "unpack"]
+
+SERIALIZER = "shmstore"
+HANDSHAKE_TIMEOUT = 10.0
+LISTEN_BACKLOG = 512
+MAX_UNIX_PATH = 107
+_EXC_EXT = 64  # ext code of an exception on the wire (transport only, not the state codec)
+
+
+@dataclass(frozen=True)
+class Address:
+    """A server address parsed from a URL.
+
+    Attributes:
+        url: the canonical URL (``unix:///path`` or ``tcp://host:port``).
+        family: ``"AF_UNIX"`` or ``"AF_INET"``.
+        target: what ``socket.connect``/``bind`` take: a path or a (host, port) pair.
+    """
+
+    url: str
+    family: str
+    target: Any
+
+    @property
+    def is_loopback(self) -> bool:
+        """True for unix sockets and loopback TCP hosts."""
+        if self.family == "AF_UNIX":
+            return True
+        host = self.target[0]
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+
+def parse_url(url: object) -> Address:
+    """Parse ``unix:///path/to.sock`` or ``tcp://127.0.0.1:PORT`` into an `Address`.
+
+    Raises:
+        ConfigError: anything else, with the forms that are accepted.
+    """
+    if not isinstance(url, str) or not url:
+        raise ConfigError(
+            f"server URL must be a non-empty str, not {url!r:.80}; "
+            "use unix:///path/to.sock or tcp://127.0.0.1:PORT",
+            value=repr(url)[:80],
+        )
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        path = unquote(parts.path)
+        if parts.netloc or not path.startswith("/"):
+            raise ConfigError(
+                f"bad unix URL {url!r}: it takes an absolute path, e.g. unix:///tmp/s/store.sock",
+                value=url,
+            )
+        if len(path.encode()) > MAX_UNIX_PATH:
+            raise ConfigError(
+                f"unix socket path is {len(path.encode())} bytes; the system allows "
+                f"{MAX_UNIX_PATH}: choose a shorter path",
+                value=url,
+            )
+        return Address(f"unix://{path}", "AF_UNIX", path)
+    if parts.scheme == "tcp":
+        try:
+            host, port = parts.hostname, parts.port
+        except ValueError as exc:
+            raise ConfigError(f"bad TCP URL {url!r}: {exc}", value=url) from None
+        if not host or port is None or parts.path not in ("", "/"):
+            raise ConfigError(
+                f"bad TCP URL {url!r}: it takes a host and a port, e.g. tcp://127.0.0.1:7700 "
+                "(port 0 picks a free one when serving)",
+                value=url,
+            )
+        if ":" in host:
+            raise ConfigError(f"IPv6 addresses are not supported: {url!r}; use 127.0.0.1",
+                              value=url)
+        return Address(f"tcp://{host}:{port}", "AF_INET", (host, port))
+    raise ConfigError(
+        f"unsupported server URL {url!r}: use unix:///path/to.sock or tcp://127.0.0.1:PORT",
+        value=url,
+    )
+
+
+# -- messages ----------------------------------------------------------------------------
+
+
+def _default(obj: object) -> Any:
+    if isinstance(obj, BaseException):
+        attrs = obj.attrs if isinstance(obj, ShmstoreError) else {}
+        message = obj.message if isinstance(obj, ShmstoreError) else str(obj)
+        return msgpack.ExtType(_EXC_EXT, msgpack.packb([type(obj).__name__, message, attrs]))
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"cannot send {type(obj).__name__} over the wire")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code != _EXC_EXT:
+        raise ValueError(f"unknown extension type {code} in a message")
+    name, message, attrs = msgpack.unpackb(data)
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, ShmstoreError):
+        return cls(message, **attrs)
+    return ShmstoreError(f"the server raised {name}: {message}", type_name=name)
+
+
+def pack(message: object) -> bytes:
+    """Encode one transport message (tuples travel as lists)."""
+    return msgpack.packb(message, default=_default, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    """Decode one transport message; exceptions come back as shmstore exceptions."""
+    return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+
+
+class WireConnection:
+    """A ``multiprocessing.connection.Connection`` whose ``send``/``recv`` speak msgpack."""
+
+    def __init__(self, conn: connection.Connection) -> None:
+        self._conn = conn
+        self.send_bytes = conn.send_bytes
+        self.recv_bytes = conn.recv_bytes
+        self.poll = conn.poll
+        self.fileno = conn.fileno
+
+    def send(self, obj: object) -> None:
+        self._conn.send_bytes(pack(obj))
+
+    def recv(self) -> Any:
+        try:
+            return unpack(self._conn.recv_bytes())
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            # Not EOFError: the stdlib server treats any other exception as a bad request
+            # and answers it, which keeps the connection's thread alive.
+            raise ShmstoreError(f"malformed message: {exc}") from None
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._conn.closed
+
+
+def set_io_timeout(fd: int, seconds: float) -> None:
+    """Bound every blocking read and write on socket ``fd`` (0 = no bound)."""
+    sec = int(seconds)
+    usec = int((seconds - sec) * 1_000_000)
+    tv = struct.pack("ll", sec, usec)
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        if sock.family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    finally:
+        sock.close()
+
+
+class WireListener:
+    """The server's listener: accepts raw sockets, bounds the handshake, wraps them."""
+
+    def __init__(self, address: Any, family: str | None = None, backlog: int = 1,
+                 authkey: bytes | None = None) -> None:
+        # Authentication happens in the server's request handler, not here.
+        self._listener = connection.Listener(address, family, max(backlog, LISTEN_BACKLOG))
+        self.address = self._listener.address
+
+    def accept(self) -> WireConnection:
+        conn = self._listener.accept()
+        # Cleared once the peer has authenticated (see server.TableServer).
+        set_io_timeout(conn.fileno(), HANDSHAKE_TIMEOUT)
+        return WireConnection(conn)
+
+    def close(self) -> None:
+        self._listener.close()
+
+    @property
+    def last_accepted(self) -> Any:
+        return self._listener.last_accepted
+
+
+def _stdlib_client(address: Any, family: str | None = None,
+                   authkey: bytes | None = None) -> WireConnection:
+    conn = connection.Client(address, family, authkey)
+    return WireConnection(conn)
+
+
+managers.listener_client[SERIALIZER] = (WireListener, _stdlib_client)  # type: ignore[assignment]
+
+
+# -- client connections --------------------------------------------------------------------
+
+
+def open_connection(address: Address, authkey: bytes, *, timeout: float,
+                    name: str = "client") -> connection.Connection:
+    """Connect, authenticate and enter the server's request loop.
+
+    Every blocking read and write on the returned connection is bounded by ``timeout``.
+
+    Raises:
+        StoreUnavailable: nothing listens there, or the server went away.
+        AccessDenied: the server refused the authkey.
+        StoreTimeout: the server did not answer within ``timeout``.
+    """
+    family = getattr(socket, address.family)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(address.target)
+        sock.settimeout(None)
+    except socket.timeout:
+        sock.close()
+        raise StoreTimeout(f"connecting to {address.url} took longer than {timeout} s",
+                           timeout=timeout, address=address.url) from None
+    except OSError as exc:
+        sock.close()
+        raise StoreUnavailable(
+            f"no shmstore server at {address.url}: {exc.strerror or exc}", address=address.url
+        ) from None
+    conn = connection.Connection(sock.detach())
+    try:
+        set_io_timeout(conn.fileno(), timeout)
+        connection.answer_challenge(conn, authkey)
+        connection.deliver_challenge(conn, authkey)
+        conn.send_bytes(pack((None, "accept_connection", (name,), {})))
+        kind, result = unpack(conn.recv_bytes())
+        if kind != "#RETURN":
+            raise ShmstoreError(f"the server at {address.url} refused the connection: {result}")
+    except connection.AuthenticationError:
+        conn.close()
+        raise AccessDenied(
+            f"the server at {address.url} refused the authkey; use the key it was started "
+            "with (SHMSTORE_AUTHKEY or its connection file)",
+            address=address.url,
+        ) from None
+    except BaseException as exc:
+        conn.close()
+        raise translate(exc, address.url, timeout) from None
+    return conn
+
+
+def translate(exc: BaseException, url: str, timeout: float) -> BaseException:
+    """Map a transport failure to the shmstore exception users see."""
+    if isinstance(exc, ShmstoreError) or not isinstance(exc, Exception):
+        return exc
+    if isinstance(exc, (BlockingIOError, socket.timeout, TimeoutError)):
+        return StoreTimeout(f"the server at {url} did not answer within {timeout} s",
+                            timeout=timeout, address=url)
+    if isinstance(exc, (EOFError, OSError)):
+        detail = "connection closed" if isinstance(exc, EOFError) else (exc.strerror or str(exc))
+        return StoreUnavailable(f"lost the shmstore server at {url}: {detail}", address=url)
+    if isinstance(exc, (ValueError, msgpack.UnpackException)):
+        return StoreUnavailable(f"garbled answer from {url}: {exc}", address=url)
+    return exc

@@ -1,0 +1,75 @@
+"""Fixtures shared by the whole suite.
+
+``store`` is the contract fixture: one parametrized fixture, every backend, the same
+tests.  Every test also checks that it left no child process behind.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+import shmstore
+from shmstore import BaseStore
+
+from .helpers import children, wait_until
+
+BACKENDS = ["memory", "shared"]
+
+# Processes that session fixtures own; they outlive single tests on purpose.
+SESSION_PIDS: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes() -> Iterator[None]:
+    before = {p.pid for p in children()}
+    yield
+
+    def leftovers() -> set[int]:
+        return {p.pid for p in children()} - before - SESSION_PIDS
+
+    assert wait_until(lambda: not leftovers(), 5.0), f"test left processes behind: {leftovers()}"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("SHMSTORE_URL", "SHMSTORE_AUTHKEY", "SHMSTORE_CONNECTION_FILE"):
+        monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture(scope="session")
+def shared_server() -> Iterator[shmstore.StoreServer]:
+    """One server for the contract tests; each test starts from an empty store."""
+    server = shmstore.serve(export=False)
+    SESSION_PIDS.add(server.pid)
+    yield server
+    server.shutdown()
+    assert not server.running
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest) -> Iterator[BaseStore]:
+    """Every backend, empty, behind the same contract."""
+    if request.param == "memory":
+        s: BaseStore = shmstore.MemoryStore()
+    else:
+        server = request.getfixturevalue("shared_server")
+        s = server.connect(timeout=10.0)
+        for name in s.executions():
+            s.clear(name)
+    with s:
+        yield s
+
+
+@pytest.fixture
+def server() -> Iterator[shmstore.StoreServer]:
+    """A server of its own for tests that hurt it."""
+    srv = shmstore.serve(export=False)
+    yield srv
+    srv.shutdown()
+
+
+def pytest_report_header() -> str:
+    return f"shmstore backends under contract: {', '.join(BACKENDS)} (pid {os.getpid()})"

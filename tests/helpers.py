@@ -1,0 +1,80 @@
+"""Helpers for multiprocess tests: spawn children and always reap them."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psutil
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+@contextlib.contextmanager
+def reaped(*procs: Any, timeout: float = 60.0) -> Iterator[list[Any]]:
+    """Start the given processes; on exit join them, killing any still alive."""
+    started = []
+    try:
+        for proc in procs:
+            proc.start()
+            started.append(proc)
+        yield started
+    finally:
+        deadline = time.monotonic() + timeout
+        for proc in started:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in started:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+
+
+def reap(proc: subprocess.Popen[Any]) -> None:
+    """Kill a subprocess if it still runs, wait for it and close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+def run_all(target: Callable[..., Any], argsets: list[tuple[Any, ...]],
+            timeout: float = 60.0) -> list[int | None]:
+    """Run ``target(*args)`` in one spawned process per argset; return their exit codes."""
+    procs = [SPAWN.Process(target=target, args=args) for args in argsets]
+    with reaped(*procs, timeout=timeout):
+        pass
+    return [p.exitcode for p in procs]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until true or ``timeout``; return its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def children() -> list[psutil.Process]:
+    """Live (non-zombie) descendants of this process, less multiprocessing's own helper.
+
+    The spawn context starts one resource tracker per parent that lives as long as the
+    parent; it is the stdlib's, not ours.
+    """
+    out = []
+    for child in psutil.Process(os.getpid()).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if "resource_tracker" in " ".join(child.cmdline()):
+                continue
+            out.append(child)
+    return out
