@@ -31,8 +31,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import shmstore  # noqa: E402
-from shmstore import Checkpoint  # noqa: E402
+import shmstore
+from shmstore import Checkpoint
 
 SIZES = {"100B": 100, "1KiB": 1024, "64KiB": 64 * 1024, "1MiB": 1024 * 1024}
 BATCH = 100

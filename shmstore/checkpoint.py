@@ -134,7 +134,7 @@ class Checkpoint:
             )
         if self.timestamp.tzinfo is None:
             object.__setattr__(self, "timestamp", self.timestamp.replace(tzinfo=timezone.utc))
-        elif self.timestamp.utcoffset() != timedelta(0) or self.timestamp.tzinfo is not timezone.utc:
+        elif self.timestamp.tzinfo is not timezone.utc:
             object.__setattr__(self, "timestamp", self.timestamp.astimezone(timezone.utc))
 
 

@@ -31,11 +31,11 @@ import tempfile
 import threading
 import time
 from multiprocessing import managers, util
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from .errors import ConfigError, ShmstoreError, StoreUnavailable
 from .table import TABLE_OPS, CheckpointTable
-from .wire import SERIALIZER, Address, WireConnection, parse_url, set_io_timeout
+from .wire import SERIALIZER, Address, parse_url, set_io_timeout
 
 __all__ = ["StoreServer", "TableServer", "read_connection_file", "run_server", "serve"]
 
@@ -61,13 +61,13 @@ class TableServer(managers.Server):
     def __init__(self, address: Any, authkey: bytes, table: CheckpointTable) -> None:
         super().__init__({}, address, authkey, SERIALIZER)
         self.table = table
-        self.id_to_obj[TABLE_IDENT] = (table, frozenset(TABLE_OPS), None)
+        self.id_to_obj[TABLE_IDENT] = (table, frozenset(TABLE_OPS), None)  # type: ignore[assignment]
         self.stop_event = threading.Event()
 
-    def accept_connection(self, c: WireConnection, name: str) -> None:
+    def accept_connection(self, c: Any, name: str) -> None:
         # The peer has authenticated: lift the handshake's time bound.
         set_io_timeout(c.fileno(), 0)
-        super().accept_connection(c, name)  # type: ignore[misc]
+        super().accept_connection(c, name)
 
     def serve_forever(self) -> None:
         """Accept connections until `stop_event` is set, then return (no ``sys.exit``)."""
@@ -137,7 +137,7 @@ def run_server(
         os.chmod(address.target, 0o600)
         url = address.url
     else:
-        host, port = server.address
+        host, port = cast("tuple[str, int]", server.address)
         url = f"tcp://{host}:{port}"
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -148,7 +148,7 @@ def run_server(
     try:
         server.serve_forever()
     finally:
-        server.listener.close()
+        server.listener.close()  # type: ignore[attr-defined]
         if address.family == "AF_UNIX":
             try:
                 os.unlink(address.target)

@@ -10,6 +10,7 @@ backend behaves the same and bad input never reaches a server.
 from __future__ import annotations
 
 import abc
+import builtins
 import dataclasses
 import math
 import time
@@ -185,7 +186,7 @@ class BaseStore(abc.ABC):
         if not records:
             return []
         versions = self._call("save_many", records)
-        return [_with_version(cp, v) for cp, v in zip(cps, versions)]
+        return [_with_version(cp, v) for cp, v in zip(cps, versions, strict=True)]
 
     def load(self, checkpoint_id: str) -> Checkpoint:
         """The checkpoint with this id, as a fresh copy.
@@ -215,7 +216,7 @@ class BaseStore(abc.ABC):
         limit: int | None = None,
         before_version: int | None = None,
         newest_first: bool = False,
-    ) -> list[Checkpoint]:
+    ) -> builtins.list[Checkpoint]:
         """The checkpoints of one execution, ordered by version.
 
         Parameters:
@@ -242,7 +243,7 @@ class BaseStore(abc.ABC):
         """Drop every checkpoint of one execution; return how many were dropped."""
         return int(self._call("clear", validate_id(execution_id, "execution_id")))
 
-    def executions(self) -> list[str]:
+    def executions(self) -> builtins.list[str]:
         """Ids of the executions that have checkpoints, sorted."""
         return list(self._call("executions"))
 
@@ -277,7 +278,7 @@ class BaseStore(abc.ABC):
         """Counts, payload bytes, the server's pid, RSS and uptime, and per-op counters."""
         return StoreStats.from_dict(self._call("stats"))
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a store with nothing to release needs no override
         """Release the store's resources; closing twice is fine."""
 
     def __enter__(self) -> BaseStore:

@@ -15,6 +15,7 @@ Callers send records with version 0; the table assigns the version.
 
 from __future__ import annotations
 
+import builtins
 import os
 import threading
 import time
@@ -27,7 +28,8 @@ from .errors import CheckpointNotFound, VersionConflict
 
 __all__ = ["CheckpointTable", "Record", "TABLE_OPS"]
 
-Record = tuple[str, str, str, int, int, "str | None", bytes, bytes]
+# (id, execution_id, node_name, version, timestamp_us, parent_id, metadata, state)
+Record = tuple[Any, ...]
 
 # Field positions in a record.
 ID, EXECUTION, NODE, VERSION, TIMESTAMP, PARENT, METADATA, STATE = range(8)
@@ -51,7 +53,7 @@ TABLE_OPS = (
 class _Execution:
     """Index of one execution: version -> id in version order, and its high-water mark."""
 
-    __slots__ = ("name", "versions", "high", "waiters", "waiting")
+    __slots__ = ("high", "name", "versions", "waiters", "waiting")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -207,7 +209,7 @@ class CheckpointTable:
         limit: int | None = None,
         before_version: int | None = None,
         newest_first: bool = False,
-    ) -> list[Record]:
+    ) -> builtins.list[Record]:
         """Records of one execution in version order; cost grows with that execution only."""
         with self._lock:
             self._ops["list"] += 1
@@ -221,7 +223,7 @@ class CheckpointTable:
                 if newest_first:
                     ids = reversed(versions.values())
                 return [records[cid] for cid in ids]
-            out: list[Record] = []
+            out: builtins.list[Record] = []
             if newest_first:
                 for version in reversed(versions):
                     if before_version is not None and version >= before_version:
@@ -250,7 +252,7 @@ class CheckpointTable:
             return None
         return self._records[execution.versions[next(reversed(execution.versions))]]
 
-    def executions(self) -> list[str]:
+    def executions(self) -> builtins.list[str]:
         """Ids of the executions that have checkpoints, sorted."""
         with self._lock:
             self._ops["executions"] += 1

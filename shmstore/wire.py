@@ -19,7 +19,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
-from multiprocessing import connection, managers
+from multiprocessing import AuthenticationError, connection, managers
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -138,7 +138,8 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
 def pack(message: object) -> bytes:
     """Encode one transport message (tuples travel as lists)."""
-    return msgpack.packb(message, default=_default, use_bin_type=True)
+    data: bytes = msgpack.packb(message, default=_default, use_bin_type=True)
+    return data
 
 
 def unpack(data: bytes) -> Any:
@@ -219,7 +220,8 @@ def _stdlib_client(address: Any, family: str | None = None,
     return WireConnection(conn)
 
 
-managers.listener_client[SERIALIZER] = (WireListener, _stdlib_client)  # type: ignore[assignment]
+managers.listener_client[SERIALIZER] = (  # type: ignore[attr-defined]
+    WireListener, _stdlib_client)
 
 
 # -- client connections --------------------------------------------------------------------
@@ -242,7 +244,7 @@ def open_connection(address: Address, authkey: bytes, *, timeout: float,
         sock.settimeout(timeout)
         sock.connect(address.target)
         sock.settimeout(None)
-    except socket.timeout:
+    except TimeoutError:
         sock.close()
         raise StoreTimeout(f"connecting to {address.url} took longer than {timeout} s",
                            timeout=timeout, address=address.url) from None
@@ -260,7 +262,7 @@ def open_connection(address: Address, authkey: bytes, *, timeout: float,
         kind, result = unpack(conn.recv_bytes())
         if kind != "#RETURN":
             raise ShmstoreError(f"the server at {address.url} refused the connection: {result}")
-    except connection.AuthenticationError:
+    except AuthenticationError:
         conn.close()
         raise AccessDenied(
             f"the server at {address.url} refused the authkey; use the key it was started "
@@ -277,7 +279,7 @@ def translate(exc: BaseException, url: str, timeout: float) -> BaseException:
     """Map a transport failure to the shmstore exception users see."""
     if isinstance(exc, ShmstoreError) or not isinstance(exc, Exception):
         return exc
-    if isinstance(exc, (BlockingIOError, socket.timeout, TimeoutError)):
+    if isinstance(exc, (BlockingIOError, TimeoutError)):
         return StoreTimeout(f"the server at {url} did not answer within {timeout} s",
                             timeout=timeout, address=url)
     if isinstance(exc, (EOFError, OSError)):
