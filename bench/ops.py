@@ -20,9 +20,11 @@ import argparse
 import json
 import multiprocessing
 import os
+import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Client, Listener
@@ -44,22 +46,32 @@ def make_state(size: int) -> dict[str, Any]:
 
 
 def _echo_server(address: str, authkey: bytes, ready: Any) -> None:
-    """Answer each message: a short ack for a big request, a big reply for a short one."""
+    """Answer each message: a short ack for a big request, a big reply for a short one.
+
+    A thread serves the connection, as in the shmstore server and SyncManager.
+    """
     with Listener(address, authkey=authkey) as listener:
         ready.set()
         conn = listener.accept()
         replies: dict[int, bytes] = {}
-        while True:
-            try:
-                msg = conn.recv_bytes()
-            except EOFError:
-                return
-            if msg[:1] == b"L":  # "load": answer with a payload of the asked size
-                size = int(msg[1:])
-                reply = replies.setdefault(size, os.urandom(size))
-                conn.send_bytes(reply)
-            else:
-                conn.send_bytes(b"ok")
+
+        def serve() -> None:
+            while True:
+                try:
+                    msg = conn.recv_bytes()
+                except EOFError:
+                    return
+                if msg[:1] == b"L":  # "load": answer with a payload of the asked size
+                    size = int(msg[1:])
+                    if size not in replies:
+                        replies[size] = os.urandom(size)
+                    conn.send_bytes(replies[size])
+                else:
+                    conn.send_bytes(b"ok")
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        thread.join()
 
 
 def timed(fn: Callable[[], Any], n: int) -> list[float]:
@@ -112,15 +124,20 @@ def main() -> None:
             size = SIZES[label]
             state = make_state(size)
             payload = os.urandom(len(shmstore.codec.DEFAULT_CODEC.encode(state)))
-            per_round = max(3, min(400, 4_000_000 // max(size, 1) // 10))
-            batch_rounds = max(1, per_round // BATCH * 2)
+            per_round = max(4, min(2000, 40_000_000 // size // rounds))
+            chunk = min(10, per_round)
             saved_shared = shared.save(Checkpoint(execution_id=f"e-{label}", state=state))
             saved_mem = memory.save(Checkpoint(execution_id=f"e-{label}", state=state))
+            for _ in range(10):
+                shared.save(Checkpoint(execution_id=f"e-{label}", state=state))
             sync_dict[saved_shared.id] = state
             load_req = b"L%d" % len(payload)
             batch = [Checkpoint(execution_id=f"b-{label}", state=state) for _ in range(BATCH)]
             batch_ids = [c.id for c in shared.save_many(batch)]
             mem_ids = [c.id for c in memory.save_many(batch)]
+            # Checkpoints are made before the clock starts: what is timed is the store.
+            fresh = iter([Checkpoint(execution_id=f"s-{label}", state=state)
+                          for _ in range(2 * per_round * rounds + 10)])
 
             def raw_save() -> None:
                 raw.send_bytes(payload)
@@ -130,53 +147,41 @@ def main() -> None:
                 raw.send_bytes(load_req)
                 raw.recv_bytes()
 
-            systems: dict[str, dict[str, Callable[[], Any]]] = {
-                "raw": {"save": raw_save, "load": raw_load},
-                "shared": {
-                    "save": lambda: shared.save(Checkpoint(execution_id=f"s-{label}",
-                                                           state=state)),
-                    "load": lambda: shared.load(saved_shared.id),
-                    "list10": lambda: shared.list(f"e-{label}", limit=10),
-                },
-                "syncmgr": {
-                    "save": lambda: sync_dict.__setitem__(saved_shared.id, state),
-                    "load": lambda: sync_dict[saved_shared.id],
-                },
-                "memory": {
-                    "save": lambda: memory.save(Checkpoint(execution_id=f"s-{label}",
-                                                           state=state)),
-                    "load": lambda: memory.load(saved_mem.id),
-                },
+            singles: dict[tuple[str, str], Callable[[], Any]] = {
+                ("save", "raw"): raw_save,
+                ("load", "raw"): raw_load,
+                ("save", "shared"): lambda: shared.save(next(fresh)),
+                ("load", "shared"): lambda: shared.load(saved_shared.id),
+                ("list10", "shared"): lambda: shared.list(f"e-{label}", limit=10),
+                ("save", "syncmgr"): lambda: sync_dict.__setitem__(saved_shared.id, state),
+                ("load", "syncmgr"): lambda: sync_dict[saved_shared.id],
+                ("save", "memory"): lambda: memory.save(next(fresh)),
+                ("load", "memory"): lambda: memory.load(saved_mem.id),
             }
-            batches: dict[str, dict[str, Callable[[], Any]]] = {
-                "shared": {
-                    "save_many": lambda: shared.save_many(
-                        [Checkpoint(execution_id=f"m-{label}", state=state)
-                         for _ in range(BATCH)]),
-                    "load_many": lambda: shared.load_many(batch_ids),
-                },
-                "memory": {
-                    "save_many": lambda: memory.save_many(
-                        [Checkpoint(execution_id=f"m-{label}", state=state)
-                         for _ in range(BATCH)]),
-                    "load_many": lambda: memory.load_many(mem_ids),
-                },
+            batches: dict[tuple[str, str], Callable[[], Any]] = {
+                ("save_many", "shared"): lambda: shared.save_many(batch),
+                ("load_many", "shared"): lambda: shared.load_many(batch_ids),
+                ("save_many", "memory"): lambda: memory.save_many(batch),
+                ("load_many", "memory"): lambda: memory.load_many(mem_ids),
             }
-            for system in systems.values():  # warm up every path once
-                for fn in system.values():
-                    fn()
+            for fn in [*singles.values(), *batches.values()]:  # warm every path once
+                fn()
+            batch_reps = max(1, per_round // BATCH)
+            # Fine interleaving: a few calls of each contender in turn, in a shuffled order,
+            # so that the machine's moods fall on all of them alike.
             for _ in range(rounds):
-                for name, ops in systems.items():
-                    for op, fn in ops.items():
-                        record(f"{label} {op}", name, timed(fn, per_round))
-                for name, ops in batches.items():
-                    for op, fn in ops.items():
-                        samples = timed(fn, batch_rounds)
-                        record(f"{label} {op}/ckpt", name, [s / BATCH for s in samples])
-                shared.clear(f"s-{label}")
-                shared.clear(f"m-{label}")
-                memory.clear(f"s-{label}")
-                memory.clear(f"m-{label}")
+                for _ in range(max(1, per_round // chunk)):
+                    order = list(singles.items())
+                    random.shuffle(order)
+                    for (op, name), fn in order:
+                        record(f"{label} {op}", name, timed(fn, chunk))
+                for (op, name), fn in batches.items():
+                    samples = timed(fn, batch_reps)
+                    record(f"{label} {op}/ckpt", name, [s / BATCH for s in samples])
+                shared.clear(f"b-{label}")
+                memory.clear(f"b-{label}")
+            shared.clear(f"s-{label}")
+            memory.clear(f"s-{label}")
     finally:
         shared.close()
         server.shutdown()

@@ -8,7 +8,7 @@ made in.
 from __future__ import annotations
 
 import dataclasses
-import os
+import random
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -23,6 +23,7 @@ _ONE_US = timedelta(microseconds=1)
 MAX_ID_LENGTH = 1024
 
 _id_lock = threading.Lock()
+_getrandbits = random.getrandbits
 _last_ms = 0
 _counter = 0
 
@@ -32,7 +33,8 @@ def new_id() -> str:
 
     Within one millisecond a 12-bit counter (randomly seeded each millisecond) keeps the
     order; if it runs out, the timestamp is advanced by one millisecond, as RFC 9562
-    allows, so order is never lost.
+    allows, so order is never lost.  The random bits come from `random` (reseeded after
+    fork): ids must be unique, not secret.
 
     Example:
         >>> a, b = new_id(), new_id()
@@ -44,16 +46,16 @@ def new_id() -> str:
         ms = time.time_ns() // 1_000_000
         if ms > _last_ms:
             _last_ms = ms
-            _counter = int.from_bytes(os.urandom(2), "big") & 0x7FF  # top bit left as headroom
+            _counter = _getrandbits(11)  # top bit left as headroom
         else:
             _counter += 1
             if _counter > 0xFFF:
                 _last_ms += 1
                 _counter = 0
         ms, counter = _last_ms, _counter
-    rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
-    value = (ms << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | rand_b
-    h = f"{value:032x}"
+    h = "%032x" % (
+        (ms << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | _getrandbits(62)
+    )
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
