@@ -10,8 +10,8 @@ never reused out of step, and the next call opens a new one.
 from __future__ import annotations
 
 import os
+import select
 import threading
-from multiprocessing import connection
 from typing import Any
 
 from .codec import MsgpackCodec
@@ -25,7 +25,7 @@ from .server import (
     read_connection_file,
 )
 from .store import BaseStore
-from .wire import open_connection, pack, parse_url, translate, unpack
+from .wire import Channel, open_connection, pack, parse_url, translate, unpack
 
 __all__ = ["SharedStore", "connect"]
 
@@ -69,7 +69,7 @@ class SharedStore(BaseStore):
         self.timeout = float(timeout)
         self.name = name or f"client-{os.getpid()}"
         self._local = threading.local()
-        self._conns: set[connection.Connection] = set()
+        self._conns: set[Channel] = set()
         self._conns_lock = threading.Lock()
         self._closed = False
 
@@ -80,9 +80,9 @@ class SharedStore(BaseStore):
         # Crosses to spawned children through multiprocessing's pipe, never a command line.
         return (_rebuild, (self.url, self._authkey.hex(), self.timeout, self.name))
 
-    def _connection(self) -> connection.Connection:
+    def _connection(self) -> Channel:
         local = self._local
-        conn: connection.Connection | None = getattr(local, "conn", None)
+        conn: Channel | None = getattr(local, "conn", None)
         pid = os.getpid()
         if conn is not None and local.pid == pid:
             return conn
@@ -98,7 +98,7 @@ class SharedStore(BaseStore):
             self._conns.add(conn)
         return conn
 
-    def _discard(self, conn: connection.Connection) -> None:
+    def _discard(self, conn: Channel) -> None:
         self._local.conn = None
         with self._conns_lock:
             self._conns.discard(conn)
@@ -110,10 +110,12 @@ class SharedStore(BaseStore):
     def _call(self, op: str, *args: Any) -> Any:
         conn = self._connection()
         try:
-            conn.send_bytes(pack((TABLE_IDENT, op, args, _NO_KWARGS)))
-            if op == "wait" and not conn.poll(args[2] + self.timeout):
+            conn.send(pack((TABLE_IDENT, op, args, _NO_KWARGS)))
+            if op == "wait" and not conn.pending() and not select.select(
+                [conn.fd], [], [], args[2] + self.timeout
+            )[0]:
                 raise TimeoutError
-            kind, result = unpack(conn.recv_bytes())
+            kind, result = unpack(conn.recv())
         except BaseException as exc:
             # Whatever happened, this connection may be out of step: never reuse it.
             self._discard(conn)

@@ -35,7 +35,7 @@ from typing import IO, Any, cast
 
 from .errors import ConfigError, ShmstoreError, StoreUnavailable
 from .table import TABLE_OPS, CheckpointTable
-from .wire import SERIALIZER, Address, parse_url, set_io_timeout
+from .wire import SERIALIZER, Address, Channel, pack, parse_url, set_io_timeout, unpack
 
 __all__ = ["StoreServer", "TableServer", "read_connection_file", "run_server", "serve"]
 
@@ -68,6 +68,33 @@ class TableServer(managers.Server):
         # The peer has authenticated: lift the handshake's time bound.
         set_io_timeout(c.fileno(), 0)
         super().accept_connection(c, name)
+
+    def serve_client(self, conn: Any) -> None:
+        """Answer one authenticated client's table calls until it hangs up.
+
+        Replaces the stdlib loop for speed, same request format: one read per request
+        (`Channel`), a direct dispatch to the table's methods, nothing but `TABLE_OPS`.
+        """
+        chan = Channel(conn._conn)
+        ops = {op: getattr(self.table, op) for op in TABLE_OPS}
+        stop = self.stop_event
+        while not stop.is_set():
+            try:
+                data = chan.recv()
+            except (EOFError, OSError):
+                return  # the client went away; this thread ends with it
+            try:
+                _ident, op, args, kwargs = unpack(data)
+                function = ops.get(op)
+                if function is None:
+                    raise ShmstoreError(f"no such operation: {op!r}")
+                msg: tuple[str, Any] = ("#RETURN", function(*args, **kwargs))
+            except Exception as exc:  # the client re-raises it; this thread serves on
+                msg = ("#ERROR", exc)
+            try:
+                chan.send(pack(msg))
+            except OSError:
+                return
 
     def serve_forever(self) -> None:
         """Accept connections until `stop_event` is set, then return (no ``sys.exit``)."""

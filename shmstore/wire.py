@@ -28,13 +28,16 @@ import msgpack
 from . import errors
 from .errors import AccessDenied, ConfigError, ShmstoreError, StoreTimeout, StoreUnavailable
 
-__all__ = ["Address", "SERIALIZER", "open_connection", "pack", "parse_url", "unpack"]
+__all__ = ["Address", "Channel", "SERIALIZER", "open_connection", "pack", "parse_url", "unpack"]
 
 SERIALIZER = "shmstore"
 HANDSHAKE_TIMEOUT = 10.0
 LISTEN_BACKLOG = 512
 MAX_UNIX_PATH = 107
 _EXC_EXT = 64  # ext code of an exception on the wire (transport only, not the state codec)
+CHANNEL_BUFFER = 64 * 1024
+_HEADER = struct.Struct("!i")
+_BIG = struct.Struct("!Q")
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,7 @@ def pack(message: object) -> bytes:
     return data
 
 
-def unpack(data: bytes) -> Any:
+def unpack(data: bytes | bytearray | memoryview) -> Any:
     """Decode one transport message; exceptions come back as shmstore exceptions."""
     return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
 
@@ -191,6 +194,99 @@ def set_io_timeout(fd: int, seconds: float) -> None:
         sock.close()
 
 
+class Channel:
+    """A framed connection with one read per message where the stdlib makes two.
+
+    It speaks the stdlib's frame format (a 4-byte big-endian length, or -1 and an 8-byte
+    length) on the socket of an authenticated ``Connection``, and reads into a buffer it
+    keeps: a small message and its header arrive in a single ``readv``.  ``recv`` returns
+    a view that is valid until the next ``recv``; decode it before calling again.
+    """
+
+    __slots__ = ("_buf", "_conn", "_end", "_start", "_view", "fd")
+
+    def __init__(self, conn: connection.Connection) -> None:
+        self._conn = conn  # owns the file descriptor
+        self.fd = conn.fileno()
+        self._buf = bytearray(CHANNEL_BUFFER)
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0
+
+    def send(self, data: bytes) -> None:
+        """Send one message (blocking, bounded by the socket's send timeout)."""
+        n = len(data)
+        header = _HEADER.pack(n) if n < 0x7FFFFFFF else _HEADER.pack(-1) + _BIG.pack(n)
+        if n <= CHANNEL_BUFFER:
+            chunks = [header + data]
+        else:
+            chunks = [header, data]
+        fd = self.fd
+        while chunks:
+            sent = os.writev(fd, chunks)
+            while chunks and sent >= len(chunks[0]):
+                sent -= len(chunks[0])
+                chunks.pop(0)
+            if sent:
+                chunks[0] = memoryview(chunks[0])[sent:]  # type: ignore[call-overload]
+
+    def _fill(self, need: int) -> None:
+        """Read until ``need`` bytes past ``_start`` are buffered (need <= buffer size)."""
+        if self._start and self._start + need > len(self._buf):
+            leftover = self._end - self._start
+            self._buf[:leftover] = self._buf[self._start:self._end]
+            self._start, self._end = 0, leftover
+        view, fd = self._view, self.fd
+        while self._end - self._start < need:
+            n = os.readv(fd, [view[self._end:]])
+            if not n:
+                raise EOFError
+            self._end += n
+
+    def recv(self) -> memoryview | bytearray:
+        """Receive one message.
+
+        Raises:
+            EOFError: the peer closed the connection.
+            OSError: the socket failed or its receive timeout ran out (BlockingIOError).
+        """
+        if self._start == self._end:
+            self._start = self._end = 0
+        self._fill(4)
+        start = self._start
+        size = _HEADER.unpack_from(self._buf, start)[0]
+        header = 4
+        if size == -1:
+            self._fill(12)
+            start = self._start
+            size = _BIG.unpack_from(self._buf, start + 4)[0]
+            header = 12
+        total = header + size
+        if total <= len(self._buf):
+            self._fill(total)
+            start = self._start
+            self._start = start + total
+            return self._view[start + header:start + total]
+        # A large message: read the rest straight into a buffer of its own size.
+        out = bytearray(size)
+        have = self._end - start - header
+        out[:have] = self._buf[start + header:self._end]
+        self._start = self._end = 0
+        view = memoryview(out)
+        while have < size:
+            n = os.readv(self.fd, [view[have:]])
+            if not n:
+                raise EOFError
+            have += n
+        return out
+
+    def pending(self) -> bool:
+        """True if bytes of a next message are already buffered."""
+        return self._end > self._start
+
+    def close(self) -> None:
+        self._conn.close()
+
+
 class WireListener:
     """The server's listener: accepts raw sockets, bounds the handshake, wraps them."""
 
@@ -228,7 +324,7 @@ managers.listener_client[SERIALIZER] = (  # type: ignore[attr-defined]
 
 
 def open_connection(address: Address, authkey: bytes, *, timeout: float,
-                    name: str = "client") -> connection.Connection:
+                    name: str = "client") -> Channel:
     """Connect, authenticate and enter the server's request loop.
 
     Every blocking read and write on the returned connection is bounded by ``timeout``.
@@ -272,7 +368,7 @@ def open_connection(address: Address, authkey: bytes, *, timeout: float,
     except BaseException as exc:
         conn.close()
         raise translate(exc, address.url, timeout) from None
-    return conn
+    return Channel(conn)
 
 
 def translate(exc: BaseException, url: str, timeout: float) -> BaseException:
