@@ -9,6 +9,12 @@ contender alike:
 - syncmgr: a ``SyncManager().dict()`` proxy (pickle, no versions, no snapshots of reads);
 - memory: ``MemoryStore`` in this process (the codec's cost alone).
 
+On a small shared machine, a round trip's time depends mostly on where the scheduler
+wakes the two processes: the same cross-process echo measures 15 µs or 45 µs from one
+run to the next.  So by default every process of the benchmark (client, every server
+and every server thread) is pinned to one CPU, which leaves the software's own cost as
+the difference between contenders (``--no-pin`` to measure the unpinned mix).
+
 Run ``python bench/ops.py`` (``--quick`` for a short run, ``--json FILE`` to keep the
 figures).  Reported: median and p99 per operation in microseconds, and each median as a
 ratio to the raw round trip of the same size.
@@ -94,6 +100,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated sizes")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to a CPU")
     args = parser.parse_args()
     rounds = 5 if args.quick else 15
 
@@ -115,6 +122,14 @@ def main() -> None:
     sync_dict = manager.dict()
 
     results: dict[str, dict[str, list[float]]] = {}
+    pinned = not args.no_pin and hasattr(os, "sched_setaffinity")
+    if pinned:
+        cpu = min(os.sched_getaffinity(0))
+        server_pids = [echo.pid, server.pid, manager._process.pid]  # type: ignore[attr-defined]
+        # Threads made later inherit their creator's mask; pin the ones there are now.
+        for pid in [os.getpid(), *server_pids]:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(tid), {cpu})
 
     def record(key: str, system: str, samples: list[float]) -> None:
         results.setdefault(key, {}).setdefault(system, []).extend(samples)
@@ -211,7 +226,7 @@ def main() -> None:
                                           "ratio_to_raw": ratio, "ratio_to_single": vs_single}
 
     print(f"\nshmstore bench/ops.py — python {sys.version.split()[0]}, {os.cpu_count()} cores, "
-          f"{rounds} interleaved rounds\n")
+          f"{rounds} interleaved rounds, {'pinned to one CPU' if pinned else 'not pinned'}\n")
     print("| size | op | system | median µs | p99 µs | × raw | × single call |")
     print("|---|---|---|---:|---:|---:|---:|")
     for label, op, system, med, p99, ratio, vs_single in rows:
