@@ -1,0 +1,174 @@
+"""`MemoryMonitor`: psutil sampling of the server and of its registered client processes.
+
+A background thread samples, every ``interval`` seconds, the owning process's RSS (and
+USS where the platform has it), the RSS of every registered client, and the store's
+checkpoint count and payload bytes, into a bounded ring buffer.  Dead clients are marked
+dead, not forgotten, until ``client_ttl`` seconds after they were last seen alive.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+
+__all__ = ["DEFAULT_HISTORY", "DEFAULT_INTERVAL", "MemoryMonitor"]
+
+log = logging.getLogger("shmstore")
+
+DEFAULT_INTERVAL = 0.5
+DEFAULT_HISTORY = 1200
+DEFAULT_CLIENT_TTL = 300.0
+
+
+class _Client:
+    __slots__ = ("alive", "last_seen", "name", "peak_rss", "pid", "process", "rss")
+
+    def __init__(self, pid: int, name: str) -> None:
+        self.pid = pid
+        self.name = name
+        self.process: psutil.Process | None = None
+        with contextlib.suppress(psutil.Error):
+            self.process = psutil.Process(pid)
+        self.alive = self.process is not None
+        self.rss = 0
+        self.peak_rss = 0
+        self.last_seen = time.time()
+
+    def refresh(self, now: float) -> None:
+        if not self.alive or self.process is None:
+            return
+        try:
+            if self.process.status() == psutil.STATUS_ZOMBIE:
+                raise psutil.NoSuchProcess(self.pid)
+            self.rss = self.process.memory_info().rss
+        except psutil.Error:
+            self.alive = False
+            return
+        self.peak_rss = max(self.peak_rss, self.rss)
+        self.last_seen = now
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pid": self.pid, "name": self.name, "rss": self.rss, "peak_rss": self.peak_rss,
+                "alive": self.alive}
+
+
+class MemoryMonitor:
+    """Samples memory of this process and registered clients into a ring buffer.
+
+    Parameters:
+        figures: returns ``(checkpoints, payload_bytes)`` of the store being watched.
+        interval: seconds between samples (> 0).
+        history_size: how many samples are kept (>= 1); older ones drop out.
+        client_ttl: seconds a dead client stays listed.
+
+    Example:
+        >>> mon = MemoryMonitor(lambda: (0, 0), interval=0.1)
+        >>> mon.start(); mon.register(os.getpid(), "me"); mon.stop()
+    """
+
+    def __init__(
+        self,
+        figures: Callable[[], tuple[int, int]],
+        *,
+        interval: float = DEFAULT_INTERVAL,
+        history_size: int = DEFAULT_HISTORY,
+        client_ttl: float = DEFAULT_CLIENT_TTL,
+    ) -> None:
+        from .errors import ConfigError
+
+        if not isinstance(interval, (int, float)) or isinstance(interval, bool) or interval <= 0:
+            raise ConfigError(f"interval must be a number > 0, not {interval!r}",
+                              value=repr(interval))
+        if type(history_size) is not int or history_size < 1:
+            raise ConfigError(f"history_size must be an int >= 1, not {history_size!r}",
+                              value=repr(history_size))
+        self.interval = float(interval)
+        self.history_size = history_size
+        self.client_ttl = client_ttl
+        self._figures = figures
+        self._process = psutil.Process(os.getpid())
+        self._samples: collections.deque[dict[str, Any]] = collections.deque(maxlen=history_size)
+        self._clients: dict[int, _Client] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.peak_rss = 0
+        self._uss_ok = True
+
+    def register(self, pid: int, name: str = "") -> None:
+        """Watch client process ``pid`` (named ``name``) from the next sample on."""
+        with self._lock:
+            client = self._clients.get(pid)
+            if client is None or not client.alive:
+                self._clients[pid] = _Client(pid, name or f"pid-{pid}")
+            elif name:
+                client.name = name
+
+    def _server_memory(self) -> tuple[int, int | None]:
+        rss = self._process.memory_info().rss
+        uss = None
+        if self._uss_ok:
+            try:
+                uss = getattr(self._process.memory_full_info(), "uss", None)
+            except (psutil.AccessDenied, NotImplementedError, AttributeError):
+                self._uss_ok = False
+        return rss, uss
+
+    def sample(self) -> dict[str, Any]:
+        """Take one sample now, keep it, and return it."""
+        now = time.time()
+        rss, uss = self._server_memory()
+        checkpoints, payload = self._figures()
+        with self._lock:
+            self.peak_rss = max(self.peak_rss, rss)
+            for pid, client in list(self._clients.items()):
+                client.refresh(now)
+                if not client.alive and now - client.last_seen > self.client_ttl:
+                    del self._clients[pid]
+            clients = {str(c.pid): [c.name, c.rss, c.alive] for c in self._clients.values()}
+            sample = {"t": now, "server_rss": rss, "server_uss": uss,
+                      "checkpoints": checkpoints, "payload_bytes": payload, "clients": clients}
+            self._samples.append(sample)
+        return sample
+
+    def history(self, since: float | None = None) -> list[dict[str, Any]]:
+        """The kept samples, oldest first; only those taken after ``since`` (epoch s)."""
+        with self._lock:
+            if since is None:
+                return list(self._samples)
+            return [s for s in self._samples if s["t"] > since]
+
+    def clients(self) -> list[dict[str, Any]]:
+        """Registered clients: pid, name, RSS and peak as of the last sample, alive."""
+        with self._lock:
+            return [c.to_dict() for c in self._clients.values()]
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.sample()
+            except Exception:  # a sampler must never take the server down
+                log.exception("memory sample failed")
+
+    def start(self) -> None:
+        """Start the sampling thread (takes a first sample at once)."""
+        if self._thread is None:
+            self.sample()
+            self._thread = threading.Thread(target=self._run, name="shmstore-monitor",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the sampling thread; the history stays readable."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None

@@ -1,0 +1,96 @@
+"""MemoryMonitor: psutil sampling of this process and of registered client processes."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from shmstore import ConfigError
+from shmstore.monitor import MemoryMonitor
+
+from .helpers import SPAWN, reaped, wait_until
+
+
+def _hog(ready, go, done) -> None:  # type: ignore[no-untyped-def]
+    ready.set()
+    go.wait(30)
+    blob = bytearray(80 * 1024 * 1024)  # touched pages: RSS really grows
+    for i in range(0, len(blob), 4096):
+        blob[i] = 1
+    done.set()
+    time.sleep(30)
+
+
+def test_a_sample_has_the_process_and_the_store_figures() -> None:
+    mon = MemoryMonitor(lambda: (3, 300))
+    sample = mon.sample()
+    assert sample["server_rss"] > 1_000_000
+    assert (sample["checkpoints"], sample["payload_bytes"]) == (3, 300)
+    assert mon.peak_rss == sample["server_rss"]
+    assert mon.history() == [sample]
+
+
+def test_history_is_bounded_and_filtered_by_time() -> None:
+    mon = MemoryMonitor(lambda: (0, 0), history_size=5)
+    for _ in range(12):
+        mon.sample()
+    history = mon.history()
+    assert len(history) == 5
+    assert [s["t"] for s in history] == sorted(s["t"] for s in history)
+    assert mon.history(since=history[2]["t"]) == history[3:]
+
+
+def test_the_sampling_thread_samples_every_interval() -> None:
+    mon = MemoryMonitor(lambda: (0, 0), interval=0.05)
+    mon.start()
+    try:
+        assert wait_until(lambda: len(mon.history()) >= 4, 5.0)
+    finally:
+        mon.stop()
+    count = len(mon.history())
+    time.sleep(0.2)
+    assert len(mon.history()) == count  # stopped means stopped
+
+
+def test_a_client_that_allocates_shows_growing_rss_then_is_marked_dead() -> None:
+    ready, go, done = SPAWN.Event(), SPAWN.Event(), SPAWN.Event()
+    proc = SPAWN.Process(target=_hog, args=(ready, go, done))
+    mon = MemoryMonitor(lambda: (0, 0), client_ttl=60)
+    with reaped(proc, timeout=0):
+        assert ready.wait(30)
+        assert proc.pid is not None
+        mon.register(proc.pid, "hog")
+        mon.sample()
+        before = {c["name"]: c for c in mon.clients()}["hog"]
+        go.set()
+        assert done.wait(30)
+        mon.sample()
+        after = {c["name"]: c for c in mon.clients()}["hog"]
+        assert after["rss"] - before["rss"] > 60 * 1024 * 1024
+        assert after["alive"] and after["pid"] == proc.pid
+        proc.kill()
+        proc.join(10)
+    mon.sample()
+    dead = {c["name"]: c for c in mon.clients()}["hog"]
+    assert dead["alive"] is False
+    assert dead["peak_rss"] >= after["rss"]
+    assert mon.history()[-1]["clients"][str(proc.pid)][2] is False
+
+
+def test_dead_clients_age_out_after_their_ttl() -> None:
+    mon = MemoryMonitor(lambda: (0, 0), client_ttl=0.0)
+    mon.register(2**22 + 12345, "ghost")  # no such process
+    mon.sample()
+    assert mon.clients() == []
+    mon.register(os.getpid(), "me")
+    mon.sample()
+    assert [c["name"] for c in mon.clients()] == ["me"]
+
+
+@pytest.mark.parametrize("kwargs", [{"interval": 0}, {"interval": -1}, {"interval": "x"},
+                                    {"history_size": 0}, {"history_size": 1.5}])
+def test_bad_options_are_config_errors(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        MemoryMonitor(lambda: (0, 0), **kwargs)  # type: ignore[arg-type]
