@@ -34,6 +34,7 @@ from multiprocessing import managers, util
 from typing import IO, Any, cast
 
 from .errors import ConfigError, ShmstoreError, StoreUnavailable
+from .monitor import DEFAULT_HISTORY, DEFAULT_INTERVAL, MemoryMonitor
 from .table import TABLE_OPS, CheckpointTable
 from .wire import SERIALIZER, Address, Channel, pack, parse_url, set_io_timeout, unpack
 
@@ -58,11 +59,29 @@ class TableServer(managers.Server):
     trip and the reference counting that a proxy per connection would need.
     """
 
-    def __init__(self, address: Any, authkey: bytes, table: CheckpointTable) -> None:
+    def __init__(self, address: Any, authkey: bytes, table: CheckpointTable, *,
+                 interval: float = DEFAULT_INTERVAL,
+                 history_size: int = DEFAULT_HISTORY) -> None:
         super().__init__({}, address, authkey, SERIALIZER)
         self.table = table
-        self.id_to_obj[TABLE_IDENT] = (table, frozenset(TABLE_OPS), None)  # type: ignore[assignment]
+        self.monitor = MemoryMonitor(
+            lambda: (len(table._records), table._payload_bytes),
+            interval=interval, history_size=history_size,
+        )
+        # What a client may call: the table's operations and the server's own.
+        self.ops: dict[str, Any] = {op: getattr(table, op) for op in TABLE_OPS}
+        self.ops.update(stats=self.stats, register_client=self.monitor.register,
+                        memory_history=self.monitor.history)
+        self.id_to_obj[TABLE_IDENT] = (table, frozenset(self.ops), None)  # type: ignore[assignment]
         self.stop_event = threading.Event()
+
+    def stats(self) -> dict[str, Any]:
+        """The table's figures plus the server's memory: peak RSS and registered clients."""
+        figures = self.table.stats()
+        self.monitor.peak_rss = max(self.monitor.peak_rss, figures["server_rss"])
+        figures["server_peak_rss"] = self.monitor.peak_rss
+        figures["clients"] = self.monitor.clients()
+        return figures
 
     def accept_connection(self, c: Any, name: str) -> None:
         # The peer has authenticated: lift the handshake's time bound.
@@ -76,7 +95,7 @@ class TableServer(managers.Server):
         (`Channel`), a direct dispatch to the table's methods, nothing but `TABLE_OPS`.
         """
         chan = Channel(conn._conn)
-        ops = {op: getattr(self.table, op) for op in TABLE_OPS}
+        ops = self.ops
         stop = self.stop_event
         while not stop.is_set():
             try:
@@ -138,6 +157,8 @@ def run_server(
     *,
     on_ready: Any = None,
     stop_event: threading.Event | None = None,
+    monitor_interval: float = DEFAULT_INTERVAL,
+    history_size: int = DEFAULT_HISTORY,
 ) -> None:
     """Serve a new table at ``address`` in this process until stopped.
 
@@ -147,6 +168,8 @@ def run_server(
         on_ready: called with the URL once connections are accepted.
         stop_event: set it to stop the server (SIGTERM and SIGINT set it too when this
             runs in the main thread).
+        monitor_interval: seconds between memory samples.
+        history_size: how many memory samples are kept.
 
     Raises:
         ConfigError: the address is taken or unusable.
@@ -154,7 +177,8 @@ def run_server(
     if address.family == "AF_UNIX":
         _prepare_unix_path(address.target)
     try:
-        server = TableServer(address.target, authkey, CheckpointTable())
+        server = TableServer(address.target, authkey, CheckpointTable(),
+                             interval=monitor_interval, history_size=history_size)
     except OSError as exc:
         raise ConfigError(f"cannot listen at {address.url}: {exc.strerror or exc}",
                           value=address.url) from None
@@ -172,9 +196,11 @@ def run_server(
     log.info("shmstore server %d listening at %s", os.getpid(), url)
     if on_ready is not None:
         on_ready(url)
+    server.monitor.start()
     try:
         server.serve_forever()
     finally:
+        server.monitor.stop()
         server.listener.close()  # type: ignore[attr-defined]
         if address.family == "AF_UNIX":
             try:
@@ -217,7 +243,7 @@ def _child_main() -> None:
 
     try:
         run_server(parse_url(config["url"]), bytes.fromhex(config["authkey"]),
-                   on_ready=ready, stop_event=stop)
+                   on_ready=ready, stop_event=stop, **config.get("options", {}))
     except ShmstoreError as exc:
         out.write(json.dumps({"error": str(exc), "type": type(exc).__name__}) + "\n")
         out.flush()
@@ -394,6 +420,8 @@ def serve(
     export: bool = True,
     allow_remote: bool = False,
     connection_file: str | None = None,
+    monitor_interval: float = DEFAULT_INTERVAL,
+    history_size: int = DEFAULT_HISTORY,
 ) -> StoreServer:
     """Start a server process that owns the checkpoints; return once it accepts connections.
 
@@ -405,6 +433,8 @@ def serve(
             the server runs, so child processes can ``shmstore.connect()`` with no arguments.
         allow_remote: permit a TCP host other than loopback.
         connection_file: also write ``{"url", "authkey", "pid"}`` there (mode 0600).
+        monitor_interval: seconds between the server's memory samples (psutil).
+        history_size: how many memory samples the server keeps.
 
     Raises:
         ConfigError: a bad address or authkey, or the address is taken.
@@ -415,6 +445,8 @@ def serve(
         ...     store = shmstore.connect()   # from the exported environment
     """
     key = _coerce_authkey(authkey)
+    MemoryMonitor(lambda: (0, 0), interval=monitor_interval, history_size=history_size)  # checks
+    options = {"monitor_interval": monitor_interval, "history_size": history_size}
     private_dir = None
     if address is None:
         private_dir = tempfile.mkdtemp(prefix="shmstore-")  # mode 0700
@@ -436,7 +468,8 @@ def serve(
     )
     try:
         assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(json.dumps({"url": parsed.url, "authkey": key.hex()}).encode() + b"\n")
+        config = {"url": parsed.url, "authkey": key.hex(), "options": options}
+        proc.stdin.write(json.dumps(config).encode() + b"\n")
         proc.stdin.flush()
         reply = _read_ready_line(proc, proc.stdout, START_TIMEOUT)
         if "error" in reply:

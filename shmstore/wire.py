@@ -358,6 +358,9 @@ def open_connection(address: Address, authkey: bytes, *, timeout: float,
         kind, result = unpack(conn.recv_bytes())
         if kind != "#RETURN":
             raise ShmstoreError(f"the server at {address.url} refused the connection: {result}")
+        # Let the server's memory monitor watch this process.
+        conn.send_bytes(pack(("table", "register_client", (os.getpid(), name.split("/")[0]), {})))
+        unpack(conn.recv_bytes())
     except AuthenticationError:
         conn.close()
         raise AccessDenied(
