@@ -1,4 +1,4 @@
-"""The ``shmstore`` command: serve, stats, ls, show.
+"""The ``shmstore`` command: serve, stats, ls, show, demo.
 
 Secrets never travel on the command line: a server's key comes from ``SHMSTORE_AUTHKEY``
 or a connection file (``--connection-file`` / ``SHMSTORE_CONNECTION_FILE``).
@@ -110,6 +110,44 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import format_text, rich_renderables, run_demo
+
+    console = None
+    if not args.plain:
+        try:
+            from rich.console import Console
+
+            console = Console()
+        except ImportError:  # the [cli] extra is not installed: plain text
+            pass
+    print(f"shmstore demo: {args.executions} executions of fetch -> transform -> report on "
+          f"{args.processes} worker process{'es' if args.processes > 1 else ''} and one server"
+          + ("; one worker will be killed mid-step" if not args.no_kill else ""), flush=True)
+    report = run_demo(executions=args.executions, processes=args.processes, delay=args.delay,
+                      kill=not args.no_kill, progress=console is not None)
+    if console is None:
+        print(format_text(report))
+    else:
+        for renderable in rich_renderables(report):
+            console.print(renderable, highlight=False, soft_wrap=isinstance(renderable, str))
+    return 0 if report.ok else 1
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 10:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 10 seconds, not {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shmstore", description="A shared, non-persistent checkpoint store."
@@ -145,6 +183,19 @@ def _parser() -> argparse.ArgumentParser:
     client_options(show)
     show.add_argument("checkpoint_id")
     show.set_defaults(func=_cmd_show)
+
+    demo = sub.add_parser("demo", help="run a checkpointed pipeline across processes, kill a "
+                          "worker, and watch it resume")
+    demo.add_argument("--executions", type=_positive_int, default=12,
+                      help="executions to run (default 12)")
+    demo.add_argument("--processes", type=_positive_int, default=4,
+                      help="worker processes (default 4)")
+    demo.add_argument("--delay", type=_seconds, default=0.25,
+                      help="seconds each step takes (default 0.25)")
+    demo.add_argument("--no-kill", action="store_true", help="do not kill a worker")
+    demo.add_argument("--plain", action="store_true",
+                      help="plain text, no progress bar (the default without rich)")
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 

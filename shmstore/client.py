@@ -31,6 +31,9 @@ __all__ = ["SharedStore", "connect"]
 
 DEFAULT_TIMEOUT = 30.0
 _NO_KWARGS: dict[str, Any] = {}
+# Operations that block in the server, and the position of their timeout argument: the
+# answer may take that long plus the usual time bound.
+_BLOCKING_OPS = {"wait": 2, "claim": 4}
 
 
 class SharedStore(BaseStore):
@@ -111,8 +114,9 @@ class SharedStore(BaseStore):
         conn = self._connection()
         try:
             conn.send(pack((TABLE_IDENT, op, args, _NO_KWARGS)))
-            if op == "wait" and not conn.pending() and not select.select(
-                [conn.fd], [], [], args[2] + self.timeout
+            slot = _BLOCKING_OPS.get(op)
+            if slot is not None and not conn.pending() and not select.select(
+                [conn.fd], [], [], args[slot] + self.timeout
             )[0]:
                 raise TimeoutError
             kind, result = unpack(conn.recv())

@@ -12,16 +12,27 @@ from __future__ import annotations
 import abc
 import builtins
 import dataclasses
+import logging
 import math
+import os
+import socket
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .checkpoint import Checkpoint, timestamp_to_us, us_to_timestamp, validate_id
 from .codec import DEFAULT_CODEC, EMPTY_MAP, MsgpackCodec
-from .errors import ConfigError, StoreTimeout
+from .errors import ConfigError, ShmstoreError, StoreTimeout
+from .table import BUSY, DONE, GRANTED, HELD
 
-__all__ = ["BaseStore", "StoreStats"]
+__all__ = ["DEFAULT_LEASE_S", "BaseStore", "StoreStats"]
+
+log = logging.getLogger("shmstore")
+
+#: How long a `BaseStore.load_or_compute` lease lasts unless renewed; a computing
+#: process renews it every third of that, so only a dead (or frozen) one loses it.
+DEFAULT_LEASE_S = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +113,47 @@ def _check_limit(limit: object, name: str) -> int | None:
     if type(limit) is not int or limit < 0:
         raise ConfigError(f"{name} must be an int >= 0 or None, not {limit!r}", value=repr(limit))
     return limit
+
+
+def _check_lease(lease: object) -> float:
+    if not isinstance(lease, (int, float)) or isinstance(lease, bool) or math.isnan(lease) \
+            or not 0 < lease < math.inf:
+        raise ConfigError(f"lease must be a finite number > 0, not {lease!r}", value=repr(lease))
+    return float(lease)
+
+
+def _owner() -> str:
+    """Who computes: host, process and thread (a re-entrant call is recognised by it)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+class _Heartbeat:
+    """Renews a lease every third of its length while the computation runs."""
+
+    def __init__(self, store: BaseStore, key: tuple[str, str], token: str, lease: float) -> None:
+        self._store, self._key, self._token, self._lease = store, key, token, lease
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="shmstore-lease", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._lease / 3):
+            try:
+                held = self._store._call("renew", *self._key, self._token, self._lease)
+            except ShmstoreError as exc:
+                log.warning("cannot renew the lease on %s: %s", self._key, exc)
+                return
+            if not held:
+                log.warning("lost the lease on %s; another process may compute it too",
+                            self._key)
+                return
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _check_timeout(timeout: object) -> float | None:
@@ -273,6 +325,104 @@ class BaseStore(abc.ABC):
                     f"within {total} s",
                     timeout=total,
                 )
+
+    def load_or_compute(
+        self,
+        execution_id: str,
+        node_name: str,
+        compute: Callable[[], Any],
+        *,
+        timeout: float | None = None,
+        lease: float = DEFAULT_LEASE_S,
+    ) -> Checkpoint:
+        """The node's latest checkpoint, computed by exactly one caller if there is none.
+
+        If the execution has a checkpoint of ``node_name``, return the latest one.  Else
+        one caller, in whatever thread or process, gets the lease and runs ``compute()``;
+        its result is saved as a checkpoint of that execution and node and returned to
+        every caller.  The others wait in the store (woken when the checkpoint arrives,
+        nothing polls).  While ``compute()`` runs, a thread renews the lease.
+
+        If ``compute()`` raises, the error is raised in that caller and one waiter takes
+        over; if the computing process dies, one waiter takes over once its lease
+        expires.  A computing process frozen for longer than ``lease`` may find that
+        another has computed meanwhile: the node still gets one checkpoint, the first
+        completed, and every caller gets that one.
+
+        Parameters:
+            execution_id: the execution the checkpoint belongs to.
+            node_name: the step whose result it is.
+            compute: called with no arguments; returns the state to store.
+            timeout: seconds to wait for another caller's computation (None: no limit;
+                0: do not wait).  Our own ``compute()`` is never interrupted.
+            lease: seconds a silent computing process keeps its claim.
+
+        Raises:
+            StoreTimeout: another caller was still computing after ``timeout`` seconds.
+            EncodeError: the computed state cannot be encoded (a waiter takes over).
+            ConfigError: a bad argument, or a call from inside its own ``compute()``.
+            Exception: whatever ``compute()`` raised, in the caller that ran it.
+
+        Example:
+            >>> cp = store.load_or_compute("session", "dataset", lambda: build_dataset())
+            >>> cp.state          # the same checkpoint in every process
+        """
+        validate_id(execution_id, "execution_id")
+        if type(node_name) is not str:
+            raise ConfigError(f"node_name must be a str, not {type(node_name).__name__}",
+                              value=repr(node_name)[:80])
+        if not callable(compute):
+            raise ConfigError(f"compute must be callable, not {type(compute).__name__}",
+                              value=repr(compute)[:80])
+        total = _check_timeout(timeout)
+        lease_s = _check_lease(lease)
+        owner = _owner()
+        deadline = None if total is None else time.monotonic() + total
+        while True:
+            remaining = self.wait_slice if deadline is None else deadline - time.monotonic()
+            chunk = max(0.0, min(remaining, self.wait_slice))
+            kind, value = self._call("claim", execution_id, node_name, owner, lease_s, chunk)
+            if kind == DONE:
+                return _checkpoint(value, self.codec)
+            if kind == GRANTED:
+                return self._compute(execution_id, node_name, compute, value, lease_s)
+            if kind == HELD:
+                raise ConfigError(
+                    f"load_or_compute({execution_id!r}, {node_name!r}) was called again "
+                    "from inside its own compute(); it would wait for itself",
+                    value=node_name,
+                )
+            if kind != BUSY:
+                raise ShmstoreError(f"unexpected answer to claim: {kind!r}")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise StoreTimeout(
+                    f"{value} was still computing node {node_name!r} of execution "
+                    f"{execution_id!r} after {total} s",
+                    timeout=total,
+                )
+
+    def _compute(self, execution_id: str, node_name: str, compute: Callable[[], Any],
+                 token: str, lease_s: float) -> Checkpoint:
+        """Run ``compute`` under the lease ``token``; save its result and release."""
+        key = (execution_id, node_name)
+        try:
+            with _Heartbeat(self, key, token, lease_s):
+                state = compute()
+            record = self._record(Checkpoint(execution_id=execution_id, node_name=node_name,
+                                             state=state))
+            kind, value = self._call("complete", record, token)
+        except BaseException:
+            # Hand over now rather than at the lease's expiry; if the store is gone too,
+            # the lease expires on its own.
+            try:
+                self._call("release", *key, token)
+            except ShmstoreError as exc:
+                log.debug("cannot release the lease on %s: %s", key, exc)
+            raise
+        if kind == DONE:
+            return _checkpoint(value, self.codec)
+        # Decode our own bytes: every caller gets an equal snapshot, none the live object.
+        return _checkpoint((*record[:3], value, *record[4:]), self.codec)
 
     def stats(self) -> StoreStats:
         """Counts, payload bytes, the server's pid, RSS and uptime, and per-op counters."""

@@ -6,6 +6,12 @@ so that the table can index, order and filter.  One lock guards everything; wait
 an execution sleep on a condition of that lock and are woken by the save that gives
 them what they wait for.
 
+Claims serve ``load_or_compute``: a claim on (execution, node) either finds the node's
+latest record, or grants a lease (a token that expires unless renewed) to exactly one
+caller, or sleeps on the execution's condition until a record appears, the lease is
+released, or the lease expires (a timed wait on the same condition: nothing polls).
+Leases live beside the records and never count as checkpoints.
+
 A record is a tuple (cheapest per-entry memory in CPython)::
 
     (id, execution_id, node_name, version, timestamp_us, parent_id, metadata, state)
@@ -16,6 +22,7 @@ Callers send records with version 0; the table assigns the version.
 from __future__ import annotations
 
 import builtins
+import itertools
 import os
 import threading
 import time
@@ -47,7 +54,18 @@ TABLE_OPS = (
     "executions",
     "wait",
     "stats",
+    "claim",
+    "renew",
+    "release",
+    "complete",
 )
+
+# What ``claim`` and ``complete`` answer, first item of their [kind, value] pair.
+DONE = "done"          # value: the node's latest record
+GRANTED = "granted"    # value: the lease token
+BUSY = "busy"          # value: the owner holding the lease (the wait ran out)
+HELD = "held"          # value: the owner, who is the caller itself (a re-entrant call)
+SAVED = "saved"        # value: the version assigned to the completed record
 
 
 class _Execution:
@@ -66,6 +84,17 @@ class _Execution:
 
     def latest_version(self) -> int:
         return next(reversed(self.versions)) if self.versions else 0
+
+
+class _Lease:
+    """Who computes a node right now, and until when (the table's monotonic clock)."""
+
+    __slots__ = ("expires", "owner", "token")
+
+    def __init__(self, token: str, owner: str, expires: float) -> None:
+        self.token = token
+        self.owner = owner
+        self.expires = expires
 
 
 class CheckpointTable:
@@ -87,6 +116,8 @@ class CheckpointTable:
         self._ops: dict[str, int] = dict.fromkeys(TABLE_OPS, 0)
         self._started = time.monotonic()
         self._process = psutil.Process(os.getpid())
+        self._leases: dict[tuple[str, str], _Lease] = {}
+        self._tokens = itertools.count(1)
 
     # -- writes -------------------------------------------------------------------------
 
@@ -269,28 +300,143 @@ class CheckpointTable:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             self._ops["wait"] += 1
-            execution = self._executions.get(execution_id)
-            if execution is None:
-                execution = self._executions[execution_id] = _Execution(execution_id)
-            if execution.waiters is None:
-                execution.waiters = threading.Condition(self._lock)
-            waiters = execution.waiters
-            execution.waiting += 1
+            execution = self._enter_wait(execution_id)
             try:
                 while execution.latest_version() <= after_version:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         return None
-                    waiters.wait(remaining)
+                    assert execution.waiters is not None
+                    execution.waiters.wait(remaining)
                 return self._latest(execution_id)
             finally:
-                # The last waiter to leave takes the condition with it; an execution
-                # that only existed to be waited on is forgotten again.
-                execution.waiting -= 1
-                if not execution.waiting:
-                    execution.waiters = None
-                    if not execution.versions and self._executions.get(execution_id) is execution:
-                        del self._executions[execution_id]
+                self._leave_wait(execution)
+
+    def _enter_wait(self, execution_id: str) -> _Execution:
+        """Register a waiter on an execution (under the lock); create its condition."""
+        execution = self._executions.get(execution_id)
+        if execution is None:
+            execution = self._executions[execution_id] = _Execution(execution_id)
+        if execution.waiters is None:
+            execution.waiters = threading.Condition(self._lock)
+        execution.waiting += 1
+        return execution
+
+    def _leave_wait(self, execution: _Execution) -> None:
+        # The last waiter to leave takes the condition with it; an execution
+        # that only existed to be waited on is forgotten again.
+        execution.waiting -= 1
+        if not execution.waiting:
+            execution.waiters = None
+            name = execution.name
+            if not execution.versions and self._executions.get(name) is execution:
+                del self._executions[name]
+
+    # -- claims (load_or_compute) -------------------------------------------------------
+
+    def _latest_of_node(self, execution_id: str, node_name: str) -> Record | None:
+        """The node's record with the highest version; scans back from the latest."""
+        execution = self._executions.get(execution_id)
+        if execution is None:
+            return None
+        records = self._records
+        for version in reversed(execution.versions):
+            record = records[execution.versions[version]]
+            if record[NODE] == node_name:
+                return record
+        return None
+
+    def _drop_lease(self, key: tuple[str, str], token: str) -> bool:
+        """Forget the lease on ``key`` if ``token`` holds it, and wake its waiters."""
+        lease = self._leases.get(key)
+        if lease is None or lease.token != token:
+            return False
+        del self._leases[key]
+        execution = self._executions.get(key[0])
+        if execution is not None and execution.waiters is not None:
+            execution.waiters.notify_all()
+        return True
+
+    def claim(
+        self, execution_id: str, node_name: str, owner: str, lease_s: float,
+        timeout: float = 0.0,
+    ) -> tuple[str, Any]:
+        """Find the node's latest record, or take the lease to compute it, or wait.
+
+        Parameters:
+            execution_id, node_name: what is to be loaded or computed.
+            owner: who asks (shown to others; the same owner asking again is re-entrant).
+            lease_s: seconds the lease lasts unless renewed.
+            timeout: seconds to wait while someone else holds an unexpired lease.
+
+        Returns ``[kind, value]``: (`DONE`, record) when the node has a record;
+        (`GRANTED`, token) when the caller now holds the lease; (`BUSY`, holder) when the
+        wait ran out; (`HELD`, owner) at once when ``owner`` itself holds the lease.  A
+        waiter wakes when a record arrives, the lease is released, or it expires.
+        """
+        key = (execution_id, node_name)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._ops["claim"] += 1
+            execution: _Execution | None = None
+            try:
+                while True:
+                    record = self._latest_of_node(execution_id, node_name)
+                    if record is not None:
+                        return (DONE, record)
+                    now = time.monotonic()
+                    lease = self._leases.get(key)
+                    if lease is None or lease.expires <= now:
+                        token = f"{os.getpid()}-{next(self._tokens)}"
+                        self._leases[key] = _Lease(token, owner, now + lease_s)
+                        return (GRANTED, token)
+                    if lease.owner == owner:
+                        return (HELD, owner)
+                    remaining = deadline - now
+                    if remaining <= 0:
+                        return (BUSY, lease.owner)
+                    if execution is None:
+                        execution = self._enter_wait(execution_id)
+                    assert execution.waiters is not None
+                    # Timed to the lease's expiry: a dead owner's lease passes on then.
+                    execution.waiters.wait(min(remaining, lease.expires - now))
+            finally:
+                if execution is not None:
+                    self._leave_wait(execution)
+
+    def renew(self, execution_id: str, node_name: str, token: str, lease_s: float) -> bool:
+        """Extend the lease to ``lease_s`` seconds from now; False if ``token`` lost it."""
+        with self._lock:
+            self._ops["renew"] += 1
+            lease = self._leases.get((execution_id, node_name))
+            if lease is None or lease.token != token:
+                return False
+            lease.expires = time.monotonic() + lease_s
+            return True
+
+    def release(self, execution_id: str, node_name: str, token: str) -> bool:
+        """Give the lease up and wake the waiters; False if ``token`` did not hold it."""
+        with self._lock:
+            self._ops["release"] += 1
+            return self._drop_lease((execution_id, node_name), token)
+
+    def complete(self, record: Sequence[Any], token: str) -> tuple[str, Any]:
+        """Store the computed ``record`` and release the lease, unless the node has one.
+
+        Returns (`SAVED`, version), or (`DONE`, the existing record) when another
+        computation completed first (its lease expired under it, say): a node gets one
+        computed record however many computations ran.
+        """
+        key = (record[EXECUTION], record[NODE])
+        with self._lock:
+            self._ops["complete"] += 1
+            existing = self._latest_of_node(*key)
+            if existing is not None:
+                self._drop_lease(key, token)
+                return (DONE, existing)
+            version = self._insert(record)
+            self._drop_lease(key, token)
+            return (SAVED, version)
 
     def stats(self) -> dict[str, Any]:
         """Counts, bytes, process figures and operation counters, as a plain dict."""
