@@ -24,6 +24,7 @@ from __future__ import annotations
 import builtins
 import itertools
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -37,6 +38,8 @@ __all__ = ["CheckpointTable", "Record", "TABLE_OPS"]
 
 # (id, execution_id, node_name, version, timestamp_us, parent_id, metadata, state)
 Record = tuple[Any, ...]
+
+SHRINK_MIN = 1024  # below this many records a dict's slack is not worth a rebuild
 
 # Field positions in a record.
 ID, EXECUTION, NODE, VERSION, TIMESTAMP, PARENT, METADATA, STATE = range(8)
@@ -111,6 +114,7 @@ class CheckpointTable:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._records: dict[str, Record] = {}
+        self._records_peak = 0
         self._executions: dict[str, _Execution] = {}
         self._payload_bytes = 0
         self._ops: dict[str, int] = dict.fromkeys(TABLE_OPS, 0)
@@ -137,10 +141,12 @@ class CheckpointTable:
         state = record[STATE]
         # Reuse the index's copy of the execution id: one string per execution, not per record.
         self._records[cid] = (
-            cid, execution.name, record[NODE], version, record[TIMESTAMP], record[PARENT],
+            cid, execution.name, sys.intern(record[NODE]), version, record[TIMESTAMP],
+            record[PARENT],
             record[METADATA], state,
         )
         self._payload_bytes += len(state)
+        self._records_peak = max(self._records_peak, len(self._records))
         if execution.waiters is not None:
             execution.waiters.notify_all()
         return version
@@ -153,6 +159,12 @@ class CheckpointTable:
         del execution.versions[record[VERSION]]
         if not execution.versions and not execution.waiting:
             del self._executions[execution.name]
+        # A dict never shrinks as keys leave; its table, high in the heap, would keep the
+        # freed records' memory from going back to the system.  Rebuild it once it is a
+        # quarter full (amortized O(1) per removal).
+        if self._records_peak > SHRINK_MIN and len(self._records) < self._records_peak // 4:
+            self._records = dict(self._records)
+            self._records_peak = len(self._records)
 
     def save(self, record: Sequence[Any], expected_version: int | None = None) -> int:
         """Store ``record`` and return the version assigned to it.

@@ -94,3 +94,18 @@ def test_dead_clients_age_out_after_their_ttl() -> None:
 def test_bad_options_are_config_errors(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         MemoryMonitor(lambda: (0, 0), **kwargs)  # type: ignore[arg-type]
+
+
+def test_the_table_gives_back_its_index_after_a_clear() -> None:
+    import sys
+
+    from shmstore.table import CheckpointTable
+
+    table = CheckpointTable()
+    for i in range(20_000):
+        table.save((f"id-{i}", "run", "node", 0, 0, None, b"\x80", b"x" * 10))
+    full = sys.getsizeof(table._records)
+    assert table.clear("run") == 20_000
+    assert sys.getsizeof(table._records) < full // 10
+    table.save(("again", "run", "node", 0, 0, None, b"\x80", b"x"))
+    assert table.load("again")[3] == 1
