@@ -65,7 +65,7 @@ class TableServer(managers.Server):
         super().__init__({}, address, authkey, SERIALIZER)
         self.table = table
         self.monitor = MemoryMonitor(
-            lambda: (len(table._records), table._payload_bytes),
+            table.figures,
             interval=interval, history_size=history_size,
         )
         # What a client may call: the table's operations and the server's own.

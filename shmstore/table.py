@@ -450,6 +450,10 @@ class CheckpointTable:
             self._drop_lease(key, token)
             return (SAVED, version)
 
+    def figures(self) -> tuple[int, int]:
+        """``(checkpoints, payload_bytes)`` right now, without taking the lock (a sample)."""
+        return len(self._records), self._payload_bytes
+
     def stats(self) -> dict[str, Any]:
         """Counts, bytes, process figures and operation counters, as a plain dict."""
         with self._lock:
