@@ -161,6 +161,10 @@ def test_stopped_server_times_out_and_recovers_after_sigcont(
     store.save(Checkpoint(execution_id="x", state=1))
     os.kill(server.pid, signal.SIGSTOP)
     try:
+        # kill() only queues the signal; wait until the server has really stopped.
+        assert wait_until(
+            lambda: psutil.Process(server.pid).status() == psutil.STATUS_STOPPED, 5.0
+        )
         started = time.monotonic()
         with pytest.raises(StoreTimeout) as info:
             store.latest("x")
