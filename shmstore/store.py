@@ -428,6 +428,22 @@ class BaseStore(abc.ABC):
         """Counts, payload bytes, the server's pid, RSS and uptime, and per-op counters."""
         return StoreStats.from_dict(self._call("stats"))
 
+    def memory_history(self, since: float | None = None) -> builtins.list[dict[str, Any]]:
+        """Memory samples of the store's owner, oldest first (only those after ``since``).
+
+        Each sample is a dict: ``t`` (epoch seconds), ``server_rss``, ``server_uss``
+        (None where the platform has no USS), ``checkpoints``, ``payload_bytes`` and
+        ``clients`` (``{pid: [name, rss, alive]}`` for every registered client).
+
+        Raises:
+            ConfigError: ``since`` is not a number or None.
+        """
+        if since is not None and (not isinstance(since, (int, float)) or isinstance(since, bool)
+                                  or math.isnan(since)):
+            raise ConfigError(f"since must be epoch seconds or None, not {since!r}",
+                              value=repr(since)[:80])
+        return list(self._call("memory_history", None if since is None else float(since)))
+
     def close(self) -> None:  # noqa: B027 - a store with nothing to release needs no override
         """Release the store's resources; closing twice is fine."""
 
