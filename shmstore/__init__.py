@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         StoreUnavailable,
         VersionConflict,
     )
+    from .limits import Limits
     from .memory import MemoryStore
     from .pipeline import CheckpointConfig, Pipeline
     from .server import StoreServer, serve
@@ -53,6 +54,7 @@ _EXPORTS = {
     "ConfigError": "errors",
     "DecodeError": "errors",
     "EncodeError": "errors",
+    "Limits": "limits",
     "MemoryStore": "memory",
     "MsgpackCodec": "codec",
     "Pipeline": "pipeline",
@@ -77,6 +79,7 @@ __all__ = [
     "ConfigError",
     "DecodeError",
     "EncodeError",
+    "Limits",
     "MemoryStore",
     "MsgpackCodec",
     "Pipeline",

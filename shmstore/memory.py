@@ -6,6 +6,8 @@ from typing import Any
 
 from .codec import MsgpackCodec
 from .errors import StoreUnavailable
+from .limits import Limits
+from .monitor import MemoryMonitor
 from .store import BaseStore
 from .table import TABLE_OPS, CheckpointTable
 
@@ -21,6 +23,10 @@ class MemoryStore(BaseStore):
 
     Parameters:
         codec: encodes states and metadata (default: msgpack with extension types).
+        limits: what the store may hold (`Limits`, or a dict of its fields).
+
+    ``memory_history()`` samples this process when called (there is no server to sample
+    in the background).
 
     Example:
         >>> from shmstore import Checkpoint, MemoryStore
@@ -29,10 +35,19 @@ class MemoryStore(BaseStore):
         1
     """
 
-    def __init__(self, *, codec: MsgpackCodec | None = None) -> None:
+    def __init__(self, *, codec: MsgpackCodec | None = None,
+                 limits: Limits | dict[str, Any] | None = None) -> None:
         super().__init__(codec=codec)
-        self._table: CheckpointTable | None = CheckpointTable()
-        self._ops = {op: getattr(self._table, op) for op in TABLE_OPS}
+        table = CheckpointTable(limits)
+        self._table: CheckpointTable | None = table
+        self._ops: dict[str, Any] = {op: getattr(table, op) for op in TABLE_OPS}
+        monitor = MemoryMonitor(table.figures)
+
+        def memory_history(since: float | None) -> list[dict[str, Any]]:
+            monitor.sample()
+            return monitor.history(since)
+
+        self._ops["memory_history"] = memory_history
 
     def _call(self, op: str, *args: Any) -> Any:
         if self._table is None:

@@ -34,6 +34,7 @@ from multiprocessing import managers, util
 from typing import IO, Any, cast
 
 from .errors import ConfigError, ShmstoreError, StoreUnavailable
+from .limits import Limits
 from .monitor import DEFAULT_HISTORY, DEFAULT_INTERVAL, MemoryMonitor
 from .table import TABLE_OPS, CheckpointTable
 from .wire import SERIALIZER, Address, Channel, pack, parse_url, set_io_timeout, unpack
@@ -78,7 +79,7 @@ class TableServer(managers.Server):
     def stats(self) -> dict[str, Any]:
         """The table's figures plus the server's memory: peak RSS and registered clients."""
         figures = self.table.stats()
-        self.monitor.peak_rss = max(self.monitor.peak_rss, figures["server_rss"])
+        self.monitor.peak_rss = max(self.monitor.peak_rss, figures["server_peak_rss"])
         figures["server_peak_rss"] = self.monitor.peak_rss
         figures["clients"] = self.monitor.clients()
         return figures
@@ -159,6 +160,7 @@ def run_server(
     stop_event: threading.Event | None = None,
     monitor_interval: float = DEFAULT_INTERVAL,
     history_size: int = DEFAULT_HISTORY,
+    limits: Limits | dict[str, Any] | None = None,
 ) -> None:
     """Serve a new table at ``address`` in this process until stopped.
 
@@ -170,6 +172,7 @@ def run_server(
             runs in the main thread).
         monitor_interval: seconds between memory samples.
         history_size: how many memory samples are kept.
+        limits: what the store may hold (`Limits` or its dict).
 
     Raises:
         ConfigError: the address is taken or unusable.
@@ -177,7 +180,7 @@ def run_server(
     if address.family == "AF_UNIX":
         _prepare_unix_path(address.target)
     try:
-        server = TableServer(address.target, authkey, CheckpointTable(),
+        server = TableServer(address.target, authkey, CheckpointTable(limits),
                              interval=monitor_interval, history_size=history_size)
     except OSError as exc:
         raise ConfigError(f"cannot listen at {address.url}: {exc.strerror or exc}",
@@ -422,6 +425,7 @@ def serve(
     connection_file: str | None = None,
     monitor_interval: float = DEFAULT_INTERVAL,
     history_size: int = DEFAULT_HISTORY,
+    limits: Limits | dict[str, Any] | None = None,
 ) -> StoreServer:
     """Start a server process that owns the checkpoints; return once it accepts connections.
 
@@ -435,6 +439,8 @@ def serve(
         connection_file: also write ``{"url", "authkey", "pid"}`` there (mode 0600).
         monitor_interval: seconds between the server's memory samples (psutil).
         history_size: how many memory samples the server keeps.
+        limits: what the store may hold and what happens when a save would not fit
+            (`Limits`, or a dict of its fields); default: only ``max_checkpoint_bytes``.
 
     Raises:
         ConfigError: a bad address or authkey, or the address is taken.
@@ -446,7 +452,8 @@ def serve(
     """
     key = _coerce_authkey(authkey)
     MemoryMonitor(lambda: (0, 0), interval=monitor_interval, history_size=history_size)  # checks
-    options = {"monitor_interval": monitor_interval, "history_size": history_size}
+    options = {"monitor_interval": monitor_interval, "history_size": history_size,
+               "limits": Limits.coerce(limits).to_dict()}
     private_dir = None
     if address is None:
         private_dir = tempfile.mkdtemp(prefix="shmstore-")  # mode 0700

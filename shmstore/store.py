@@ -23,7 +23,8 @@ from typing import Any
 
 from .checkpoint import Checkpoint, timestamp_to_us, us_to_timestamp, validate_id
 from .codec import DEFAULT_CODEC, EMPTY_MAP, MsgpackCodec
-from .errors import ConfigError, ShmstoreError, StoreTimeout
+from .errors import ConfigError, ShmstoreError, StoreFull, StoreTimeout
+from .limits import Limits
 from .table import BUSY, DONE, GRANTED, HELD
 
 __all__ = ["DEFAULT_LEASE_S", "BaseStore", "StoreStats"]
@@ -47,6 +48,15 @@ class StoreStats:
         server_rss: resident set size of that process, in bytes (psutil).
         uptime_s: seconds since the store was created.
         ops: number of calls per operation.
+        server_peak_rss: the highest RSS that process has had, in bytes.
+        largest_executions: the largest executions by payload, as
+            ``[execution_id, checkpoints, payload_bytes]``, largest first (at most 5).
+        clients: registered client processes: dicts of ``pid``, ``name``, ``rss``,
+            ``peak_rss`` and ``alive`` (empty for an in-process store).
+        evictions: checkpoints dropped store-wide to make room (``on_full="evict"``).
+        rejections: saves refused by a limit (`StoreFull`).
+        pruned: checkpoints dropped by retention (``max_per_execution``).
+        limits: the limits in force (`Limits.to_dict`).
     """
 
     checkpoints: int
@@ -56,6 +66,13 @@ class StoreStats:
     server_rss: int
     uptime_s: float
     ops: dict[str, int]
+    server_peak_rss: int = 0
+    largest_executions: list[list[Any]] = dataclasses.field(default_factory=list)
+    clients: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    evictions: int = 0
+    rejections: int = 0
+    pruned: int = 0
+    limits: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, figures: dict[str, Any]) -> StoreStats:
@@ -68,11 +85,29 @@ class StoreStats:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
-        return (
+        ratio = self.server_rss / self.payload_bytes if self.payload_bytes else 0.0
+        lines = [
             f"{self.checkpoints} checkpoints in {self.executions} executions, "
-            f"{_human_bytes(self.payload_bytes)} payload; server pid {self.server_pid}, "
-            f"RSS {_human_bytes(self.server_rss)}, up {self.uptime_s:.1f} s"
-        )
+            f"{_human_bytes(self.payload_bytes)} payload",
+            f"server pid {self.server_pid}: RSS {_human_bytes(self.server_rss)} "
+            f"(peak {_human_bytes(self.server_peak_rss)}"
+            + (f", {ratio:.2f}x payload" if ratio else "") + f"), up {self.uptime_s:.1f} s",
+        ]
+        if self.largest_executions:
+            lines.append("largest executions: " + ", ".join(
+                f"{name} {_human_bytes(nbytes)} in {count}"
+                for name, count, nbytes in self.largest_executions))
+        for client in self.clients:
+            state = "alive" if client.get("alive") else "dead"
+            lines.append(f"client {client.get('pid')} {client.get('name', '')}: "
+                         f"RSS {_human_bytes(client.get('rss', 0))} ({state})")
+        in_force = {k: v for k, v in self.limits.items() if v is not None and k != "on_full"}
+        if in_force:
+            lines.append("limits: " + ", ".join(f"{k}={v}" for k, v in in_force.items())
+                         + f", on_full={self.limits.get('on_full', 'reject')}")
+        lines.append(f"evictions {self.evictions}, rejections {self.rejections}, "
+                     f"pruned {self.pruned}")
+        return "\n".join(lines)
 
 
 def _human_bytes(n: float) -> str:
@@ -179,6 +214,7 @@ class BaseStore(abc.ABC):
 
     def __init__(self, *, codec: MsgpackCodec | None = None) -> None:
         self.codec = codec if codec is not None else DEFAULT_CODEC
+        self._max_checkpoint_bytes: int | bool | None = False  # False: not fetched yet
 
     @abc.abstractmethod
     def _call(self, op: str, *args: Any) -> Any:
@@ -193,10 +229,26 @@ class BaseStore(abc.ABC):
             )
         codec = self.codec
         meta = EMPTY_MAP if not cp.metadata else codec.encode(cp.metadata, root="metadata")
+        state = codec.encode(cp.state)
+        largest = self._max_checkpoint_bytes
+        if largest is False:
+            largest = self._max_checkpoint_bytes = self.limits().max_checkpoint_bytes
+        if largest is not None and len(state) + len(meta) > largest:
+            size = len(state) + len(meta)
+            raise StoreFull(
+                f"checkpoint {cp.id!r} is {size} bytes encoded, over "
+                f"max_checkpoint_bytes={largest}; checkpoint a reference to large data "
+                "instead, or raise the limit (nothing was sent)",
+                limit="max_checkpoint_bytes", maximum=largest, current=size, requested=size,
+            )
         return (
             cp.id, cp.execution_id, cp.node_name, 0, timestamp_to_us(cp.timestamp),
-            cp.parent_id, meta, codec.encode(cp.state),
+            cp.parent_id, meta, state,
         )
+
+    def limits(self) -> Limits:
+        """The `Limits` the store enforces."""
+        return Limits.from_dict(self._call("limits"))
 
     def _decode(self, record: Sequence[Any] | None) -> Checkpoint | None:
         return None if record is None else _checkpoint(record, self.codec)

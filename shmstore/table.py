@@ -17,13 +17,20 @@ A record is a tuple (cheapest per-entry memory in CPython)::
     (id, execution_id, node_name, version, timestamp_us, parent_id, metadata, state)
 
 Callers send records with version 0; the table assigns the version.
+
+Limits (`Limits`, see shmstore/limits.py for the rules every backend follows) are checked
+under the same lock before anything is written, so a refused save touches nothing.  The
+store-wide order for eviction is save order, which is the order of ``_records`` (a dict
+keeps insertion order, and a re-saved id is removed and inserted again).
 """
 
 from __future__ import annotations
 
 import builtins
+import heapq
 import itertools
 import os
+import resource
 import sys
 import threading
 import time
@@ -32,7 +39,8 @@ from typing import Any
 
 import psutil
 
-from .errors import CheckpointNotFound, VersionConflict
+from .errors import CheckpointNotFound, StoreFull, VersionConflict
+from .limits import Limits
 
 __all__ = ["CheckpointTable", "Record", "TABLE_OPS"]
 
@@ -40,6 +48,8 @@ __all__ = ["CheckpointTable", "Record", "TABLE_OPS"]
 Record = tuple[Any, ...]
 
 SHRINK_MIN = 1024  # below this many records a dict's slack is not worth a rebuild
+RSS_MAX_AGE = 0.05  # seconds a measured RSS stays good enough for ``max_rss``
+LARGEST = 5  # executions listed by size in stats
 
 # Field positions in a record.
 ID, EXECUTION, NODE, VERSION, TIMESTAMP, PARENT, METADATA, STATE = range(8)
@@ -61,6 +71,7 @@ TABLE_OPS = (
     "renew",
     "release",
     "complete",
+    "limits",
 )
 
 # What ``claim`` and ``complete`` answer, first item of their [kind, value] pair.
@@ -74,10 +85,12 @@ SAVED = "saved"        # value: the version assigned to the completed record
 class _Execution:
     """Index of one execution: version -> id in version order, and its high-water mark."""
 
-    __slots__ = ("high", "name", "versions", "waiters", "waiting")
+    __slots__ = ("dropped", "high", "name", "nbytes", "versions", "waiters", "waiting")
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.nbytes = 0  # payload bytes of its records
+        self.dropped = 0  # oldest-first removals since ``versions`` was last compacted
         # Versions only ever grow and are inserted in order, so a dict's insertion order
         # is version order: append, delete and "latest" are all O(1).
         self.versions: dict[int, str] = {}
@@ -111,7 +124,8 @@ class CheckpointTable:
         1
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits | dict[str, Any] | None = None) -> None:
+        self._limits = Limits.coerce(limits)
         self._lock = threading.Lock()
         self._records: dict[str, Record] = {}
         self._records_peak = 0
@@ -122,6 +136,12 @@ class CheckpointTable:
         self._process = psutil.Process(os.getpid())
         self._leases: dict[tuple[str, str], _Lease] = {}
         self._tokens = itertools.count(1)
+        self.evictions = 0  # dropped store-wide to make room (on_full="evict")
+        self.rejections = 0  # saves refused by a limit
+        self.pruned = 0  # dropped by retention (max_per_execution)
+        self._evicted = 0  # oldest-first removals since ``_records`` was last compacted
+        self._rss = 0
+        self._rss_at = -1.0
 
     # -- writes -------------------------------------------------------------------------
 
@@ -146,7 +166,19 @@ class CheckpointTable:
             record[METADATA], state,
         )
         self._payload_bytes += len(state)
+        execution.nbytes += len(state)
         self._records_peak = max(self._records_peak, len(self._records))
+        keep = self._limits.max_per_execution
+        if keep is not None:
+            versions = execution.versions
+            while len(versions) > keep:
+                self._remove(self._records[next(iter(versions.values()))])
+                self.pruned += 1
+                execution.dropped += 1
+            if execution.dropped > 32 + len(versions) // 8:
+                # Removals from the front leave holes that ``next(iter())`` walks over.
+                execution.versions = dict(versions)
+                execution.dropped = 0
         if execution.waiters is not None:
             execution.waiters.notify_all()
         return version
@@ -156,6 +188,7 @@ class CheckpointTable:
         del self._records[record[ID]]
         self._payload_bytes -= len(record[STATE])
         execution = self._executions[record[EXECUTION]]
+        execution.nbytes -= len(record[STATE])
         del execution.versions[record[VERSION]]
         if not execution.versions and not execution.waiting:
             del self._executions[execution.name]
@@ -165,6 +198,158 @@ class CheckpointTable:
         if self._records_peak > SHRINK_MIN and len(self._records) < self._records_peak // 4:
             self._records = dict(self._records)
             self._records_peak = len(self._records)
+
+    # -- limits -------------------------------------------------------------------------
+
+    def _refuse(self, limit: str, maximum: int, current: int, requested: int,
+                message: str) -> StoreFull:
+        self.rejections += 1
+        return StoreFull(message, limit=limit, maximum=maximum, current=current,
+                         requested=requested)
+
+    def _admit(self, records: Sequence[Sequence[Any]]) -> bool:
+        """Check ``records`` against the limits (under the lock); True if eviction must follow.
+
+        Raises:
+            StoreFull: a limit refuses them; nothing has been touched.
+        """
+        limits = self._limits
+        largest = limits.max_checkpoint_bytes
+        if largest is not None:
+            for record in records:
+                size = len(record[STATE]) + len(record[METADATA])
+                if size > largest:
+                    raise self._refuse(
+                        "max_checkpoint_bytes", largest, size, size,
+                        f"checkpoint {record[ID]!r} is {size} bytes encoded, over "
+                        f"max_checkpoint_bytes={largest}; checkpoint a reference to large data "
+                        "instead, or raise the limit",
+                    )
+        if limits.max_rss is not None:
+            rss = self._current_rss()
+            if rss > limits.max_rss:
+                raise self._refuse(
+                    "max_rss", limits.max_rss, rss, 0,
+                    f"the store's process uses {rss} bytes of memory (RSS), over "
+                    f"max_rss={limits.max_rss}; delete or clear executions, or raise the limit",
+                )
+        if not limits.store_wide:
+            return False
+        count, nbytes, batch_count, batch_bytes = self._project(records)
+        over = self._over(count, nbytes)
+        if over is None:
+            return False
+        name, maximum, value = over
+        alone = self._over(batch_count, batch_bytes)
+        if limits.on_full == "evict" and alone is None:
+            return True
+        now = self._payload_bytes if name == "max_bytes" else len(self._records)
+        requested = batch_bytes if name == "max_bytes" else batch_count
+        what = "bytes of payload" if name == "max_bytes" else "checkpoints"
+        if alone is not None:
+            message = (f"{requested} {what} in one save can never fit under "
+                       f"{name}={maximum}; save less at once, or raise the limit")
+        else:
+            message = (f"the store is full: {name}={maximum}, it holds {now} {what} and "
+                       f"this save would make it {value}; delete or clear executions, "
+                       "raise the limit, or serve with on_full='evict'")
+        raise self._refuse(name, maximum, now, requested, message)
+
+    def _over(self, count: int, nbytes: int) -> tuple[str, int, int] | None:
+        """The first store-wide limit that ``count``/``nbytes`` break, as (name, max, value)."""
+        limits = self._limits
+        if limits.max_checkpoints is not None and count > limits.max_checkpoints:
+            return ("max_checkpoints", limits.max_checkpoints, count)
+        if limits.max_bytes is not None and nbytes > limits.max_bytes:
+            return ("max_bytes", limits.max_bytes, nbytes)
+        return None
+
+    def _project(self, records: Sequence[Sequence[Any]]) -> tuple[int, int, int, int]:
+        """What storing ``records`` would leave: (count, bytes) of the store and of the batch.
+
+        Accounts for re-saved ids and for retention, exactly as `_insert` will act.
+        """
+        stored = self._records
+        keep = self._limits.max_per_execution
+        count, nbytes = len(stored), self._payload_bytes
+        batch: dict[str, tuple[str, int]] = {}  # batch id -> (execution, size), alive
+        gone: set[str] = set()  # stored ids the batch replaces or retention drops
+        members: dict[str, builtins.list[str]] = {}  # execution -> ids, oldest first
+
+        def ids_of(name: str) -> builtins.list[str]:
+            ids = members.get(name)
+            if ids is None:
+                execution = self._executions.get(name)
+                ids = members[name] = [] if execution is None else list(
+                    execution.versions.values())
+            return ids
+
+        for record in records:
+            cid, name, size = record[ID], record[EXECUTION], len(record[STATE])
+            if cid in batch:
+                old_name, old_size = batch.pop(cid)
+                count, nbytes = count - 1, nbytes - old_size
+                if keep is not None:
+                    ids_of(old_name).remove(cid)
+            elif cid in stored and cid not in gone:
+                old = stored[cid]
+                gone.add(cid)
+                count, nbytes = count - 1, nbytes - len(old[STATE])
+                if keep is not None:
+                    ids_of(old[EXECUTION]).remove(cid)
+            batch[cid] = (name, size)
+            count, nbytes = count + 1, nbytes + size
+            if keep is not None:
+                ids = ids_of(name)
+                ids.append(cid)
+                while len(ids) > keep:
+                    drop = ids.pop(0)
+                    if drop in batch:
+                        dropped = batch.pop(drop)[1]
+                    else:
+                        gone.add(drop)
+                        dropped = len(stored[drop][STATE])
+                    count, nbytes = count - 1, nbytes - dropped
+        return count, nbytes, len(batch), sum(size for _, size in batch.values())
+
+    def _evict(self) -> None:
+        """Drop the oldest records store-wide until the store is within its limits."""
+        victims = []
+        count, nbytes = len(self._records), self._payload_bytes
+        for record in self._records.values():
+            if self._over(count, nbytes) is None:
+                break
+            victims.append(record)
+            count, nbytes = count - 1, nbytes - len(record[STATE])
+        for record in victims:
+            self._remove(record)
+        self.evictions += len(victims)
+        self._evicted += len(victims)
+        if self._evicted > 1024 + len(self._records) // 64:
+            # Evictions empty the front of the dict; compact it so the next scan is short.
+            self._records = dict(self._records)
+            self._evicted = 0
+
+    def _current_rss(self) -> int:
+        now = time.monotonic()
+        if now - self._rss_at > RSS_MAX_AGE:
+            self._rss = self._process.memory_info().rss
+            self._rss_at = now
+        return self._rss
+
+    def limits(self) -> dict[str, Any]:
+        """The limits in force, as a plain dict (`Limits.to_dict`)."""
+        return self._limits.to_dict()
+
+    def _store(self, records: Sequence[Sequence[Any]]) -> builtins.list[int]:
+        """Admit, insert and evict, under the lock: the one write path of every save."""
+        evict = self._admit(records)
+        versions = [self._insert(record) for record in records]
+        if evict:
+            self._evict()
+        return versions
+
+    # -- writes, continued ----------------------------------------------------------------
 
     def save(self, record: Sequence[Any], expected_version: int | None = None) -> int:
         """Store ``record`` and return the version assigned to it.
@@ -184,13 +369,13 @@ class CheckpointTable:
                         f"not {expected_version}; load the latest and try again",
                         execution_id=record[EXECUTION], expected=expected_version, actual=actual,
                     )
-            return self._insert(record)
+            return self._store((record,))[0]
 
     def save_many(self, records: Iterable[Sequence[Any]]) -> list[int]:
         """Store every record at once; return their versions in order."""
         with self._lock:
             self._ops["save_many"] += 1
-            return [self._insert(record) for record in records]
+            return self._store(builtins.list(records))
 
     def delete(self, checkpoint_id: str) -> bool:
         """Drop one checkpoint; False when there was none with that id."""
@@ -446,9 +631,14 @@ class CheckpointTable:
             if existing is not None:
                 self._drop_lease(key, token)
                 return (DONE, existing)
-            version = self._insert(record)
+            version = self._store((record,))[0]
             self._drop_lease(key, token)
             return (SAVED, version)
+
+    @property
+    def limits_in_force(self) -> Limits:
+        """The `Limits` this table enforces."""
+        return self._limits
 
     def figures(self) -> tuple[int, int]:
         """``(checkpoints, payload_bytes)`` right now, without taking the lock (a sample)."""
@@ -458,14 +648,25 @@ class CheckpointTable:
         """Counts, bytes, process figures and operation counters, as a plain dict."""
         with self._lock:
             self._ops["stats"] += 1
+            largest = heapq.nlargest(LARGEST, (ex for ex in self._executions.values()
+                                               if ex.versions), key=lambda ex: ex.nbytes)
             figures: dict[str, Any] = {
                 "checkpoints": len(self._records),
                 "executions": sum(1 for ex in self._executions.values() if ex.versions),
                 "payload_bytes": self._payload_bytes,
                 "ops": dict(self._ops),
+                "largest_executions": [[ex.name, len(ex.versions), ex.nbytes]
+                                       for ex in largest],
+                "evictions": self.evictions,
+                "rejections": self.rejections,
+                "pruned": self.pruned,
+                "limits": self._limits.to_dict(),
             }
         figures["server_pid"] = self._process.pid
-        figures["server_rss"] = self._process.memory_info().rss
+        rss = figures["server_rss"] = self._process.memory_info().rss
+        # The kernel's high-water mark (KiB on Linux, bytes on macOS).
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        figures["server_peak_rss"] = max(rss, peak if sys.platform == "darwin" else peak * 1024)
         figures["uptime_s"] = time.monotonic() - self._started
         return figures
 

@@ -1,0 +1,42 @@
+"""``limited_store``: a factory of empty stores with given `Limits`, on every backend."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import shmstore
+from shmstore import BaseStore, Limits
+from tests.conftest import BACKENDS
+
+LimitedStore = Callable[..., BaseStore]
+
+
+@pytest.fixture(params=BACKENDS)
+def limited_store(request: pytest.FixtureRequest) -> Iterator[LimitedStore]:
+    """Call it with `Limits` fields (``limited_store(max_checkpoints=3)``) to get a store."""
+    opened: list[Any] = []
+
+    def make(**fields: Any) -> BaseStore:
+        limits = Limits(**fields)
+        store: BaseStore
+        if request.param == "memory":
+            store = shmstore.MemoryStore(limits=limits)
+        elif request.param == "shared":
+            server = shmstore.serve(export=False, limits=limits)
+            opened.append(server)
+            store = server.connect(timeout=10.0)
+        else:
+            factory = request.getfixturevalue(f"{request.param}_limited_store")
+            store = factory(limits)
+        opened.append(store)
+        return store
+
+    yield make
+    for thing in reversed(opened):
+        if isinstance(thing, BaseStore):
+            thing.close()
+        else:
+            thing.shutdown()
