@@ -63,8 +63,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if conn_file is not None:
             print(f"export SHMSTORE_CONNECTION_FILE={conn_file}", flush=True)
 
+    from .limits import Limits
+
+    limits = Limits(max_bytes=args.max_bytes, max_checkpoints=args.max_checkpoints,
+                    max_per_execution=args.max_per_execution,
+                    max_checkpoint_bytes=args.max_checkpoint_bytes, max_rss=args.max_rss,
+                    on_full=args.on_full)
     try:
-        run_server(parsed, key, on_ready=ready, stop_event=threading.Event())
+        run_server(parsed, key, on_ready=ready, stop_event=threading.Event(), limits=limits,
+                   monitor_interval=args.monitor_interval, history_size=args.history_size)
     finally:
         if args.connection_file is not None:
             try:
@@ -141,6 +148,34 @@ def _positive_int(text: str) -> int:
     return value
 
 
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+          "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def _size(text: str) -> int | None:
+    """A byte count: ``1048576``, ``512MiB``, ``2GB``; ``none`` for no limit."""
+    spec = text.strip().lower()
+    if spec in ("none", "off", "0"):
+        return None
+    number = spec.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = spec[len(number):]
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: use bytes or a unit, e.g. 512MiB, 2GB (or none)"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, not {text!r}")
+    return int(value)
+
+
+def _count(text: str) -> int | None:
+    if text.strip().lower() in ("none", "off"):
+        return None
+    return _positive_int(text)
+
+
 def _seconds(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 10:
@@ -160,6 +195,22 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--connection-file", help="write url, authkey and pid here (mode 0600)")
     serve.add_argument("--allow-remote", action="store_true",
                        help="allow a non-loopback TCP host")
+    limits = serve.add_argument_group("limits", "what the store may hold (sizes: 512MiB, 2GB, "
+                                      "bytes; 'none' for no limit)")
+    limits.add_argument("--max-bytes", type=_size, help="payload bytes store-wide")
+    limits.add_argument("--max-checkpoints", type=_count, help="checkpoints store-wide")
+    limits.add_argument("--max-per-execution", type=_count, metavar="N",
+                        help="keep the newest N checkpoints of each execution")
+    limits.add_argument("--max-checkpoint-bytes", type=_size, default=64 * 1024**2,
+                        help="one checkpoint's encoded size (default 64MiB)")
+    limits.add_argument("--max-rss", type=_size,
+                        help="refuse saves while the server's RSS is above this")
+    limits.add_argument("--on-full", choices=("reject", "evict"), default="reject",
+                        help="reject: StoreFull (default); evict: drop the oldest store-wide")
+    serve.add_argument("--monitor-interval", type=float, default=0.5,
+                       help="seconds between memory samples (default 0.5)")
+    serve.add_argument("--history-size", type=_positive_int, default=1200,
+                       help="memory samples kept (default 1200)")
     serve.set_defaults(func=_cmd_serve)
 
     def client_options(p: argparse.ArgumentParser) -> None:
