@@ -126,6 +126,11 @@ class CheckpointTable:
 
     def __init__(self, limits: Limits | dict[str, Any] | None = None) -> None:
         self._limits = Limits.coerce(limits)
+        # A save needs `_admit` only under a store-wide or RSS limit; one checkpoint's size
+        # is checked inline, retention happens in `_insert`.
+        self._largest = self._limits.max_checkpoint_bytes
+        self._keep = self._limits.max_per_execution
+        self._fast = not self._limits.store_wide and self._limits.max_rss is None
         self._lock = threading.Lock()
         self._records: dict[str, Record] = {}
         self._records_peak = 0
@@ -168,7 +173,7 @@ class CheckpointTable:
         self._payload_bytes += len(state)
         execution.nbytes += len(state)
         self._records_peak = max(self._records_peak, len(self._records))
-        keep = self._limits.max_per_execution
+        keep = self._keep
         if keep is not None:
             versions = execution.versions
             while len(versions) > keep:
@@ -369,6 +374,11 @@ class CheckpointTable:
                         f"not {expected_version}; load the latest and try again",
                         execution_id=record[EXECUTION], expected=expected_version, actual=actual,
                     )
+            largest = self._largest
+            if largest is not None and len(record[STATE]) + len(record[METADATA]) > largest:
+                self._admit((record,))  # raises, with the figures
+            if self._fast:
+                return self._insert(record)
             return self._store((record,))[0]
 
     def save_many(self, records: Iterable[Sequence[Any]]) -> list[int]:
