@@ -74,7 +74,7 @@ SERVER_FIGURES = (
     ("executions", "executions", "count"),
     ("payload_bytes", "payload", "bytes"),
     ("server_rss", "server RSS", "bytes"),
-    ("server_peak_rss", "server peak RSS", "bytes"),  # once StoreStats carries it
+    ("server_peak_rss", "server peak RSS", "bytes"),
 )
 WORKER_FIGURES = (
     ("rss", "RSS", "bytes"),

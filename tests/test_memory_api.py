@@ -1,0 +1,91 @@
+"""Memory figures through the store API: ``memory_history()`` and ``stats()`` of a real server.
+
+A spawned client connects under a name, allocates 80 MiB, and is then killed: the
+server's samples show it growing, then dead.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+import shmstore
+from shmstore import Checkpoint, ConfigError, MemoryStore
+
+from .helpers import SPAWN, reaped, wait_until
+
+
+def _named_hog(store: Any, ready: Any, go: Any, done: Any) -> None:
+    store = shmstore.connect(store.url, authkey=store._authkey.hex(), name="hog-1")
+    store.save(Checkpoint(execution_id="hog", state="here"))  # connects, so it registers
+    ready.set()
+    go.wait(30)
+    blob = bytearray(80 * 1024 * 1024)
+    for i in range(0, len(blob), 4096):
+        blob[i] = 1
+    done.set()
+    time.sleep(60)
+
+
+def _client(stats: shmstore.StoreStats, name: str) -> dict[str, Any]:
+    return {c["name"]: c for c in stats.clients}[name]
+
+
+def test_a_named_client_shows_up_growing_then_dead() -> None:
+    with shmstore.serve(export=False, monitor_interval=0.05, history_size=50) as server:
+        store = server.connect(timeout=10)
+        ready, go, done = SPAWN.Event(), SPAWN.Event(), SPAWN.Event()
+        proc = SPAWN.Process(target=_named_hog, args=(store, ready, go, done))
+        with reaped(proc, timeout=0):
+            assert ready.wait(30)
+            assert wait_until(lambda: "hog-1" in {c["name"] for c in store.stats().clients}, 10)
+            before = _client(store.stats(), "hog-1")
+            mark = time.time()
+            go.set()
+            assert done.wait(30)
+            assert wait_until(
+                lambda: _client(store.stats(), "hog-1")["rss"] - before["rss"] > 60 * 2**20, 10)
+            grown = _client(store.stats(), "hog-1")
+            assert grown["alive"] and grown["pid"] == proc.pid
+            proc.kill()
+            proc.join(10)
+        assert wait_until(lambda: _client(store.stats(), "hog-1")["alive"] is False, 10)
+        history = store.memory_history(since=mark)
+        assert history and all(s["t"] > mark for s in history)
+        rss = [s["clients"][str(proc.pid)][1] for s in history if str(proc.pid) in s["clients"]]
+        assert max(rss) - before["rss"] > 60 * 2**20
+        assert history[-1]["clients"][str(proc.pid)][2] is False
+        full = store.memory_history()
+        assert 1 <= len(full) <= 50  # bounded by history_size
+        assert [s["t"] for s in full] == sorted(s["t"] for s in full)
+        store.close()
+
+
+def test_the_server_sample_carries_the_store_figures() -> None:
+    with shmstore.serve(export=False, monitor_interval=0.05) as server:
+        store = server.connect(timeout=10)
+        store.save(Checkpoint(execution_id="run", state="x" * 1000))
+        payload = store.stats().payload_bytes
+        assert wait_until(lambda: store.memory_history()[-1]["payload_bytes"] == payload, 10)
+        sample = store.memory_history()[-1]
+        assert sample["checkpoints"] == 1 and sample["server_rss"] > 0
+        assert store.stats().server_peak_rss >= sample["server_rss"]
+        store.close()
+
+
+def test_a_memory_store_samples_its_own_process_when_asked() -> None:
+    with MemoryStore() as store:
+        store.save(Checkpoint(execution_id="run", state=[1, 2, 3]))
+        first = store.memory_history()
+        assert len(first) == 1 and first[0]["checkpoints"] == 1 and first[0]["server_rss"] > 0
+        assert len(store.memory_history(since=first[0]["t"])) == 1
+        stats = store.stats()
+        assert stats.clients == [] and stats.server_peak_rss >= stats.server_rss
+
+
+@pytest.mark.parametrize("since", ["yesterday", True, float("nan")])
+def test_a_bad_since_is_a_config_error(since: Any) -> None:
+    with MemoryStore() as store, pytest.raises(ConfigError, match="since"):
+        store.memory_history(since=since)
