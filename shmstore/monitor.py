@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +28,27 @@ log = logging.getLogger("shmstore")
 DEFAULT_INTERVAL = 0.5
 DEFAULT_HISTORY = 1200
 DEFAULT_CLIENT_TTL = 300.0
+TRIM_STEP = 32 * 1024 * 1024  # payload freed since the last trim that makes a trim worth it
+
+
+def _malloc_trim() -> Callable[[], object] | None:
+    """glibc's ``malloc_trim(0)``: hand free heap pages back to the system (None elsewhere).
+
+    Freed checkpoints leave free chunks between live ones; glibc only returns the top of
+    the heap by itself, so after a big clear the server's RSS would stay high (reused,
+    not leaked, but not given back).  ``malloc_trim`` releases the free pages inside the
+    heap too.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # musl and others have no malloc_trim
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return lambda: trim(0)
 
 
 class _Client:
@@ -68,6 +91,8 @@ class MemoryMonitor:
         interval: seconds between samples (> 0).
         history_size: how many samples are kept (>= 1); older ones drop out.
         client_ttl: seconds a dead client stays listed.
+        trim: after a sample finds ``TRIM_STEP`` bytes of payload freed, ask the C
+            allocator to return free memory to the system (glibc only; the server does).
 
     Example:
         >>> mon = MemoryMonitor(lambda: (0, 0), interval=0.1)
@@ -81,6 +106,7 @@ class MemoryMonitor:
         interval: float = DEFAULT_INTERVAL,
         history_size: int = DEFAULT_HISTORY,
         client_ttl: float = DEFAULT_CLIENT_TTL,
+        trim: bool = False,
     ) -> None:
         from .errors import ConfigError
 
@@ -102,6 +128,9 @@ class MemoryMonitor:
         self._thread: threading.Thread | None = None
         self.peak_rss = 0
         self._uss_ok = True
+        self._trim = _malloc_trim() if trim else None
+        self._trim_mark = 0  # highest payload since the last trim
+        self.trims = 0
 
     def register(self, pid: int, name: str = "") -> None:
         """Watch client process ``pid`` (named ``name``) from the next sample on."""
@@ -127,6 +156,13 @@ class MemoryMonitor:
         now = time.time()
         rss, uss = self._server_memory()
         checkpoints, payload = self._figures()
+        if self._trim is not None:
+            self._trim_mark = max(self._trim_mark, payload)
+            if self._trim_mark - payload >= TRIM_STEP:
+                self._trim()
+                self.trims += 1
+                self._trim_mark = payload
+                rss, uss = self._server_memory()
         with self._lock:
             self.peak_rss = max(self.peak_rss, rss)
             for pid, client in list(self._clients.items()):

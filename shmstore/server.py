@@ -30,14 +30,23 @@ import sys
 import tempfile
 import threading
 import time
-from multiprocessing import managers, util
+from multiprocessing import connection, managers, util
 from typing import IO, Any, cast
 
 from .errors import ConfigError, ShmstoreError, StoreUnavailable
 from .limits import Limits
 from .monitor import DEFAULT_HISTORY, DEFAULT_INTERVAL, MemoryMonitor
 from .table import TABLE_OPS, CheckpointTable
-from .wire import SERIALIZER, Address, Channel, pack, parse_url, set_io_timeout, unpack
+from .wire import (
+    FRAME_TIMEOUT,
+    SERIALIZER,
+    Address,
+    Channel,
+    pack,
+    parse_url,
+    set_io_timeout,
+    unpack,
+)
 
 __all__ = ["StoreServer", "TableServer", "read_connection_file", "run_server", "serve"]
 
@@ -67,7 +76,7 @@ class TableServer(managers.Server):
         self.table = table
         self.monitor = MemoryMonitor(
             table.figures,
-            interval=interval, history_size=history_size,
+            interval=interval, history_size=history_size, trim=True,
         )
         # What a client may call: the table's operations and the server's own.
         self.ops: dict[str, Any] = {op: getattr(table, op) for op in TABLE_OPS}
@@ -84,9 +93,40 @@ class TableServer(managers.Server):
         figures["clients"] = self.monitor.clients()
         return figures
 
+    def handle_request(self, conn: Any) -> None:
+        """Authenticate a new connection, then serve it (the stdlib's, made quiet).
+
+        The stdlib answers a failed handshake with its traceback, which would tell a peer
+        without the key the server's Python version and paths; here such a peer gets the
+        handshake's failure message and a closed socket, nothing more.  After the
+        handshake the only request served is ``accept_connection``.
+        """
+        key: bytes = self.authkey  # type: ignore[attr-defined]
+        try:
+            try:
+                connection.deliver_challenge(conn, key)
+                connection.answer_challenge(conn, key)
+            except Exception as exc:  # wrong key, garbage, timeout, hang-up: all the same
+                log.debug("refused a connection: %s: %s", type(exc).__name__, exc)
+                return
+            try:
+                _ident, funcname, args, kwargs = conn.recv()
+                if funcname != "accept_connection":
+                    raise ShmstoreError(f"expected accept_connection, not {funcname!r:.80}")
+            except Exception as exc:
+                conn.send(("#ERROR", ShmstoreError(f"bad first request: {exc}")))
+                return
+            self.accept_connection(conn, *args, **kwargs)
+        except Exception as exc:
+            log.debug("connection ended: %s: %s", type(exc).__name__, exc)
+        finally:
+            conn.close()
+
     def accept_connection(self, c: Any, name: str) -> None:
-        # The peer has authenticated: lift the handshake's time bound.
-        set_io_timeout(c.fileno(), 0)
+        """Name this thread after the client, confirm, and serve its calls."""
+        # The peer has authenticated: an idle connection may now wait for ever between
+        # calls, but an answer it does not take still ends it (`FRAME_TIMEOUT`).
+        set_io_timeout(c.fileno(), 0, send=FRAME_TIMEOUT)
         super().accept_connection(c, name)
 
     def serve_client(self, conn: Any) -> None:
@@ -94,8 +134,10 @@ class TableServer(managers.Server):
 
         Replaces the stdlib loop for speed, same request format: one read per request
         (`Channel`), a direct dispatch to the table's methods, nothing but `TABLE_OPS`.
+        A client that stops mid-message, or stops taking answers, for `FRAME_TIMEOUT`
+        loses its connection and this thread ends: a frozen peer cannot pin it.
         """
-        chan = Channel(conn._conn)
+        chan = Channel(conn._conn, frame_timeout=FRAME_TIMEOUT)
         ops = self.ops
         stop = self.stop_event
         while not stop.is_set():

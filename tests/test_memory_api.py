@@ -89,3 +89,25 @@ def test_a_memory_store_samples_its_own_process_when_asked() -> None:
 def test_a_bad_since_is_a_config_error(since: Any) -> None:
     with MemoryStore() as store, pytest.raises(ConfigError, match="since"):
         store.memory_history(since=since)
+
+
+def test_the_server_gives_memory_back_after_a_clear() -> None:
+    """Freed checkpoints' pages go back to the system (glibc ``malloc_trim``), not just reused."""
+    import psutil
+
+    with shmstore.serve(export=False, monitor_interval=0.05) as server:
+        store = server.connect(timeout=30)
+        proc = psutil.Process(server.pid)
+        base = proc.memory_info().rss
+        state = "x" * 1000
+        for batch in range(80):
+            store.save_many([Checkpoint(execution_id=f"e{batch}", state=state)
+                             for _ in range(1000)])
+        full = proc.memory_info().rss
+        assert full - base > 80 * 2**20
+        for batch in range(80):
+            store.clear(f"e{batch}")
+        # Without the trim, about 80% of the growth stays resident (measured: 128 of 160 MiB).
+        assert wait_until(lambda: proc.memory_info().rss - base < (full - base) * 0.3, 10), (
+            base, full, proc.memory_info().rss)
+        store.close()

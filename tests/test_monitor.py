@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import pytest
 
 from shmstore import ConfigError
-from shmstore.monitor import MemoryMonitor
+from shmstore.monitor import TRIM_STEP, MemoryMonitor
 
 from .helpers import SPAWN, reaped, wait_until
 
@@ -109,3 +110,19 @@ def test_the_table_gives_back_its_index_after_a_clear() -> None:
     assert sys.getsizeof(table._records) < full // 10
     table.save(("again", "run", "node", 0, 0, None, b"\x80", b"x"))
     assert table.load("again")[3] == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
+def test_a_big_drop_in_payload_trims_the_heap_once() -> None:
+    payload = [100 * 2**20]
+    mon = MemoryMonitor(lambda: (1, payload[0]), trim=True)
+    mon.sample()
+    payload[0] -= TRIM_STEP // 2
+    mon.sample()
+    assert mon.trims == 0  # not worth it yet
+    payload[0] -= TRIM_STEP // 2
+    mon.sample()
+    assert mon.trims == 1
+    mon.sample()
+    assert mon.trims == 1  # nothing more was freed
+    assert MemoryMonitor(lambda: (0, 0)).trims == 0
