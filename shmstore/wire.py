@@ -10,12 +10,18 @@ and are rebuilt only from shmstore's own exception tree.
 Connections authenticate with the stdlib's HMAC challenge (``deliver_challenge`` /
 ``answer_challenge``) before anything else is read; an unauthenticated peer can make the
 server read at most 256 bytes and must finish the handshake within `HANDSHAKE_TIMEOUT`.
+
+After authentication the server bounds what a stalled or dead peer can hold: once a
+message has begun, each further read and each write must make progress within
+`FRAME_TIMEOUT` (an idle connection between messages is fine), and a large message's
+buffer grows with the bytes that really arrive, not with the length its header claims.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import select
 import socket
 import struct
 from dataclasses import dataclass
@@ -32,6 +38,11 @@ __all__ = ["Address", "Channel", "SERIALIZER", "open_connection", "pack", "parse
 
 SERIALIZER = "shmstore"
 HANDSHAKE_TIMEOUT = 10.0
+# Server side, after authentication: longest wait for the rest of a begun message, or for
+# a client to take an answer; a peer frozen or gone mid-message loses its connection.
+FRAME_TIMEOUT = 10.0
+# A large message's buffer starts at this size and doubles as its bytes arrive.
+LARGE_START = 1024 * 1024
 LISTEN_BACKLOG = 512
 MAX_UNIX_PATH = 107
 _EXC_EXT = 64  # ext code of an exception on the wire (transport only, not the state codec)
@@ -179,15 +190,21 @@ class WireConnection:
         return self._conn.closed
 
 
-def set_io_timeout(fd: int, seconds: float) -> None:
-    """Bound every blocking read and write on socket ``fd`` (0 = no bound)."""
+def _timeval(seconds: float) -> bytes:
     sec = int(seconds)
-    usec = int((seconds - sec) * 1_000_000)
-    tv = struct.pack("ll", sec, usec)
+    return struct.pack("ll", sec, int((seconds - sec) * 1_000_000))
+
+
+def set_io_timeout(fd: int, seconds: float, *, send: float | None = None) -> None:
+    """Bound every blocking read and write on socket ``fd`` (0 = no bound).
+
+    ``send``, if given, bounds writes instead of ``seconds``.
+    """
     sock = socket.socket(fileno=os.dup(fd))
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        _timeval(seconds if send is None else send))
         if sock.family == socket.AF_INET:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     finally:
@@ -201,16 +218,35 @@ class Channel:
     length) on the socket of an authenticated ``Connection``, and reads into a buffer it
     keeps: a small message and its header arrive in a single ``readv``.  ``recv`` returns
     a view that is valid until the next ``recv``; decode it before calling again.
+
+    Parameters:
+        conn: an authenticated connection; the channel takes over its socket.
+        frame_timeout: if set, the rest of a begun message must keep arriving: each read
+            after a message's first bytes waits at most this many seconds, then raises
+            `TimeoutError` (the server's guard against a peer frozen mid-message).  The
+            wait for a message's first bytes is not bounded by it.
     """
 
-    __slots__ = ("_buf", "_conn", "_end", "_start", "_view", "fd")
+    __slots__ = ("_buf", "_conn", "_end", "_poll", "_start", "_view", "fd", "frame_timeout_ms")
 
-    def __init__(self, conn: connection.Connection) -> None:
+    def __init__(self, conn: connection.Connection, *,
+                 frame_timeout: float | None = None) -> None:
         self._conn = conn  # owns the file descriptor
         self.fd = conn.fileno()
         self._buf = bytearray(CHANNEL_BUFFER)
         self._view = memoryview(self._buf)
         self._start = self._end = 0
+        self.frame_timeout_ms: int | None = None
+        self._poll = select.poll()
+        if frame_timeout is not None:
+            self.frame_timeout_ms = max(1, int(frame_timeout * 1000))
+            self._poll.register(self.fd, select.POLLIN)
+
+    def _await_more(self) -> None:
+        """Within a begun message: wait for more bytes, at most ``frame_timeout``."""
+        if self.frame_timeout_ms is not None and not self._poll.poll(self.frame_timeout_ms):
+            raise TimeoutError(f"the rest of a message did not come within "
+                               f"{self.frame_timeout_ms / 1000} s")
 
     def send(self, data: bytes) -> None:
         """Send one message (blocking, bounded by the socket's send timeout)."""
@@ -237,6 +273,8 @@ class Channel:
             self._start, self._end = 0, leftover
         view, fd = self._view, self.fd
         while self._end - self._start < need:
+            if self._end > self._start:
+                self._await_more()
             n = os.readv(fd, [view[self._end:]])
             if not n:
                 raise EOFError
@@ -266,14 +304,20 @@ class Channel:
             start = self._start
             self._start = start + total
             return self._view[start + header:start + total]
-        # A large message: read the rest straight into a buffer of its own size.
-        out = bytearray(size)
+        # A large message: read the rest straight into a buffer of its own, which grows
+        # as the bytes arrive: a header that promises more than the peer sends costs
+        # what was sent, not what was promised.
+        out = bytearray(min(size, LARGE_START))
         have = self._end - start - header
         out[:have] = self._buf[start + header:self._end]
         self._start = self._end = 0
-        view = memoryview(out)
+        fd = self.fd
         while have < size:
-            n = os.readv(self.fd, [view[have:]])
+            self._await_more()
+            if have == len(out):  # grown only once more bytes are there to fill it
+                out += bytes(min(size, 2 * have) - have)  # calloc'd: zero pages cost nothing
+            with memoryview(out) as view:
+                n = os.readv(fd, [view[have:]])
             if not n:
                 raise EOFError
             have += n

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 import shmstore
-from shmstore import AccessDenied, Checkpoint, ConfigError, StoreTimeout, StoreUnavailable
+from shmstore import Checkpoint, ConfigError, StoreUnavailable
 
 from .helpers import reap, wait_until
 
@@ -121,18 +121,6 @@ def test_connect_without_a_server_named_is_a_config_error() -> None:
         shmstore.connect("unix:///tmp/x.sock")
 
 
-def test_wrong_authkey_is_access_denied_and_the_server_keeps_serving(
-    server: shmstore.StoreServer,
-) -> None:
-    with shmstore.connect(server.url, authkey=b"wrong key") as bad:
-        with pytest.raises(AccessDenied) as info:
-            bad.executions()
-    assert info.value.address == server.url
-    assert isinstance(info.value, PermissionError)
-    with server.connect() as good:
-        assert good.executions() == []
-
-
 def test_no_server_is_store_unavailable_naming_the_address(tmp_path: Path) -> None:
     url = f"unix://{tmp_path}/none.sock"
     with shmstore.connect(url, authkey=b"k") as store:
@@ -142,40 +130,7 @@ def test_no_server_is_store_unavailable_naming_the_address(tmp_path: Path) -> No
     assert isinstance(info.value, ConnectionError)
 
 
-def test_killed_server_is_store_unavailable_within_a_second(server: shmstore.StoreServer) -> None:
-    store = server.connect(timeout=30)
-    store.save(Checkpoint(execution_id="x"))
-    os.kill(server.pid, signal.SIGKILL)
-    started = time.monotonic()
-    with pytest.raises(StoreUnavailable):
-        for _ in range(1000):
-            store.save(Checkpoint(execution_id="x"))
-    assert time.monotonic() - started < 1.0
-    store.close()
-
-
-def test_stopped_server_times_out_and_recovers_after_sigcont(
-    server: shmstore.StoreServer,
-) -> None:
-    store = server.connect(timeout=0.5)
-    store.save(Checkpoint(execution_id="x", state=1))
-    os.kill(server.pid, signal.SIGSTOP)
-    try:
-        # kill() only queues the signal; wait until the server has really stopped.
-        assert wait_until(
-            lambda: psutil.Process(server.pid).status() == psutil.STATUS_STOPPED, 5.0
-        )
-        started = time.monotonic()
-        with pytest.raises(StoreTimeout) as info:
-            store.latest("x")
-        assert 0.4 <= time.monotonic() - started < 3
-        assert info.value.timeout == 0.5
-    finally:
-        os.kill(server.pid, signal.SIGCONT)
-    # The timed-out connection was dropped: the answer it never read cannot leak into this one.
-    assert store.save(Checkpoint(execution_id="x", state=2)).version == 2
-    assert [c.state for c in store.list("x")] == [1, 2]
-    store.close()
+# The server killed or frozen under load, wrong keys, hostile peers: tests/faults/.
 
 
 def test_a_client_reconnects_when_a_server_is_back(tmp_path: Path) -> None:
@@ -221,12 +176,6 @@ def test_server_exits_within_2s_when_its_starter_is_killed() -> None:
         assert time.monotonic() - killed < 2.0
     finally:
         reap(starter)
-
-
-def test_the_authkey_is_never_on_a_command_line(server: shmstore.StoreServer) -> None:
-    key_hex = server.authkey.hex()
-    for proc in psutil.process_iter(["cmdline"]):
-        assert key_hex not in " ".join(proc.info["cmdline"] or [])
 
 
 def test_cli_serve_runs_in_the_foreground_and_stops_on_sigterm(tmp_path: Path) -> None:

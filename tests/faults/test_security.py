@@ -1,0 +1,240 @@
+"""The security model, asserted (README "Security model").
+
+Asserted elsewhere, not repeated here:
+- the default socket's directory is 0700 and the socket 0600, both removed at shutdown:
+  tests/test_server.py::test_default_address_is_a_socket_in_a_private_directory and
+  ::test_a_given_unix_path_and_key;
+- connection files are 0600 (serve() and ``shmstore serve``):
+  tests/test_server.py::test_connection_file_is_private_and_connects,
+  ::test_cli_serve_runs_in_the_foreground_and_stops_on_sigterm, ::test_cli_serve_stops_on_sigint;
+- a peer with a wrong key gets the challenge, the failure and a closed socket, nothing
+  else, whatever the store holds; no unauthenticated peer makes the server allocate more
+  than a few kilobytes: tests/faults/test_hostile_peers.py.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import pickle
+import stat
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import shmstore
+from shmstore import Checkpoint, ConfigError, SharedStore
+from shmstore.wire import open_connection, parse_url, unpack
+
+from ..helpers import SPAWN, reap, reaped, wait_until
+from .harness import HarnessServer
+
+PACKAGE = Path(shmstore.__file__).parent
+# Pickle is allowed only where multiprocessing itself uses it between a parent and the
+# workers it spawned (anonymous pipes, never a socket): the pipeline runner.
+PICKLE_ALLOWED = {"pipeline.py"}
+
+
+def test_no_module_that_touches_the_socket_can_unpickle() -> None:
+    offenders = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        if path.name in PICKLE_ALLOWED:
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [alias.name for alias in node.names]
+            elif isinstance(node, ast.Attribute):
+                names = [node.attr]
+            elif isinstance(node, ast.Name):
+                names = [node.id]
+            for name in names:
+                if name.split(".")[0] in ("pickle", "_pickle", "cPickle", "dill", "cloudpickle") \
+                        or name in ("Unpickler", "ForkingPickler", "marshal"):
+                    offenders.append(f"{path.name}:{node.lineno}: {name}")
+    assert offenders == []
+
+
+def _every_operation(store: SharedStore) -> None:
+    """Call every operation a client can send, and a few that fail."""
+    a = store.save(Checkpoint(execution_id="e", node_name="n", state={"x": (1, 2)},
+                              metadata={"m": 1}))
+    b, c = store.save_many([Checkpoint(execution_id="e", state=[1]),
+                            Checkpoint(execution_id="f", state=b"raw")])
+    assert store.load(a.id).state == {"x": (1, 2)}
+    assert [cp.id for cp in store.load_many([b.id, c.id])] == [b.id, c.id]
+    assert len(store.list("e", limit=5, newest_first=True)) == 2
+    assert store.latest("e").id == b.id  # type: ignore[union-attr]
+    assert store.wait("e", after_version=1, timeout=1).id == b.id
+    assert store.load_or_compute("e", "computed", lambda: {"done": True}).state == {"done": True}
+    store.stats()
+    store.limits()
+    store.memory_history()
+    assert store.delete(a.id) and store.clear("f") == 1
+    assert store.executions() == ["e"]
+    for bad in (lambda: store.load("missing"),
+                lambda: store.save(Checkpoint(execution_id="e"), expected_version=99),
+                lambda: store.wait("never", timeout=0.05)):
+        with pytest.raises(shmstore.ShmstoreError):
+            bad()
+
+
+@pytest.fixture
+def trapped(tmp_path: Path) -> Iterator[HarnessServer]:
+    with HarnessServer(f"unix://{tmp_path}/p.sock") as srv:
+        yield srv
+
+
+def test_nothing_is_ever_unpickled_by_the_server_or_the_client(
+    trapped: HarnessServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    calls: list[str] = []
+
+    def trap(name: str) -> Any:
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            raise AssertionError(f"{name} called")
+        return refuse
+
+    from multiprocessing import reduction
+
+    for name in ("loads", "load"):
+        monkeypatch.setattr(pickle, name, trap(f"pickle.{name}"))
+    monkeypatch.setattr(reduction.ForkingPickler, "loads", trap("ForkingPickler.loads"))
+    with trapped.connect(timeout=5) as store:
+        _every_operation(store)
+        # A pickle that would run a command when unpickled, sent after authentication.
+        marker = tmp_path / "pwned"
+
+        class Exploit:
+            def __reduce__(self) -> tuple[Any, ...]:
+                return (os.system, (f"touch {marker}",))
+
+        payload = pickle.dumps(("table", "load", ("x",), {}, Exploit()))
+        chan = open_connection(parse_url(trapped.url), trapped.authkey, timeout=5)
+        try:
+            chan.send(payload)
+            kind, error = unpack(chan.recv())
+            assert kind == "#ERROR", error  # read as msgpack, refused as such
+        finally:
+            chan.close()
+        # A wrong key and garbage too.
+        with shmstore.connect(trapped.url, authkey=os.urandom(32)) as bad, \
+                pytest.raises(shmstore.AccessDenied):
+            bad.executions()
+        assert store.executions() == ["e"]
+    time.sleep(0.2)
+    assert not marker.exists()
+    assert calls == []  # the client
+    assert trapped.command("report")["unpickles"] == []  # the server
+
+
+def _store_user(store: SharedStore) -> None:
+    store.save(Checkpoint(execution_id="child", state=1))
+    time.sleep(1.0)  # alive while the test reads every command line
+
+
+def test_the_authkey_is_never_on_any_command_line(tmp_path: Path) -> None:
+    conn = tmp_path / "conn.json"
+    key = os.urandom(32)
+    env = {**os.environ, "SHMSTORE_AUTHKEY": key.hex()}
+    cli = subprocess.Popen([sys.executable, "-m", "shmstore", "serve", "--address",
+                            f"unix://{tmp_path}/cli.sock", "--connection-file", str(conn)],
+                           stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert cli.stdout is not None and "listening" in cli.stdout.readline()
+        with shmstore.serve(authkey=key) as server:  # exports the key to children
+            store = server.connect()
+            children = [SPAWN.Process(target=_store_user, args=(store,)) for _ in range(2)]
+            with reaped(*children, timeout=30):
+                assert wait_until(lambda: len(store.list("child")) == 2, 20)
+                hexkey, pids = key.hex(), set()
+                for proc in psutil.process_iter(["pid", "cmdline"]):
+                    cmdline = " ".join(proc.info["cmdline"] or [])
+                    assert hexkey not in cmdline and key.hex().upper() not in cmdline, proc
+                    pids.add(proc.info["pid"])
+                # The scan did see the processes that know the key.
+                assert {server.pid, cli.pid, *(p.pid for p in children)} <= pids
+            store.close()
+    finally:
+        cli.terminate()
+        cli.wait(10)
+        reap(cli)
+
+
+@pytest.mark.parametrize("url", ["tcp://0.0.0.0:0", "tcp://10.1.2.3:0", "tcp://example.com:0",
+                                 "tcp://192.168.0.1:7700"])
+def test_a_non_loopback_bind_is_refused_without_allow_remote(url: str) -> None:
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(ConfigError, match="allow_remote=True"):
+        shmstore.serve(url, export=False)
+    # Refused before any process was started.
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
+    from shmstore.cli import main
+
+    assert main(["serve", "--address", url]) == 2
+
+
+@pytest.mark.parametrize("url", ["tcp://127.0.0.1:0", "tcp://localhost:0", "tcp://127.9.9.9:0"])
+def test_loopback_binds_need_no_flag(url: str) -> None:
+    with shmstore.serve(url, export=False) as server, server.connect(timeout=5) as store:
+        assert store.save(Checkpoint(execution_id="x")).version == 1
+
+
+def test_allow_remote_binds_every_interface_and_still_needs_the_key() -> None:
+    with shmstore.serve("tcp://0.0.0.0:0", allow_remote=True, export=False) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        listening = [c for c in psutil.Process(server.pid).net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN]
+        assert [c.laddr.ip for c in listening] == ["0.0.0.0"]
+        with shmstore.connect(f"tcp://127.0.0.1:{port}", authkey=server.authkey) as store:
+            assert store.save(Checkpoint(execution_id="x")).version == 1
+        with shmstore.connect(f"tcp://127.0.0.1:{port}", authkey=b"guess") as bad, \
+                pytest.raises(shmstore.AccessDenied):
+            bad.executions()
+
+
+def test_the_private_directory_of_the_cli_connection_file_is_0700() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "shmstore", "serve"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and "listening" in proc.stdout.readline()
+        path = proc.stdout.readline().split("=", 1)[1].strip()
+        assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        reap(proc)
+
+
+def test_the_handshake_reads_at_most_256_bytes_before_authentication(
+    trapped: HarnessServer,
+) -> None:
+    # The stdlib's deliver_challenge reads the answer with recv_bytes(256): a longer
+    # frame is refused from its header alone.
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(parse_url(trapped.url).target)
+    try:
+        sock.recv(4096)  # the challenge
+        sock.sendall(struct.pack("!i", 257) + b"x" * 257)
+        sock.settimeout(5)
+        try:
+            rest = sock.recv(4096)
+        except ConnectionResetError:  # closed with the frame unread
+            rest = b""
+        assert rest == b""  # closed: no failure message, nothing
+    finally:
+        sock.close()
