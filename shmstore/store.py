@@ -18,7 +18,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from .checkpoint import Checkpoint, timestamp_to_us, us_to_timestamp, validate_id
@@ -27,7 +27,7 @@ from .errors import ConfigError, ShmstoreError, StoreFull, StoreTimeout
 from .limits import Limits
 from .table import BUSY, DONE, GRANTED, HELD
 
-__all__ = ["DEFAULT_LEASE_S", "BaseStore", "StoreStats"]
+__all__ = ["DEFAULT_LEASE_S", "BaseStore", "OneOf", "StoreStats"]
 
 log = logging.getLogger("shmstore")
 
@@ -140,6 +140,22 @@ def _with_version(cp: Checkpoint, version: int) -> Checkpoint:
     out.__dict__.update(cp.__dict__)
     out.__dict__["version"] = version
     return out
+
+
+class OneOf:
+    """A `BaseStore.find`/`purge` filter value that accepts any of several values.
+
+    Example:
+        >>> store.purge("run", where={"run_id": OneOf("r1", "r2")})
+    """
+
+    __slots__ = ("values",)
+
+    def __init__(self, *values: Any) -> None:
+        self.values = values
+
+    def __repr__(self) -> str:
+        return f"OneOf{self.values!r}"
 
 
 def _check_limit(limit: object, name: str) -> int | None:
@@ -475,6 +491,148 @@ class BaseStore(abc.ABC):
             return _checkpoint(value, self.codec)
         # Decode our own bytes: every caller gets an equal snapshot, none the live object.
         return _checkpoint((*record[:3], value, *record[4:]), self.codec)
+
+    # -- queries over several executions (LangGraph support) --------------------------------
+
+    def _scope(self, execution_id: str | Iterable[str], prefix: object) -> builtins.list[str]:
+        names = [execution_id] if isinstance(execution_id, str) else list(execution_id)
+        what = "execution id prefix" if prefix else "execution_id"
+        return [validate_id(name, what) for name in names]
+
+    def _where(self, where: Mapping[str, Any] | None) -> dict[str, builtins.list[bytes]] | None:
+        if where is None:
+            return None
+        if not isinstance(where, Mapping):
+            raise ConfigError(f"where must be a mapping, not {type(where).__name__}",
+                              value=repr(where)[:80])
+        encode = self.codec.encode
+        out: dict[str, builtins.list[bytes]] = {}
+        for key, value in where.items():
+            if type(key) is not str:
+                raise ConfigError(f"where keys must be str, not {type(key).__name__}",
+                                  value=repr(key)[:80])
+            values = value.values if isinstance(value, OneOf) else (value,)
+            out[key] = [encode(v, root=f"where[{key!r}]") for v in values]
+        return out
+
+    def find(
+        self,
+        execution_id: str | Iterable[str],
+        *,
+        prefix: bool = False,
+        node_name: str | None = None,
+        where: Mapping[str, Any] | None = None,
+        before_id: str | None = None,
+        limit: int | None = None,
+        checkpoint_id: str | None = None,
+        children: str | None = None,
+    ) -> builtins.list[tuple[Checkpoint, builtins.list[Checkpoint]]]:
+        """Checkpoints of one or several executions that match, with their children.
+
+        One round trip, however many executions.  Executions are taken in id order, and
+        the checkpoints of each newest version first.
+
+        Parameters:
+            execution_id: an execution id, or several.
+            prefix: take ``execution_id`` as id prefixes: every execution whose id starts
+                with one is in scope.
+            node_name: only checkpoints of this node.
+            where: only checkpoints whose metadata has these values (equality, a missing
+                key counts as None; `OneOf` accepts any of several values).
+            before_id: only checkpoints whose id sorts below this string.
+            limit: at most this many in all.
+            checkpoint_id: only the checkpoint with this id.
+            children: also return, for each checkpoint found, the checkpoints of this node
+                in its execution whose ``parent_id`` is its id (oldest first).
+
+        Returns:
+            ``(checkpoint, children)`` pairs; ``children`` is empty unless asked for.
+
+        Example:
+            >>> [(cp.node_name, len(kids)) for cp, kids in
+            ...  store.find("run", node_name="step", children="log", limit=1)]
+            [('step', 2)]
+        """
+        names = self._scope(execution_id, prefix)
+        if not names:
+            return []
+        limit = _check_limit(limit, "limit")
+        for value, what in ((node_name, "node_name"), (before_id, "before_id"),
+                            (checkpoint_id, "checkpoint_id"), (children, "children")):
+            if value is not None and type(value) is not str:
+                raise ConfigError(f"{what} must be a str or None, not {type(value).__name__}",
+                                  value=repr(value)[:80])
+        found = self._call("find", names, bool(prefix), node_name, self._where(where),
+                           before_id, limit, checkpoint_id, children)
+        codec = self.codec
+        return [(_checkpoint(record, codec), [_checkpoint(kid, codec) for kid in kids])
+                for record, kids in found]
+
+    def save_new(self, checkpoints: Iterable[Checkpoint]) -> builtins.list[Checkpoint | None]:
+        """Store, in one round trip, each checkpoint whose id is not stored yet.
+
+        Returns the stored ones with their versions, None in place of those skipped (their
+        id was stored already, or came earlier in ``checkpoints``).  All or nothing under
+        the store's limits.
+
+        Raises:
+            EncodeError: one of them cannot be encoded; nothing is written.
+        """
+        cps = list(checkpoints)
+        records = [self._record(cp) for cp in cps]
+        if not records:
+            return []
+        versions = self._call("save_new", records)
+        return [_with_version(cp, v) if v else None for cp, v in zip(cps, versions, strict=True)]
+
+    def purge(
+        self,
+        execution_id: str | Iterable[str],
+        *,
+        prefix: bool = False,
+        node_name: str | None = None,
+        where: Mapping[str, Any] | None = None,
+        keep: int = 0,
+        children: str | None = None,
+    ) -> int:
+        """Drop the matching checkpoints of one or several executions, atomically.
+
+        Parameters are those of `find`; besides:
+            keep: spare the newest ``keep`` matching checkpoints of each execution.
+            children: also drop the checkpoints of this node whose parent is dropped.
+
+        Returns how many checkpoints were dropped (children included).
+
+        Example:
+            >>> store.purge("run-", prefix=True, node_name="step", keep=1, children="log")
+        """
+        names = self._scope(execution_id, prefix)
+        keep = _check_limit(keep, "keep") or 0
+        if not names:
+            return 0
+        for value, what in ((node_name, "node_name"), (children, "children")):
+            if value is not None and type(value) is not str:
+                raise ConfigError(f"{what} must be a str or None, not {type(value).__name__}",
+                                  value=repr(value)[:80])
+        return int(self._call("purge", names, bool(prefix), node_name, self._where(where),
+                              keep, children))
+
+    def copy(self, source: str, target: str, *, prefix: bool = False) -> int:
+        """Copy an execution (or, with ``prefix``, every execution whose id starts with
+        ``source``) to ``target`` (+ the rest of its id), in one atomic round trip.
+
+        The copies get new versions in the original order.  Ids and parent ids that start
+        with ``source`` get ``target`` in its place, other ids new ones; parent links among
+        the copies follow, so the copy is linked like the original.  Returns the count.
+
+        Raises:
+            ConfigError: ``source`` equals ``target``.
+            StoreFull: the copies do not fit under the limits; nothing was written.
+        """
+        what = "execution id prefix" if prefix else "execution_id"
+        validate_id(source, what)
+        validate_id(target, what)
+        return int(self._call("copy", source, target, bool(prefix)))
 
     def stats(self) -> StoreStats:
         """Counts, payload bytes, the server's pid, RSS and uptime, and per-op counters."""

@@ -37,9 +37,11 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import msgpack
 import psutil
 
-from .errors import CheckpointNotFound, StoreFull, VersionConflict
+from .checkpoint import new_id
+from .errors import CheckpointNotFound, ConfigError, StoreFull, VersionConflict
 from .limits import Limits
 
 __all__ = ["CheckpointTable", "Record", "TABLE_OPS"]
@@ -72,6 +74,11 @@ TABLE_OPS = (
     "release",
     "complete",
     "limits",
+    # LangGraph support (generic queries over several executions; see the class's end)
+    "find",
+    "save_new",
+    "purge",
+    "copy",
 )
 
 # What ``claim`` and ``complete`` answer, first item of their [kind, value] pair.
@@ -680,8 +687,220 @@ class CheckpointTable:
         figures["uptime_s"] = time.monotonic() - self._started
         return figures
 
+    # -- LangGraph support ----------------------------------------------------------------
+    # Queries over several executions at once, so that a LangGraph saver (shmstore/langgraph.py)
+    # spends one round trip per LangGraph call; nothing in them knows about LangGraph.  A
+    # scope is a list of execution ids, or with ``prefix`` of id prefixes.  ``where`` maps a
+    # metadata key to the msgpack encodings of the values it may have (one of them); a
+    # missing key counts as None.  A record's *children* are the records of the node named
+    # ``children`` in its execution whose parent_id is its id, in version order.
+
+    def _scope(self, executions: Sequence[str], prefix: bool) -> builtins.list[_Execution]:
+        """The non-empty executions in scope, sorted by id (under the lock)."""
+        found = self._executions
+        if prefix:
+            starts = tuple(executions)
+            scope = [ex for name, ex in found.items() if name.startswith(starts)]
+        else:
+            scope = [found[name] for name in dict.fromkeys(executions) if name in found]
+        scope = [ex for ex in scope if ex.versions]
+        scope.sort(key=lambda ex: ex.name)
+        return scope
+
+    def _children(self, execution: _Execution, parents: builtins.list[Record],
+                  children: str | None) -> builtins.list[builtins.list[Any]]:
+        """``[record, its children oldest first]`` for each of ``parents`` (under the lock)."""
+        if children is None or not parents:
+            return [[record, []] for record in parents]
+        kids: dict[str, builtins.list[Record]] = {record[ID]: [] for record in parents}
+        records = self._records
+        # The whole execution: a child may be saved before its parent (LangGraph saves a
+        # checkpoint in the background while the next step's writes arrive).
+        for cid in execution.versions.values():
+            record = records[cid]
+            if record[NODE] == children:
+                found = kids.get(record[PARENT])
+                if found is not None:
+                    found.append(record)
+        return [[record, kids[record[ID]]] for record in parents]
+
+    def find(
+        self,
+        executions: Sequence[str],
+        prefix: bool = False,
+        node_name: str | None = None,
+        where: dict[str, Sequence[bytes]] | None = None,
+        before_id: str | None = None,
+        limit: int | None = None,
+        checkpoint_id: str | None = None,
+        children: str | None = None,
+    ) -> builtins.list[builtins.list[Any]]:
+        """Records in scope that match, each as ``[record, children]``, newest first.
+
+        Executions are taken in id order, the records of each newest version first; at
+        most ``limit`` in all.  Filters: ``node_name``, ``where`` (metadata), ``before_id``
+        (ids that sort below it), ``checkpoint_id`` (that record only).
+        """
+        with self._lock:
+            self._ops["find"] += 1
+            if limit == 0:
+                return []
+            filters = _decode_where(where)
+            records = self._records
+            scope = self._scope(executions, prefix)
+            if checkpoint_id is not None:
+                record = records.get(checkpoint_id)
+                scope = [ex for ex in scope if record is not None and ex.name == record[EXECUTION]]
+            out: builtins.list[builtins.list[Any]] = []
+            for execution in scope:
+                versions = execution.versions
+                if checkpoint_id is not None:
+                    candidates: Iterable[Record] = [records[checkpoint_id]]
+                else:
+                    candidates = (records[cid] for cid in reversed(versions.values()))
+                matched: builtins.list[Record] = []
+                for record in candidates:
+                    if (node_name is not None and record[NODE] != node_name) or (
+                            before_id is not None and record[ID] >= before_id) or (
+                            filters is not None and not metadata_matches(record[METADATA],
+                                                                         filters)):
+                        continue
+                    matched.append(record)
+                    if limit is not None and len(out) + len(matched) >= limit:
+                        break
+                out.extend(self._children(execution, matched, children))
+                if limit is not None and len(out) >= limit:
+                    break
+            return out
+
+    def save_new(self, records: Iterable[Sequence[Any]]) -> builtins.list[int]:
+        """Store the records whose ids are not stored yet; versions, 0 for those skipped.
+
+        Within one call the first record with an id wins.  All or nothing under the limits.
+        """
+        with self._lock:
+            self._ops["save_new"] += 1
+            stored = self._records
+            batch = builtins.list(records)
+            fresh: dict[str, int] = {}  # id -> position in batch
+            for i, record in enumerate(batch):
+                if record[ID] not in stored and record[ID] not in fresh:
+                    fresh[record[ID]] = i
+            versions = [0] * len(batch)
+            if fresh:
+                positions = builtins.list(fresh.values())
+                saved = self._store([batch[i] for i in positions])
+                for i, version in zip(positions, saved, strict=True):
+                    versions[i] = version
+            return versions
+
+    def purge(
+        self,
+        executions: Sequence[str],
+        prefix: bool = False,
+        node_name: str | None = None,
+        where: dict[str, Sequence[bytes]] | None = None,
+        keep: int = 0,
+        children: str | None = None,
+    ) -> int:
+        """Drop the matching records in scope, but the newest ``keep`` of each execution,
+        with their children; return how many records were dropped."""
+        with self._lock:
+            self._ops["purge"] += 1
+            filters = _decode_where(where)
+            records = self._records
+            doomed: builtins.list[str] = []
+            for execution in self._scope(executions, prefix):
+                ids = execution.versions.values()
+                if node_name is None and filters is None and not keep:
+                    doomed.extend(ids)
+                    continue
+                dropped: set[str] = set()
+                kept = 0
+                for cid in reversed(ids):
+                    record = records[cid]
+                    if (node_name is not None and record[NODE] != node_name) or (
+                            filters is not None and not metadata_matches(record[METADATA],
+                                                                         filters)):
+                        continue
+                    if kept < keep:
+                        kept += 1
+                        continue
+                    dropped.add(cid)
+                if dropped and children is not None:
+                    dropped.update([cid for cid in ids if records[cid][NODE] == children
+                                    and records[cid][PARENT] in dropped])
+                doomed.extend(cid for cid in ids if cid in dropped)
+            for cid in doomed:
+                self._remove(self._records[cid])  # _remove may rebuild the dict: look it up anew
+            return len(doomed)
+
+    def copy(self, source: str, target: str, prefix: bool = False) -> int:
+        """Copy execution ``source`` to ``target`` (with ``prefix``: every execution whose id
+        starts with ``source``, to ``target`` + the rest of its id); return the count copied.
+
+        Copies get new versions in the original order.  An id or parent id that starts with
+        ``source`` gets ``target`` in its place; other ids get new ones, and parent links
+        between copied records follow them, so the copy is linked as the original.
+        """
+        if source == target:
+            raise ConfigError(f"cannot copy {source!r} onto itself", value=source)
+        with self._lock:
+            self._ops["copy"] += 1
+            records = self._records
+            plan = [(records[cid], target + ex.name[len(source):])
+                    for ex in self._scope((source,), prefix) for cid in ex.versions.values()]
+            size = len(source)
+            renamed = {record[ID]: target + record[ID][size:] if record[ID].startswith(source)
+                       else new_id() for record, _ in plan}
+            copies = []
+            for record, name in plan:
+                parent = record[PARENT]
+                if parent in renamed:
+                    parent = renamed[parent]
+                elif parent is not None and parent.startswith(source):
+                    parent = target + parent[size:]
+                copies.append((renamed[record[ID]], name, record[NODE], 0, record[TIMESTAMP],
+                               parent, record[METADATA], record[STATE]))
+            if copies:
+                self._store(copies)
+            return len(copies)
+
 
 def _not_found(checkpoint_id: str) -> CheckpointNotFound:
     return CheckpointNotFound(
         f"no checkpoint with id {checkpoint_id!r}", checkpoint_id=checkpoint_id
     )
+
+
+# ---------------------------------------------------------------- LangGraph support helpers
+
+Where = builtins.list[tuple[str, builtins.list[Any]]]
+
+
+def _unpack(data: bytes) -> Any:
+    # Plain msgpack: extension values stay msgpack.ExtType, compared by their bytes.
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def _decode_where(where: dict[str, Sequence[bytes]] | None) -> Where | None:
+    """``where`` as (key, accepted values) pairs, values decoded once per call."""
+    if not where:
+        return None
+    try:
+        return [(key, [_unpack(value) for value in values]) for key, values in where.items()]
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"a where filter must map keys to lists of msgpack-encoded values: "
+                          f"{exc}", value=repr(where)[:80]) from None
+
+
+def metadata_matches(metadata: bytes, where: Where) -> bool:
+    """True if the msgpack map ``metadata`` has, for every key of ``where``, one of its
+    values (a missing key counts as None).  Backends that filter elsewhere use it too."""
+    try:
+        meta = _unpack(metadata)
+    except (TypeError, ValueError):
+        return False
+    if not isinstance(meta, dict):
+        return False
+    return all(meta.get(key) in accepted for key, accepted in where)
