@@ -1,10 +1,13 @@
 """`SharedStore` and `connect()`: the store as seen from any process.
 
 Every operation goes through one path, `SharedStore._call`: encode the request, send,
-read the answer, and translate whatever went wrong into the exception tree.  Each process
-and each thread gets its own connection (a connection shared across fork would be
-corrupted, cpython gh-101320); a connection that failed or timed out mid-call is dropped,
-never reused out of step, and the next call opens a new one.
+read the answer, and translate whatever went wrong into the exception tree.  A call takes
+an idle connection from the store's pool, or opens one, and gives it back when the
+answer is in: threads never share a connection mid-call, and threads that come and go
+(LangGraph runs each invocation on fresh ones) reuse connections instead of leaving one
+each behind.  A child process never touches its parent's connections (a connection shared
+across fork would be corrupted, cpython gh-101320); a connection that failed or timed out
+mid-call is dropped, never reused out of step, and the next call opens a new one.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import os
 import select
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .codec import MsgpackCodec
 from .errors import ConfigError, ShmstoreError, StoreUnavailable
@@ -27,6 +30,9 @@ from .server import (
 from .store import BaseStore
 from .wire import Channel, open_connection, pack, parse_url, translate, unpack
 
+if TYPE_CHECKING:
+    from .redis import RedisStore
+
 __all__ = ["SharedStore", "connect"]
 
 DEFAULT_TIMEOUT = 30.0
@@ -40,7 +46,8 @@ class SharedStore(BaseStore):
     """A store whose checkpoints live in a shmstore server process.
 
     Use it from any number of threads and processes; pass it to a child process (spawn)
-    or keep it across fork: each process and thread opens its own connection.
+    or keep it across fork.  It holds as many connections as calls have run at once in
+    this process (idle ones wait in a pool), never one per thread that ever called.
 
     Parameters:
         url: the server's URL (``unix:///...`` or ``tcp://host:port``).
@@ -71,8 +78,9 @@ class SharedStore(BaseStore):
                               value=repr(timeout))
         self.timeout = float(timeout)
         self.name = name or f"client-{os.getpid()}"
-        self._local = threading.local()
-        self._conns: set[Channel] = set()
+        self._pid = os.getpid()
+        self._idle: list[Channel] = []  # list.pop and list.append are atomic
+        self._conns: set[Channel] = set()  # every open connection of this process
         self._conns_lock = threading.Lock()
         self._closed = False
 
@@ -84,25 +92,24 @@ class SharedStore(BaseStore):
         return (_rebuild, (self.url, self._authkey.hex(), self.timeout, self.name))
 
     def _connection(self) -> Channel:
-        local = self._local
-        conn: Channel | None = getattr(local, "conn", None)
-        pid = os.getpid()
-        if conn is not None and local.pid == pid:
-            return conn
+        """An idle connection of this process, or a new one."""
+        if self._pid != os.getpid():
+            # Inherited across fork: the parent owns those sockets; leave them alone.
+            self._pid = os.getpid()
+            self._idle, self._conns, self._conns_lock = [], set(), threading.Lock()
+        try:
+            return self._idle.pop()
+        except IndexError:
+            pass
         if self._closed:
             raise StoreUnavailable(f"this store was closed ({self.url})", address=self.url)
-        if conn is not None:
-            # Inherited across fork: the parent owns that socket; leave it alone.
-            self._conns = set()
         conn = open_connection(self._address, self._authkey, timeout=self.timeout,
                                name=f"{self.name}/{threading.current_thread().name}")
-        local.conn, local.pid = conn, pid
         with self._conns_lock:
             self._conns.add(conn)
         return conn
 
     def _discard(self, conn: Channel) -> None:
-        self._local.conn = None
         with self._conns_lock:
             self._conns.discard(conn)
         try:
@@ -124,6 +131,10 @@ class SharedStore(BaseStore):
             # Whatever happened, this connection may be out of step: never reuse it.
             self._discard(conn)
             raise translate(exc, self.url, self.timeout) from None
+        if self._closed or self._pid != os.getpid():
+            self._discard(conn)
+        else:
+            self._idle.append(conn)
         if kind == "#RETURN":
             return result
         if kind == "#ERROR" and isinstance(result, BaseException):
@@ -133,14 +144,16 @@ class SharedStore(BaseStore):
     def close(self) -> None:
         """Close every connection this store opened; later calls raise `StoreUnavailable`."""
         self._closed = True
+        if self._pid != os.getpid():
+            return  # a forked copy: those connections are the parent's
         with self._conns_lock:
             conns, self._conns = self._conns, set()
+        self._idle = []
         for conn in conns:
             try:
                 conn.close()
             except OSError:
                 pass
-        self._local = threading.local()
 
 
 def _rebuild(url: str, authkey: str, timeout: float, name: str) -> SharedStore:
@@ -153,15 +166,16 @@ def connect(
     authkey: bytes | str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     name: str | None = None,
-) -> SharedStore:
-    """Connect to a shmstore server.
+) -> SharedStore | RedisStore:
+    """Connect to a shmstore server, or to Redis (``redis://``, ``rediss://``, ``redis+unix://``).
 
     With no ``url``, it comes from ``SHMSTORE_URL`` (and the key from ``SHMSTORE_AUTHKEY``)
     as exported by `serve`, or from the connection file named by
     ``SHMSTORE_CONNECTION_FILE``.  No connection is opened until the first call.
 
     Parameters:
-        url: ``unix:///path`` or ``tcp://host:port``.
+        url: ``unix:///path`` or ``tcp://host:port``; a Redis URL gives a `RedisStore`
+            (same contract; ``authkey`` and ``name`` do not apply).
         authkey: bytes or hex; default from the environment.
         timeout: seconds any call may take before `StoreTimeout`.
         name: a name for this client, shown by the server.
@@ -185,6 +199,10 @@ def connect(
                 )
             url, key = read_connection_file(path)
             authkey = key if authkey is None else authkey
+    if isinstance(url, str) and url.split(":", 1)[0].lower() in ("redis", "rediss", "redis+unix"):
+        from .redis import RedisStore
+
+        return RedisStore(url, timeout=timeout)
     if authkey is None:
         authkey = os.environ.get(ENV_AUTHKEY)
         if authkey is None and os.environ.get(ENV_CONNECTION_FILE):

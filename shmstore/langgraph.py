@@ -37,11 +37,8 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
@@ -61,7 +58,6 @@ from langgraph.checkpoint.base import Checkpoint as LangGraphCheckpoint
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from .checkpoint import Checkpoint
-from .client import SharedStore
 from .errors import ConfigError, EncodeError
 from .store import BaseStore, OneOf
 
@@ -75,15 +71,8 @@ CHECKPOINT_NODE = "langgraph.checkpoint"
 WRITE_NODE = "langgraph.write"
 
 PRUNE_STRATEGIES = ("keep_latest", "delete")
-#: Threads that make a `SharedStore`'s calls for one saver (see `ShmstoreSaver`).
-CALLER_THREADS = 4
 
 _T = TypeVar("_T")
-_caller = threading.local()
-
-
-def _mark_caller() -> None:
-    _caller.active = True
 
 
 def _escape(part: str) -> str:
@@ -155,51 +144,23 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
         else:
             self._owns_store = False
         self.store: BaseStore = store
-        # A SharedStore keeps one connection per thread, and LangGraph runs every
-        # invocation on new threads: calls made from them would each open a connection
-        # (and a server thread) that lives until the store closes.  A few threads of our
-        # own make the calls instead, over connections that last.
-        self._callers: ThreadPoolExecutor | None = None
-        self._callers_pid = 0
-        self._uses_callers = isinstance(store, SharedStore)
-
-    def _caller_threads(self) -> ThreadPoolExecutor | None:
-        """The saver's caller threads (made on first use, and again after a fork)."""
-        if not self._uses_callers:
-            return None
-        pid = os.getpid()
-        if self._callers is None or self._callers_pid != pid:
-            self._callers = ThreadPoolExecutor(CALLER_THREADS, "shmstore-langgraph",
-                                               initializer=_mark_caller)
-            self._callers_pid = pid
-        return self._callers
 
     def _run(self, call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        """``call(*args, **kwargs)`` on one of our caller threads (directly if none)."""
-        if getattr(_caller, "active", False):
-            return call(*args, **kwargs)
-        callers = self._caller_threads()
-        if callers is None:
-            return call(*args, **kwargs)
-        return callers.submit(call, *args, **kwargs).result()
+        """``call(*args, **kwargs)`` in this thread.
+
+        LangGraph runs every invocation on fresh threads; a `SharedStore` serves them from
+        its pool of idle connections, so no thread leaves a connection behind.
+        """
+        return call(*args, **kwargs)
 
     async def _run_async(self, call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        """``call`` off the event loop: on a caller thread, or a worker thread if none."""
-        callers = self._caller_threads()
-        if callers is None:
-            return await asyncio.to_thread(call, *args, **kwargs)
-        return await asyncio.wrap_future(callers.submit(call, *args, **kwargs))
+        """``call`` off the event loop, on a worker thread."""
+        return await asyncio.to_thread(call, *args, **kwargs)
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the saver's caller threads; close the store if the saver opened it.
-
-        A saver used after ``close`` over a store it did not open makes its calls directly.
-        """
-        callers, self._callers, self._uses_callers = self._callers, None, False
-        if callers is not None and self._callers_pid == os.getpid():
-            callers.shutdown()
+        """Close the store if the saver opened it (a store it was given stays open)."""
         if self._owns_store:
             self.store.close()
 

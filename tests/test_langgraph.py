@@ -28,7 +28,7 @@ from langgraph.types import Command, interrupt
 
 import shmstore
 from shmstore import BaseStore, ConfigError, MemoryStore
-from shmstore.langgraph import CALLER_THREADS, CHECKPOINT_NODE, WRITE_NODE, ShmstoreSaver
+from shmstore.langgraph import CHECKPOINT_NODE, WRITE_NODE, ShmstoreSaver
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -286,7 +286,8 @@ def test_each_langgraph_call_is_one_round_trip(store: BaseStore) -> None:
 
 def test_invocations_over_a_server_reuse_a_few_connections() -> None:
     # LangGraph runs each invocation on new threads; a connection per thread would leave
-    # a socket and a server thread behind for every one of them.
+    # a socket and a server thread behind for every one of them.  The store's pool holds
+    # as many as calls ran at once (LangGraph overlaps a few writes with the next step).
     psutil = pytest.importorskip("psutil")
     with shmstore.serve(export=False) as server, server.connect() as store, \
             ShmstoreSaver(store) as saver:
@@ -295,7 +296,8 @@ def test_invocations_over_a_server_reuse_a_few_connections() -> None:
         threads = psutil.Process(server.pid).num_threads()
         for i in range(20):
             app.invoke({"log": []}, {"configurable": {"thread_id": f"t{i}"}})
-        assert psutil.Process(server.pid).num_threads() <= threads + CALLER_THREADS
+        assert psutil.Process(server.pid).num_threads() <= threads + 4
+        assert len(store._conns) <= 5
         assert len(store.executions()) == 21
 
 
