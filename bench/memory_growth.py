@@ -493,7 +493,6 @@ def record_breakdown(size: int, checkpoints: int,
     parts: list[tuple[str, Any]] = [
         ("record tuple (8 fields)", stored),
         ("id str (36 chars; also the _records key)", stored[0]),
-        (f"node name str ({NODE!r}; one per record)", stored[2]),
         ("version int (also the versions key)", big_version),
         ("timestamp int (µs)", stored[4]),
         ("state bytes: object header", stored[7]),
@@ -506,8 +505,10 @@ def record_breakdown(size: int, checkpoints: int,
         else:
             rows.append((name, n, _allocated(n)))
     # Shared or cached, so free per record: the execution id (one str per execution, the
-    # index's), parent None, metadata b"\x80" (CPython caches 1-byte bytes objects).
+    # index's), the node name (interned), parent None, metadata b"\x80" (CPython caches
+    # 1-byte bytes objects).
     assert stored[5] is None and len(stored[6]) == 1
+    assert stored[2] is sys.intern(NODE)
     # Dicts sized as in the fill: ids -> record (str keys), and version -> id per execution.
     records = dict.fromkeys(f"{i:036d}" for i in range(checkpoints))
     versions = dict.fromkeys(range(1000, 1000 + per_exec))
