@@ -203,6 +203,7 @@ def connect(
         from .redis import RedisStore
 
         return RedisStore(url, timeout=timeout)
+    parse_url(url)  # a malformed URL is the first thing to fix, before any missing key
     if authkey is None:
         authkey = os.environ.get(ENV_AUTHKEY)
         if authkey is None and os.environ.get(ENV_CONNECTION_FILE):

@@ -599,7 +599,11 @@ class MsgpackCodec:
                 f"followed by {len(exc.extra)} extra bytes"
             ) from exc
         except Exception as exc:  # anything the unpacker throws means corrupt input
-            raise DecodeError(f"corrupt payload: {type(exc).__name__}: {exc}") from exc
+            detail = str(exc) or "not valid msgpack"
+            raise DecodeError(
+                f"corrupt payload ({size} bytes): {type(exc).__name__}: {detail}; it was not "
+                "written by this codec, or was damaged on the way"
+            ) from exc
 
 
 DEFAULT_CODEC: MsgpackCodec = MsgpackCodec()
