@@ -1,4 +1,4 @@
-"""The ``shmstore`` command: serve, stats, ls, show, demo.
+"""The ``shmstore`` command: serve, stats, monitor, ls, show, demo.
 
 Secrets never travel on the command line: a server's key comes from ``SHMSTORE_AUTHKEY``
 or a connection file (``--connection-file`` / ``SHMSTORE_CONNECTION_FILE``).
@@ -115,6 +115,33 @@ def _cmd_show(args: argparse.Namespace) -> int:
         "parent_id": cp.parent_id, "metadata": cp.metadata, "state": cp.state,
     }, indent=2, default=repr))
     return 0
+
+
+def _cmd_monitor(args: argparse.Namespace) -> int:
+    from .monitor_view import MONITOR_NAME, require_matplotlib, run_monitor
+
+    if args.plot is not None:
+        require_matplotlib()  # before connecting, not after a long recording
+    store = _store(args)
+    store.name = MONITOR_NAME  # how the server lists this process among its clients
+    with store:
+        return run_monitor(store, refresh=args.interval, duration=args.duration,
+                           csv_path=args.csv, plot_path=args.plot, window=args.window,
+                           backlog=args.backlog, plain=args.plain)
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text}")
+    return value
+
+
+def _window(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"a growth rate needs >= 2 samples, not {value}")
+    return value
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -234,6 +261,32 @@ def _parser() -> argparse.ArgumentParser:
     client_options(show)
     show.add_argument("checkpoint_id")
     show.set_defaults(func=_cmd_show)
+
+    monitor = sub.add_parser(
+        "monitor", help="watch server and client memory live, or record it to CSV and PNG",
+        description="A live view of the server's and its clients' memory, growth rates and "
+        "payload bytes; Ctrl-C stops it. With --duration and --csv or --plot, records for "
+        "that long without a live view. Exit code 1 when the server goes away.")
+    client_options(monitor)
+    monitor.add_argument("--interval", type=_positive_seconds, default=0.5,
+                         help="seconds between refreshes (default 0.5); samples are taken "
+                         "by the server, none is missed")
+    monitor.add_argument("--duration", type=_positive_seconds,
+                         help="stop after this many seconds (with --csv or --plot: record "
+                         "without a live view)")
+    monitor.add_argument("--csv", metavar="FILE", help="write the samples here: columns t, "
+                         "process (server or pid/name), rss, uss, alive, payload_bytes, "
+                         "checkpoints")
+    monitor.add_argument("--plot", metavar="FILE.png", help="draw memory over time here (needs "
+                         "matplotlib: the [cli] extra)")
+    monitor.add_argument("--window", type=_window, default=10,
+                         help="growth rates over this many newest samples (default 10)")
+    monitor.add_argument("--backlog", action="store_true",
+                         help="also record the samples the server took before the monitor "
+                         "started (up to its history size)")
+    monitor.add_argument("--plain", action="store_true",
+                         help="one plain line per new sample instead of the rich table")
+    monitor.set_defaults(func=_cmd_monitor)
 
     demo = sub.add_parser("demo", help="run a checkpointed pipeline across processes, kill a "
                           "worker, and watch it resume")

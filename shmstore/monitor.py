@@ -28,6 +28,7 @@ log = logging.getLogger("shmstore")
 DEFAULT_INTERVAL = 0.5
 DEFAULT_HISTORY = 1200
 DEFAULT_CLIENT_TTL = 300.0
+USS_BUDGET = 0.005  # share of one CPU the server's USS readings may take
 TRIM_STEP = 32 * 1024 * 1024  # payload freed since the last trim that makes a trim worth it
 
 
@@ -71,7 +72,10 @@ class _Client:
         try:
             if self.process.status() == psutil.STATUS_ZOMBIE:
                 raise psutil.NoSuchProcess(self.pid)
-            self.rss = self.process.memory_info().rss
+            rss = self.process.memory_info().rss
+            if rss == 0:  # exiting: its memory is already gone
+                raise psutil.NoSuchProcess(self.pid)
+            self.rss = rss
         except psutil.Error:
             self.alive = False
             return
@@ -128,6 +132,7 @@ class MemoryMonitor:
         self._thread: threading.Thread | None = None
         self.peak_rss = 0
         self._uss_ok = True
+        self._next_uss = 0.0  # monotonic time of the next USS reading
         self._trim = _malloc_trim() if trim else None
         self._trim_mark = 0  # highest payload since the last trim
         self.trims = 0
@@ -142,13 +147,19 @@ class MemoryMonitor:
                 client.name = name
 
     def _server_memory(self) -> tuple[int, int | None]:
+        """RSS always; USS when its budget allows (None in the samples between)."""
         rss = self._process.memory_info().rss
         uss = None
-        if self._uss_ok:
+        now = time.monotonic()
+        if self._uss_ok and now >= self._next_uss:
+            started = time.perf_counter()
             try:
                 uss = getattr(self._process.memory_full_info(), "uss", None)
             except (psutil.AccessDenied, NotImplementedError, AttributeError):
                 self._uss_ok = False
+            # USS walks every page mapping (~12 ms per GiB of RSS): keep it to
+            # USS_BUDGET of one CPU, so a big server's sampler cannot slow the store.
+            self._next_uss = now + (time.perf_counter() - started) / USS_BUDGET
         return rss, uss
 
     def sample(self) -> dict[str, Any]:

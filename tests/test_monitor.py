@@ -126,3 +126,14 @@ def test_a_big_drop_in_payload_trims_the_heap_once() -> None:
     mon.sample()
     assert mon.trims == 1  # nothing more was freed
     assert MemoryMonitor(lambda: (0, 0)).trims == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="USS is read from smaps")
+def test_uss_is_read_within_its_cpu_budget() -> None:
+    mon = MemoryMonitor(lambda: (0, 0))
+    first, second = mon.sample(), mon.sample()
+    assert first["server_uss"] is not None and first["server_uss"] > 0
+    assert second["server_uss"] is None  # the next reading waits 200x the last one's cost
+    assert second["server_rss"] > 0  # RSS is in every sample
+    mon._next_uss = 0.0
+    assert mon.sample()["server_uss"] is not None
