@@ -7,7 +7,16 @@ contender alike:
   (the floor: the same bytes, no store behind them);
 - shared: ``SharedStore`` on a ``shmstore.serve()`` server;
 - syncmgr: a ``SyncManager().dict()`` proxy (pickle, no versions, no snapshots of reads);
-- memory: ``MemoryStore`` in this process (the codec's cost alone).
+- memory: ``MemoryStore`` in this process (the codec's cost alone);
+- redis: ``RedisStore`` on a ``redis-server`` of the benchmark's own (unix socket), the
+  same contract across machines;
+- redis-raw: redis-py ``SET``/``GET`` (``MSET``/``MGET`` for batches) of the same
+  encoded bytes: what a Redis user would write by hand (no versions, no index, no
+  atomic checks), the floor of any store on Redis.
+
+Then the concurrent part: 4 spawned processes at once, each alternating save and load of
+1 KiB checkpoints, against the shared server, RedisStore and raw redis-py, a few rounds
+each, interleaved; reported as total throughput and per-call median and p99.
 
 On a small shared machine, a round trip's time depends mostly on where the scheduler
 wakes the two processes: the same cross-process echo measures 15 µs or 45 µs from one
@@ -16,7 +25,8 @@ and every server thread) is pinned to one CPU, which leaves the software's own c
 the difference between contenders (``--no-pin`` to measure the unpinned mix).
 
 Run ``python bench/ops.py`` (``--quick`` for a short run, ``--json FILE`` to keep the
-figures).  Reported: median and p99 per operation in microseconds, and each median as a
+figures; ``--no-redis`` without Redis, which is also skipped when ``redis-server`` is not
+on PATH).  Reported: median and p99 per operation in microseconds, and each median as a
 ratio to the raw round trip of the same size.
 """
 
@@ -26,8 +36,11 @@ import argparse
 import json
 import multiprocessing
 import os
+import queue
 import random
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -41,9 +54,127 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import shmstore
 from shmstore import Checkpoint
+from shmstore.codec import DEFAULT_CODEC
 
 SIZES = {"100B": 100, "1KiB": 1024, "64KiB": 64 * 1024, "1MiB": 1024 * 1024}
 BATCH = 100
+CONCURRENT_PROCS = 4
+CONCURRENT_SIZE = 1024
+
+
+def _start_redis(tmp: str) -> tuple[subprocess.Popen[bytes], str] | None:
+    """A redis-server on a unix socket in ``tmp`` (config on stdin), or None without one."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None
+    sock = os.path.join(tmp, "redis.sock")
+    config = (f"port 0\nunixsocket {sock}\nunixsocketperm 700\nsave \"\"\n"
+              f"appendonly no\ndir {tmp}\nhz 100\n")
+    proc = subprocess.Popen([binary, "-"], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert proc.stdin is not None
+    proc.stdin.write(config.encode())
+    proc.stdin.close()
+    import redis
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            if redis.Redis(unix_socket_path=sock).ping():
+                return proc, sock
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError("redis-server did not start")
+
+
+class _RawRedis:
+    """redis-py by hand, as a worker process rebuilds it (a client does not pickle)."""
+
+    def __init__(self, sock: str) -> None:
+        self.sock = sock
+        self.client: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"sock": self.sock, "client": None}
+
+
+def _concurrent_worker(store: Any, name: str, n: int, ready: Any, start: Any, out: Any) -> None:
+    """Alternate save and load ``n`` times once ``start`` is set; send the latencies."""
+    state = make_state(CONCURRENT_SIZE)
+    payload = DEFAULT_CODEC.encode(state)
+    fresh = [Checkpoint(execution_id=f"c-{os.getpid()}", state=state) for _ in range(n)]
+    if isinstance(store, _RawRedis):
+        import redis
+
+        client = redis.Redis(unix_socket_path=store.sock)
+        key = f"c-{os.getpid()}".encode()
+        client.set(key, payload)
+
+        def save(i: int) -> None:
+            client.set(key + b"%d" % i, payload)
+
+        def load(i: int) -> None:
+            client.get(key)
+    else:
+        first = store.save(fresh[0])
+
+        def save(i: int) -> None:
+            store.save(fresh[i])
+
+        def load(i: int) -> None:
+            store.load(first.id)
+    ready.put(os.getpid())
+    start.wait(60)
+    clock = time.perf_counter
+    saves, loads = [], []
+    for i in range(n):
+        t0 = clock()
+        save(i)
+        t1 = clock()
+        load(i)
+        t2 = clock()
+        saves.append(t1 - t0)
+        loads.append(t2 - t1)
+    out.put((name, saves, loads))
+
+
+def run_concurrent(ctx: Any, systems: dict[str, Any], n: int, rounds: int
+                   ) -> dict[str, dict[str, Any]]:
+    """Each system in turn: CONCURRENT_PROCS processes at once; figures per system."""
+    figures: dict[str, dict[str, Any]] = {
+        name: {"walls": [], "saves": [], "loads": []} for name in systems}
+    for _ in range(rounds):
+        order = list(systems.items())
+        random.shuffle(order)
+        for name, store in order:
+            start, ready, out = ctx.Event(), ctx.Queue(), ctx.Queue()
+            procs = [ctx.Process(target=_concurrent_worker,
+                                 args=(store, name, n, ready, start, out))
+                     for _ in range(CONCURRENT_PROCS)]
+            for proc in procs:
+                proc.start()
+            for _ in procs:  # every worker imported, connected and ready: start together
+                ready.get(timeout=120)
+            t0 = time.perf_counter()
+            start.set()
+            got: list[Any] = []
+            while len(got) < len(procs):
+                try:
+                    got.append(out.get(timeout=1.0))
+                except queue.Empty:
+                    if any(p.exitcode not in (None, 0) for p in procs):
+                        for proc in procs:
+                            proc.kill()
+                        raise RuntimeError(f"a {name} worker failed") from None
+            figures[name]["walls"].append(time.perf_counter() - t0)
+            for proc in procs:
+                proc.join(30)
+            for _, saves, loads in got:
+                figures[name]["saves"].extend(saves)
+                figures[name]["loads"].extend(loads)
+    return figures
 
 
 def make_state(size: int) -> dict[str, Any]:
@@ -101,6 +232,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated sizes")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to a CPU")
+    parser.add_argument("--no-redis", action="store_true", help="leave Redis out")
     args = parser.parse_args()
     rounds = 5 if args.quick else 15
 
@@ -120,12 +252,27 @@ def main() -> None:
     manager = SyncManager(ctx=ctx)
     manager.start()
     sync_dict = manager.dict()
+    redis_proc: subprocess.Popen[bytes] | None = None
+    started = None if args.no_redis else _start_redis(tmp)
+    rstore: Any = None
+    rraw: Any = None
+    redis_sock = ""
+    if started is None and not args.no_redis:
+        print("redis-server is not on PATH: Redis is left out of this run", file=sys.stderr)
+    if started is not None:
+        import redis
+
+        redis_proc, redis_sock = started
+        rstore = shmstore.RedisStore(f"redis+unix://{redis_sock}")
+        rraw = redis.Redis(unix_socket_path=redis_sock)
 
     results: dict[str, dict[str, list[float]]] = {}
     pinned = not args.no_pin and hasattr(os, "sched_setaffinity")
     if pinned:
         cpu = min(os.sched_getaffinity(0))
         server_pids = [echo.pid, server.pid, manager._process.pid]  # type: ignore[attr-defined]
+        if redis_proc is not None:
+            server_pids.append(redis_proc.pid)
         # Threads made later inherit their creator's mask; pin the ones there are now.
         for pid in [os.getpid(), *server_pids]:
             for tid in os.listdir(f"/proc/{pid}/task"):
@@ -150,6 +297,8 @@ def main() -> None:
             batch = [Checkpoint(execution_id=f"b-{label}", state=state) for _ in range(BATCH)]
             batch_ids = [c.id for c in shared.save_many(batch)]
             mem_ids = [c.id for c in memory.save_many(batch)]
+            raw_keys = [f"raw-{label}-{i}".encode() for i in range(BATCH)]
+            raw_batch = dict.fromkeys(raw_keys, payload)
             # Checkpoints are made before the clock starts: what is timed is the store.
             fresh = iter([Checkpoint(execution_id=f"s-{label}", state=state)
                           for _ in range(2 * per_round * rounds + 10)])
@@ -179,6 +328,29 @@ def main() -> None:
                 ("save_many", "memory"): lambda: memory.save_many(batch),
                 ("load_many", "memory"): lambda: memory.load_many(mem_ids),
             }
+            if rstore is not None:
+                saved_redis = rstore.save(Checkpoint(execution_id=f"e-{label}", state=state))
+                for _ in range(10):
+                    rstore.save(Checkpoint(execution_id=f"e-{label}", state=state))
+                redis_ids = [c.id for c in rstore.save_many(batch)]
+                raw_key = f"raw-{label}".encode()
+                rraw.set(raw_key, payload)
+                rraw.mset(raw_batch)
+                singles.update({
+                    ("save", "redis"): lambda: rstore.save(next(fresh)),
+                    ("load", "redis"): lambda: rstore.load(saved_redis.id),
+                    ("list10", "redis"): lambda: rstore.list(f"e-{label}", limit=10),
+                    ("save", "redis-raw"): lambda: rraw.set(raw_key, payload),
+                    ("load", "redis-raw"): lambda: rraw.get(raw_key),
+                })
+                batches.update({
+                    ("save_many", "redis"): lambda: rstore.save_many(batch),
+                    ("load_many", "redis"): lambda: rstore.load_many(redis_ids),
+                    ("save_many", "redis-raw"): lambda: rraw.mset(raw_batch),
+                    ("load_many", "redis-raw"): lambda: rraw.mget(raw_keys),
+                })
+                fresh = iter([Checkpoint(execution_id=f"s-{label}", state=state)
+                              for _ in range(3 * per_round * rounds + 10)])
             for fn in [*singles.values(), *batches.values()]:  # warm every path once
                 fn()
             batch_reps = max(1, per_round // BATCH)
@@ -195,9 +367,26 @@ def main() -> None:
                     record(f"{label} {op}/ckpt", name, [s / BATCH for s in samples])
                 shared.clear(f"b-{label}")
                 memory.clear(f"b-{label}")
+                if rstore is not None:
+                    rstore.clear(f"b-{label}")
             shared.clear(f"s-{label}")
             memory.clear(f"s-{label}")
+            if rstore is not None:
+                rstore.clear(f"s-{label}")
+                rstore.clear(f"e-{label}")
+        concurrent: dict[str, dict[str, Any]] = {}
+        systems: dict[str, Any] = {"shared": shared}
+        if rstore is not None:
+            systems.update({"redis": rstore, "redis-raw": _RawRedis(redis_sock)})
+        concurrent = run_concurrent(ctx, systems, 200 if args.quick else 1000,
+                                    2 if args.quick else 4)
     finally:
+        if rstore is not None:
+            rstore.close()
+            rraw.close()
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(10)
         shared.close()
         server.shutdown()
         manager.shutdown()
@@ -234,6 +423,42 @@ def main() -> None:
         ratio_txt = "" if ratio != ratio else f"{ratio:.2f}"
         print(f"| {label} | {op} | {system} | {med:.1f} | {p99:.1f} | {ratio_txt} | "
               f"{single_txt} |")
+    medians = {(key, system): statistics.median(samples)
+               for key, by_system in results.items() for system, samples in by_system.items()}
+    if any(system == "redis" for _, system in medians):
+        print("\nRedisStore against the shared server and against raw redis-py (medians):\n")
+        print("| size | op | shared µs | redis µs | redis-raw µs | redis ÷ shared | "
+              "redis ÷ redis-raw |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for key in results:
+            if (key, "redis") not in medians or (key, "shared") not in medians:
+                continue
+            label, op = key.split(" ", 1)
+            red, sh = medians[(key, "redis")], medians[(key, "shared")]
+            rr = medians.get((key, "redis-raw"))
+            rr_txt = f"{rr * 1e6:.1f}" if rr else ""
+            vs_raw = f"{red / rr:.2f}" if rr else ""
+            print(f"| {label} | {op} | {sh * 1e6:.1f} | {red * 1e6:.1f} | {rr_txt} | "
+                  f"{red / sh:.2f} | {vs_raw} |")
+            summary[f"{key} redis_vs_shared"] = red / sh
+    if concurrent:
+        print(f"\n{CONCURRENT_PROCS} processes at once, each alternating save and load of "
+              f"{CONCURRENT_SIZE} B checkpoints:\n")
+        print("| system | ops/s (median round) | save median µs | save p99 µs | "
+              "load median µs | load p99 µs |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, fig in concurrent.items():
+            n_ops = len(fig["saves"]) * 2 // len(fig["walls"])
+            rate = n_ops / statistics.median(fig["walls"])
+            saves, loads = fig["saves"], fig["loads"]
+            print(f"| {name} | {rate:,.0f} | {statistics.median(saves) * 1e6:.1f} | "
+                  f"{pct(saves, 0.99) * 1e6:.1f} | {statistics.median(loads) * 1e6:.1f} | "
+                  f"{pct(loads, 0.99) * 1e6:.1f} |")
+            summary[f"concurrent {name}"] = {
+                "ops_per_s": rate, "save_median_us": statistics.median(saves) * 1e6,
+                "save_p99_us": pct(saves, 0.99) * 1e6,
+                "load_median_us": statistics.median(loads) * 1e6,
+                "load_p99_us": pct(loads, 0.99) * 1e6}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(summary, fh, indent=2)

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .limits import Limits
     from .memory import MemoryStore
     from .pipeline import CheckpointConfig, Pipeline
+    from .redis import RedisStore
     from .server import StoreServer, serve
     from .store import BaseStore, StoreStats
 
@@ -58,6 +59,7 @@ _EXPORTS = {
     "MemoryStore": "memory",
     "MsgpackCodec": "codec",
     "Pipeline": "pipeline",
+    "RedisStore": "redis",
     "SharedStore": "client",
     "ShmstoreError": "errors",
     "StoreFull": "errors",
@@ -83,6 +85,7 @@ __all__ = [
     "MemoryStore",
     "MsgpackCodec",
     "Pipeline",
+    "RedisStore",
     "SharedStore",
     "ShmstoreError",
     "StoreFull",

@@ -389,7 +389,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--shmstore-url", dest="shmstore_url", metavar="URL", default=None,
         help="use the shmstore server at URL (unix:///path or tcp://host:port) instead of "
              "starting one; its authkey comes from SHMSTORE_AUTHKEY or "
-             "SHMSTORE_CONNECTION_FILE",
+             "SHMSTORE_CONNECTION_FILE; or Redis at redis://host:port/db",
     )
     group.addoption(
         "--shmstore-report", dest="shmstore_report", action="store_true", default=False,
@@ -408,10 +408,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _check_url(url: str) -> None:
-    if url.split(":", 1)[0] in ("redis", "rediss"):
-        # Open it in SessionServer.connect once shmstore.redis exists.
-        raise pytest.UsageError(f"--shmstore-url {url}: the Redis backend is not part of "
-                                "this shmstore version yet")
+    if url.split(":", 1)[0].lower() in ("redis", "rediss", "redis+unix"):
+        return  # a RedisStore: shmstore.connect() opens it, redis-py checks the rest
     from .errors import ConfigError
     from .wire import parse_url
 

@@ -7,16 +7,17 @@ tests.  Every test also checks that it left no child process behind.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 import shmstore
-from shmstore import BaseStore
+from shmstore import BaseStore, Limits
 
 from .helpers import children, wait_until
+from .redis_server import RedisServer
 
-BACKENDS = ["memory", "shared"]
+BACKENDS = ["memory", "shared", "redis"]
 
 # Processes that session fixtures own; they outlive single tests on purpose.
 SESSION_PIDS: set[int] = set()
@@ -49,11 +50,35 @@ def shared_server() -> Iterator[shmstore.StoreServer]:
     assert not server.running
 
 
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for the Redis tests (skips with how-to-enable if there is none)."""
+    server = RedisServer().start()
+    SESSION_PIDS.add(server.pid)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_limited_store(redis_server: RedisServer) -> Callable[[Limits], BaseStore]:
+    """Stores with given `Limits` on the session's redis-server, each on an empty Redis."""
+
+    def make(limits: Limits) -> BaseStore:
+        redis_server.flush()
+        return shmstore.RedisStore(redis_server.url, limits=limits, timeout=10.0)
+
+    return make
+
+
 @pytest.fixture(params=BACKENDS)
 def store(request: pytest.FixtureRequest) -> Iterator[BaseStore]:
     """Every backend, empty, behind the same contract."""
     if request.param == "memory":
         s: BaseStore = shmstore.MemoryStore()
+    elif request.param == "redis":
+        server_ = request.getfixturevalue("redis_server")
+        server_.flush()
+        s = shmstore.RedisStore(server_.url, timeout=10.0)
     else:
         server = request.getfixturevalue("shared_server")
         s = server.connect(timeout=10.0)

@@ -442,7 +442,6 @@ def test_shmstore_url_without_an_authkey_fails_the_fixture_clearly(
 
 @pytest.mark.parametrize(("url", "message"), [
     ("http://localhost:80", "*--shmstore-url: unsupported server URL*"),
-    ("redis://localhost:6379/0", "*the Redis backend is not part of this shmstore version*"),
 ])
 def test_a_bad_shmstore_url_is_a_usage_error(project: Project, url: str, message: str) -> None:
     project.write(EXTERNAL)
