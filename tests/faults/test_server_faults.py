@@ -145,7 +145,7 @@ def test_server_sigkilled_under_four_writers_loses_nothing_acknowledged(
         # in flight (stored, but its answer never arrived) is not in the log.
         logged = {a[1] for a in acks}
         assert len(set(snapshot) - logged) <= 3
-    assert reader["snapshots"] > 20
+    assert reader["snapshots"] >= 5 * WRITERS  # what busy() waited for
     assert checked > WRITERS * 100, checked
     print(f"checked {checked} acknowledged saves against {reader['snapshots']} snapshots")
 
