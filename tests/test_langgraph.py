@@ -33,11 +33,17 @@ from shmstore.langgraph import CHECKPOINT_NODE, WRITE_NODE, ShmstoreSaver
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(params=["memory", "shared"])
+@pytest.fixture(params=["memory", "shared", "redis"])
 def store(request: pytest.FixtureRequest) -> Iterator[BaseStore]:
     if request.param == "memory":
         with MemoryStore() as memory:
             yield memory
+        return
+    if request.param == "redis":
+        redis_server = request.getfixturevalue("redis_server")
+        redis_server.client().flushdb()
+        with shmstore.RedisStore(redis_server.url, timeout=10.0) as on_redis:
+            yield on_redis
         return
     with shmstore.serve(export=False) as server, server.connect(timeout=10.0) as shared:
         yield shared

@@ -1,8 +1,8 @@
 """LangGraph's own conformance suite (langgraph-checkpoint-conformance) at the FULL level.
 
 Every capability, the extended ``delete_for_runs``, ``copy_thread`` and ``prune``
-included, must be detected and pass, over an in-process store and over a server: CI
-fails the day one regresses.
+included, must be detected and pass, over an in-process store, over a server and over
+Redis: CI fails the day one regresses.
 """
 
 from __future__ import annotations
@@ -65,6 +65,14 @@ def test_full_conformance_over_a_shared_server(server: shmstore.StoreServer) -> 
 
     assert_full(conformance(fresh))
     assert server.connect().stats().ops["find"] > 0  # it really ran against the server
+
+
+def test_full_conformance_over_redis(redis_server) -> None:  # type: ignore[no-untyped-def]
+    def fresh() -> BaseStore:
+        redis_server.client().flushdb()
+        return shmstore.RedisStore(redis_server.url, timeout=10.0)
+
+    assert_full(conformance(fresh))
 
 
 def test_the_suite_tells_the_levels_apart() -> None:
