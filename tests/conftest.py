@@ -7,6 +7,7 @@ tests.  Every test also checks that it left no child process behind.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -94,6 +95,15 @@ def server() -> Iterator[shmstore.StoreServer]:
     srv = shmstore.serve(export=False)
     yield srv
     srv.shutdown()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A shell without job control starts background jobs with SIGINT ignored, and an
+    # ignored signal stays ignored across exec: Python would then install no
+    # KeyboardInterrupt handler here or in any child, and the Ctrl-C tests would hang.
+    # A handled signal is reset to the default on exec, so children get Python's own.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_report_header() -> str:

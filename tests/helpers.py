@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import multiprocessing
 import os
 import subprocess
@@ -13,6 +14,16 @@ from typing import Any
 import psutil
 
 SPAWN = multiprocessing.get_context("spawn")
+
+
+def _entry_point_installed() -> bool:
+    return any(ep.name == "shmstore" and ep.value == "shmstore.pytest_plugin"
+               for ep in importlib.metadata.entry_points(group="pytest11"))
+
+
+#: Arguments that load our pytest plugin in a pytester run: installed, the entry point
+#: loads it (a second ``-p`` would be an error); from a checkout, ``-p`` does.
+PLUGIN_ARGS = [] if _entry_point_installed() else ["-p", "shmstore.pytest_plugin"]
 
 
 @contextlib.contextmanager

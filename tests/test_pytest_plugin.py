@@ -9,7 +9,6 @@ was, and without mistaking another run's server for ours.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import os
 import signal
 import subprocess
@@ -23,7 +22,7 @@ import pytest
 
 import shmstore
 
-from .helpers import reap, wait_until
+from .helpers import PLUGIN_ARGS, reap, wait_until
 
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.timeout(120)
@@ -34,14 +33,6 @@ RUN_TIMEOUT = 90.0
 XDIST_RUNS = [pytest.param([], id="no-xdist"), pytest.param(["-n", "2"], id="n2"),
               pytest.param(["-n", "4"], id="n4")]
 
-
-def _entry_point_installed() -> bool:
-    return any(ep.name == "shmstore" and ep.value == "shmstore.pytest_plugin"
-               for ep in importlib.metadata.entry_points(group="pytest11"))
-
-
-# Installed, the entry point loads the plugin; from a checkout, -p does.
-PLUGIN_ARGS = [] if _entry_point_installed() else ["-p", "shmstore.pytest_plugin"]
 
 
 def tagged(tag: str) -> list[psutil.Process]:

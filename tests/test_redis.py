@@ -32,7 +32,7 @@ from shmstore import (
 )
 from shmstore.codec import DEFAULT_CODEC, EMPTY_MAP
 
-from .helpers import SPAWN, reaped, run_all
+from .helpers import PLUGIN_ARGS, SPAWN, reaped, run_all
 from .redis_server import ENABLE_HINT, ENV_REQUIRE, RedisServer
 
 try:
@@ -405,7 +405,7 @@ def test_the_pytest_plugin_takes_a_redis_url(pytester: pytest.Pytester, rstore: 
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     pytester.makepyfile(PLUGIN_TEST)
-    result = pytester.runpytest_subprocess("-p", "shmstore.pytest_plugin", "-p",
+    result = pytester.runpytest_subprocess(*PLUGIN_ARGS, "-p",
                                            "no:cacheprovider", "-n", "2", "--dist", "each",
                                            "--shmstore-url", redis_server.url, timeout=90)
     result.assert_outcomes(passed=2)
