@@ -77,6 +77,7 @@ class SharedStore(BaseStore):
             raise ConfigError(f"timeout must be a number > 0, not {timeout!r}",
                               value=repr(timeout))
         self.timeout = float(timeout)
+        self._named = name is not None  # a default name follows the store to each process
         self.name = name or f"client-{os.getpid()}"
         self._pid = os.getpid()
         self._idle: list[Channel] = []  # list.pop and list.append are atomic
@@ -89,7 +90,8 @@ class SharedStore(BaseStore):
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Crosses to spawned children through multiprocessing's pipe, never a command line.
-        return (_rebuild, (self.url, self._authkey.hex(), self.timeout, self.name))
+        return (_rebuild, (self.url, self._authkey.hex(), self.timeout,
+                           self.name if self._named else None))
 
     def _connection(self) -> Channel:
         """An idle connection of this process, or a new one."""
@@ -97,6 +99,8 @@ class SharedStore(BaseStore):
             # Inherited across fork: the parent owns those sockets; leave them alone.
             self._pid = os.getpid()
             self._idle, self._conns, self._conns_lock = [], set(), threading.Lock()
+            if not self._named:
+                self.name = f"client-{self._pid}"
         try:
             return self._idle.pop()
         except IndexError:
@@ -156,7 +160,7 @@ class SharedStore(BaseStore):
                 pass
 
 
-def _rebuild(url: str, authkey: str, timeout: float, name: str) -> SharedStore:
+def _rebuild(url: str, authkey: str, timeout: float, name: str | None) -> SharedStore:
     return SharedStore(url, authkey=authkey, timeout=timeout, name=name)
 
 

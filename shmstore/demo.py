@@ -253,7 +253,7 @@ def _notes(report: DemoReport) -> list[str]:
                      f"total = {report.summary_total}")
     else:
         lines.append("downstream stage: no summary")
-    lines.append(f"memory: {report.stats}")
+    lines.append(f"memory: {report.stats.summary()}")
     verdict = f"all {len(report.rows)} executions completed with the right result" \
         if report.ok else "CHECK FAILED"
     lines.append(f"{verdict}; {report.elapsed_s:.1f} s")

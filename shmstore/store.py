@@ -84,8 +84,19 @@ class StoreStats:
         """A plain dict of the fields (JSON-ready)."""
         return dataclasses.asdict(self)
 
+    def summary(self) -> str:
+        """One line: counts, payload, the server's memory and its clients."""
+        dead = sum(1 for c in self.clients if not c.get("alive"))
+        clients = f", {len(self.clients)} clients" + (f" ({dead} dead)" if dead else "") \
+            if self.clients else ""
+        return (f"{self.checkpoints} checkpoints in {self.executions} executions, "
+                f"{_human_bytes(self.payload_bytes)} payload; server pid {self.server_pid}, "
+                f"RSS {_human_bytes(self.server_rss)} (peak "
+                f"{_human_bytes(self.server_peak_rss)}){clients}")
+
     def __str__(self) -> str:
-        ratio = self.server_rss / self.payload_bytes if self.payload_bytes else 0.0
+        # RSS over payload means something once the payload outweighs the interpreter.
+        ratio = self.server_rss / self.payload_bytes if self.payload_bytes >= 2**20 else 0.0
         lines = [
             f"{self.checkpoints} checkpoints in {self.executions} executions, "
             f"{_human_bytes(self.payload_bytes)} payload",

@@ -111,3 +111,33 @@ def test_the_server_gives_memory_back_after_a_clear() -> None:
         assert wait_until(lambda: proc.memory_info().rss - base < (full - base) * 0.3, 10), (
             base, full, proc.memory_info().rss)
         store.close()
+
+
+def _save_in_child(store: Any) -> None:
+    store.save(Checkpoint(execution_id="child", state="x"))
+
+
+def test_a_store_passed_to_a_child_is_named_after_the_child_unless_named() -> None:
+    with shmstore.serve(export=False) as server:
+        anonymous = server.connect(timeout=10)
+        named = server.connect(timeout=10, name="stage-2")
+        procs = [SPAWN.Process(target=_save_in_child, args=(s,)) for s in (anonymous, named)]
+        with reaped(*procs):
+            pass
+        assert [p.exitcode for p in procs] == [0, 0]
+        names = {c["pid"]: c["name"] for c in anonymous.stats().clients}
+        assert names[procs[0].pid] == f"client-{procs[0].pid}"
+        assert names[procs[1].pid] == "stage-2"
+        anonymous.close()
+        named.close()
+
+
+def test_stats_print_one_line_summaries_and_a_full_report() -> None:
+    with shmstore.serve(export=False) as server, server.connect(timeout=10, name="me") as store:
+        store.save(Checkpoint(execution_id="run", state="x" * 100))
+        stats = store.stats()
+        line = stats.summary()
+        assert "\n" not in line and line.startswith("1 checkpoints in 1 executions")
+        assert "1 clients" in line
+        text = str(stats)
+        assert "client " in text and " me: RSS" in text and "x payload" not in text
