@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import select
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from .codec import MsgpackCodec
@@ -79,7 +80,7 @@ class SharedStore(BaseStore):
         self.timeout = float(timeout)
         self._named = name is not None  # a default name follows the store to each process
         self.name = name or f"client-{os.getpid()}"
-        self._pid = os.getpid()
+        _STORES.add(self)
         self._idle: list[Channel] = []  # list.pop and list.append are atomic
         self._conns: set[Channel] = set()  # every open connection of this process
         self._conns_lock = threading.Lock()
@@ -93,14 +94,14 @@ class SharedStore(BaseStore):
         return (_rebuild, (self.url, self._authkey.hex(), self.timeout,
                            self.name if self._named else None))
 
+    def _forget_parent(self) -> None:
+        """In a forked child: the parent owns the inherited sockets; leave them alone."""
+        self._idle, self._conns, self._conns_lock = [], set(), threading.Lock()
+        if not self._named:
+            self.name = f"client-{os.getpid()}"
+
     def _connection(self) -> Channel:
         """An idle connection of this process, or a new one."""
-        if self._pid != os.getpid():
-            # Inherited across fork: the parent owns those sockets; leave them alone.
-            self._pid = os.getpid()
-            self._idle, self._conns, self._conns_lock = [], set(), threading.Lock()
-            if not self._named:
-                self.name = f"client-{self._pid}"
         try:
             return self._idle.pop()
         except IndexError:
@@ -135,7 +136,7 @@ class SharedStore(BaseStore):
             # Whatever happened, this connection may be out of step: never reuse it.
             self._discard(conn)
             raise translate(exc, self.url, self.timeout) from None
-        if self._closed or self._pid != os.getpid():
+        if self._closed:
             self._discard(conn)
         else:
             self._idle.append(conn)
@@ -148,8 +149,6 @@ class SharedStore(BaseStore):
     def close(self) -> None:
         """Close every connection this store opened; later calls raise `StoreUnavailable`."""
         self._closed = True
-        if self._pid != os.getpid():
-            return  # a forked copy: those connections are the parent's
         with self._conns_lock:
             conns, self._conns = self._conns, set()
         self._idle = []
@@ -158,6 +157,19 @@ class SharedStore(BaseStore):
                 conn.close()
             except OSError:
                 pass
+
+
+# Every SharedStore of this process: a forked child drops their inherited connections
+# (without a pid check on every call).
+_STORES: weakref.WeakSet[SharedStore] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_STORES):
+        store._forget_parent()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _rebuild(url: str, authkey: str, timeout: float, name: str | None) -> SharedStore:
