@@ -29,7 +29,7 @@ from .server import (
     read_connection_file,
 )
 from .store import BaseStore
-from .wire import Channel, open_connection, pack, parse_url, translate, unpack
+from .wire import Channel, open_connection, parse_url, translate, unpack
 
 if TYPE_CHECKING:
     from .redis import RedisStore
@@ -125,7 +125,7 @@ class SharedStore(BaseStore):
     def _call(self, op: str, *args: Any) -> Any:
         conn = self._connection()
         try:
-            conn.send(pack((TABLE_IDENT, op, args, _NO_KWARGS)))
+            conn.send_message((TABLE_IDENT, op, args, _NO_KWARGS))
             slot = _BLOCKING_OPS.get(op)
             if slot is not None and not conn.pending() and not select.select(
                 [conn.fd], [], [], args[slot] + self.timeout

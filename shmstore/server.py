@@ -42,7 +42,6 @@ from .wire import (
     SERIALIZER,
     Address,
     Channel,
-    pack,
     parse_url,
     set_io_timeout,
     unpack,
@@ -154,7 +153,7 @@ class TableServer(managers.Server):
             except Exception as exc:  # the client re-raises it; this thread serves on
                 msg = ("#ERROR", exc)
             try:
-                chan.send(pack(msg))
+                chan.send_message(msg)
             except OSError:
                 return
 

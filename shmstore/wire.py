@@ -47,6 +47,9 @@ LISTEN_BACKLOG = 512
 MAX_UNIX_PATH = 107
 _EXC_EXT = 64  # ext code of an exception on the wire (transport only, not the state codec)
 CHANNEL_BUFFER = 64 * 1024
+# Up to this size a message is copied behind its header (one iovec is cheaper); above it,
+# header and message go to writev as they are.
+SMALL_MESSAGE = 16 * 1024
 _HEADER = struct.Struct("!i")
 _BIG = struct.Struct("!Q")
 
@@ -227,7 +230,8 @@ class Channel:
             wait for a message's first bytes is not bounded by it.
     """
 
-    __slots__ = ("_buf", "_conn", "_end", "_poll", "_start", "_view", "fd", "frame_timeout_ms")
+    __slots__ = ("_buf", "_conn", "_end", "_packer", "_poll", "_start", "_view", "fd",
+                 "frame_timeout_ms")
 
     def __init__(self, conn: connection.Connection, *,
                  frame_timeout: float | None = None) -> None:
@@ -236,6 +240,8 @@ class Channel:
         self._buf = bytearray(CHANNEL_BUFFER)
         self._view = memoryview(self._buf)
         self._start = self._end = 0
+        # Packs into a buffer it keeps and sends from it: no bytes object per message.
+        self._packer = msgpack.Packer(default=_default, use_bin_type=True, autoreset=False)
         self.frame_timeout_ms: int | None = None
         self._poll = select.poll()
         if frame_timeout is not None:
@@ -248,13 +254,23 @@ class Channel:
             raise TimeoutError(f"the rest of a message did not come within "
                                f"{self.frame_timeout_ms / 1000} s")
 
-    def send(self, data: bytes) -> None:
+    def send_message(self, message: object) -> None:
+        """Encode ``message`` as `pack` does and send it, without copying the encoding."""
+        packer = self._packer
+        try:
+            packer.pack(message)
+            with packer.getbuffer() as view:
+                self.send(view)
+        finally:
+            packer.reset()
+
+    def send(self, data: bytes | memoryview) -> None:
         """Send one message (blocking, bounded by the socket's send timeout)."""
         n = len(data)
         header = _HEADER.pack(n) if n < 0x7FFFFFFF else _HEADER.pack(-1) + _BIG.pack(n)
-        if n <= CHANNEL_BUFFER:
-            chunks = [header + data]
-        else:
+        if n <= SMALL_MESSAGE:
+            chunks: list[bytes | memoryview] = [header + data]
+        else:  # one writev all the same, without copying the message behind its header
             chunks = [header, data]
         fd = self.fd
         while chunks:
@@ -263,7 +279,7 @@ class Channel:
                 sent -= len(chunks[0])
                 chunks.pop(0)
             if sent:
-                chunks[0] = memoryview(chunks[0])[sent:]  # type: ignore[call-overload]
+                chunks[0] = memoryview(chunks[0])[sent:]
 
     def _fill(self, need: int) -> None:
         """Read until ``need`` bytes past ``_start`` are buffered (need <= buffer size)."""
