@@ -9,27 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from shmstore import BaseStore, Checkpoint, ConfigError, EncodeError, ShmstoreError, StoreFull
+from shmstore import BaseStore, Checkpoint, ConfigError, EncodeError, StoreFull
 from shmstore.store import OneOf
 from shmstore.table import CheckpointTable
-
-UNSUPPORTED = "does not support the 'find' operation"
-
-
-@pytest.fixture(autouse=True)
-def _backend_implements_the_queries(request: pytest.FixtureRequest) -> None:
-    # A backend wires these table ops after the table has them (RedisStore: one Lua script
-    # each); until it does, it refuses them by name, and its tests here say so.
-    if "store" not in request.fixturenames:
-        return
-    store: BaseStore = request.getfixturevalue("store")
-    try:
-        store.find("probe")
-    except ShmstoreError as exc:
-        if UNSUPPORTED not in str(exc):
-            raise
-        pytest.skip(f"{type(store).__name__} does not implement find/save_new/purge/copy "
-                    "yet")
 
 
 def cp(execution: str, cid: str, node: str = "step", parent: str | None = None,
