@@ -138,11 +138,12 @@ class MemoryMonitor:
         self.trims = 0
 
     def register(self, pid: int, name: str = "") -> None:
-        """Watch client process ``pid`` (named ``name``) from the next sample on."""
+        """Watch client process ``pid`` (named ``name``); its RSS is read at once."""
         with self._lock:
             client = self._clients.get(pid)
             if client is None or not client.alive:
-                self._clients[pid] = _Client(pid, name or f"pid-{pid}")
+                client = self._clients[pid] = _Client(pid, name or f"pid-{pid}")
+                client.refresh(time.time())  # stats() right after connecting shows it
             elif name:
                 client.name = name
 

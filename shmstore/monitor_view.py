@@ -346,8 +346,13 @@ def _clock(t: float) -> str:
     return datetime.datetime.fromtimestamp(t).strftime("%H:%M:%S")
 
 
+RATIO_MIN_PAYLOAD = 2**20  # below this, RSS is the interpreter's, not the payload's
+
+
 def _ratio(s: MemorySample) -> str:
-    return f"{s.server_rss / s.payload_bytes:.2f}x" if s.payload_bytes else "—"
+    if s.payload_bytes < RATIO_MIN_PAYLOAD:
+        return "—"
+    return f"{s.server_rss / s.payload_bytes:.2f}x"
 
 
 def plain_line(recorder: MemoryRecorder) -> str:

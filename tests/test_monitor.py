@@ -137,3 +137,10 @@ def test_uss_is_read_within_its_cpu_budget() -> None:
     assert second["server_rss"] > 0  # RSS is in every sample
     mon._next_uss = 0.0
     assert mon.sample()["server_uss"] is not None
+
+
+def test_a_client_has_its_rss_from_the_moment_it_registers() -> None:
+    mon = MemoryMonitor(lambda: (0, 0))
+    mon.register(os.getpid(), "me")
+    (me,) = mon.clients()  # no sample taken yet
+    assert me["rss"] > 0 and me["alive"]

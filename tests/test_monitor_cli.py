@@ -413,3 +413,14 @@ def test_run_monitor_records_an_in_process_store(tmp_path: Path) -> None:
 def test_format_bytes() -> None:
     assert [format_bytes(n) for n in (0, 1023, 1536, 5 * MiB, -2 * MiB, 3 * 1024**4)] == [
         "0 B", "1023 B", "1.5 KiB", "5.0 MiB", "-2.0 MiB", "3072.0 GiB"]
+
+
+def test_rss_per_payload_is_only_shown_once_the_payload_means_something() -> None:
+    from shmstore.monitor_view import RATIO_MIN_PAYLOAD, _ratio
+
+    small = MemorySample(t=0.0, server_rss=25 * 2**20, server_uss=None, checkpoints=3,
+                         payload_bytes=12, clients=())
+    big = MemorySample(t=0.0, server_rss=3 * RATIO_MIN_PAYLOAD, server_uss=None,
+                       checkpoints=3, payload_bytes=2 * RATIO_MIN_PAYLOAD, clients=())
+    assert _ratio(small) == "—"
+    assert _ratio(big) == "1.50x"
