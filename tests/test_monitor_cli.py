@@ -424,3 +424,20 @@ def test_rss_per_payload_is_only_shown_once_the_payload_means_something() -> Non
                        checkpoints=3, payload_bytes=2 * RATIO_MIN_PAYLOAD, clients=())
     assert _ratio(small) == "—"
     assert _ratio(big) == "1.50x"
+
+
+def test_a_closed_pipe_ends_the_plain_view_quietly() -> None:
+    with shmstore.serve(export=False) as server:
+        env = {**os.environ, "SHMSTORE_URL": server.url,
+               "SHMSTORE_AUTHKEY": server.authkey.hex()}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shmstore", "monitor", "--plain", "--interval", "0.05"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            assert proc.stdout.readline()  # it is running; now the reader leaves
+            proc.stdout.close()
+            assert proc.wait(30) == 0
+            assert b"Traceback" not in proc.stderr.read()
+        finally:
+            reap(proc)
