@@ -75,7 +75,9 @@ CYCLE_DRIFT = 0.10
 MiB = 1024 * 1024
 MAX_WRITERS = 32
 SAMPLE_INTERVAL = 0.1     # seconds between memory samples during a fill
-SETTLE = 0.5              # seconds before a before/after reading (Redis updates RSS in cron)
+# Seconds before a before/after reading: Redis updates its RSS figure in its cron, and the
+# shmstore server hands freed heap back at its next memory sample (every 0.5 s).
+SETTLE = 1.2
 START_TIMEOUT = 60.0      # for a writer to connect, and for redis-server to answer
 CHUNK = {"shmstore": 32, "redis": 100, "syncmgr": 100}  # writes between stop checks
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
