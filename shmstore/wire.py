@@ -214,6 +214,10 @@ def set_io_timeout(fd: int, seconds: float, *, send: float | None = None) -> Non
         sock.close()
 
 
+def _new_packer() -> msgpack.Packer:
+    return msgpack.Packer(default=_default, use_bin_type=True, autoreset=False)
+
+
 class Channel:
     """A framed connection with one read per message where the stdlib makes two.
 
@@ -241,7 +245,7 @@ class Channel:
         self._view = memoryview(self._buf)
         self._start = self._end = 0
         # Packs into a buffer it keeps and sends from it: no bytes object per message.
-        self._packer = msgpack.Packer(default=_default, use_bin_type=True, autoreset=False)
+        self._packer = _new_packer()
         self.frame_timeout_ms: int | None = None
         self._poll = select.poll()
         if frame_timeout is not None:
@@ -257,12 +261,18 @@ class Channel:
     def send_message(self, message: object) -> None:
         """Encode ``message`` as `pack` does and send it, without copying the encoding."""
         packer = self._packer
+        size = 0
         try:
             packer.pack(message)
             with packer.getbuffer() as view:
+                size = len(view)
                 self.send(view)
-        finally:
-            packer.reset()
+        except BaseException:
+            self._packer = _new_packer()  # whatever it holds half-packed goes with it
+            raise
+        packer.reset()  # keeps its buffer...
+        if size > LARGE_START:  # ...which must not stay as big as a rare huge message
+            self._packer = _new_packer()
 
     def send(self, data: bytes | memoryview) -> None:
         """Send one message (blocking, bounded by the socket's send timeout)."""
