@@ -145,14 +145,6 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
             self._owns_store = False
         self.store: BaseStore = store
 
-    def _run(self, call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        """``call(*args, **kwargs)`` in this thread.
-
-        LangGraph runs every invocation on fresh threads; a `SharedStore` serves them from
-        its pool of idle connections, so no thread leaves a connection behind.
-        """
-        return call(*args, **kwargs)
-
     async def _run_async(self, call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         """``call`` off the event loop, on a worker thread."""
         return await asyncio.to_thread(call, *args, **kwargs)
@@ -226,9 +218,8 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
         checkpoint_ns = conf.get("checkpoint_ns", "")
         execution = _execution(thread_id, checkpoint_ns)
         checkpoint_id = get_checkpoint_id(config)
-        found = self._run(
-            self.store.find, execution, node_name=CHECKPOINT_NODE, limit=1,
-            children=WRITE_NODE,
+        found = self.store.find(
+            execution, node_name=CHECKPOINT_NODE, limit=1, children=WRITE_NODE,
             checkpoint_id=None if not checkpoint_id else _record_id(execution, checkpoint_id))
         if not found:
             return None
@@ -262,9 +253,8 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
             scope, exact = _execution(conf["thread_id"], checkpoint_ns), True
         # Within one execution ids compare as LangGraph's do; across several, filter here.
         in_server = exact or (not before_id and not only)
-        found = self._run(
-            self.store.find, scope, prefix=not exact, node_name=CHECKPOINT_NODE,
-            where=filter or None,
+        found = self.store.find(
+            scope, prefix=not exact, node_name=CHECKPOINT_NODE, where=filter or None,
             before_id=_record_id(scope, before_id) if exact and before_id else None,
             checkpoint_id=_record_id(scope, only) if exact and only else None,
             limit=limit if in_server else None, children=WRITE_NODE)
@@ -302,12 +292,12 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
             parent_id=_record_id(execution, parent) if parent else None,
             id=_record_id(execution, checkpoint["id"]))
         try:
-            self._run(self.store.save, record)
+            self.store.save(record)
         except EncodeError as exc:
             if not str(exc.path).startswith("metadata"):
                 raise
             meta, other = self._split_metadata(meta)
-            self._run(self.store.save, Checkpoint(
+            self.store.save(Checkpoint(
                 execution_id=execution, node_name=CHECKPOINT_NODE, state=state + other,
                 metadata=meta, parent_id=record.parent_id, id=record.id))
         return _config(thread_id, checkpoint_ns, checkpoint["id"])
@@ -339,29 +329,29 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
                 id=f"{parent}#{key}#{task_id}",
                 state=[task_id, channel, kind, data, task_path, key]))
         if all(channel in WRITES_IDX_MAP for channel, _ in writes):
-            self._run(self.store.save_many, records)
+            self.store.save_many(records)
         else:
-            self._run(self.store.save_new, records)
+            self.store.save_new(records)
 
     def delete_thread(self, thread_id: str) -> None:
         """Drop every checkpoint and pending write of the thread, all namespaces."""
-        self._run(self.store.purge, _thread_prefix(thread_id), prefix=True)
+        self.store.purge(_thread_prefix(thread_id), prefix=True)
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
         """Drop the checkpoints whose metadata ``run_id`` is one of ``run_ids``, with their
         pending writes, in every thread."""
         if not run_ids:
             return
-        self._run(self.store.purge, PREFIX, prefix=True, node_name=CHECKPOINT_NODE,
-                  where={"run_id": OneOf(*run_ids)}, children=WRITE_NODE)
+        self.store.purge(PREFIX, prefix=True, node_name=CHECKPOINT_NODE,
+                         where={"run_id": OneOf(*run_ids)}, children=WRITE_NODE)
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         """Copy every checkpoint and pending write of a thread (all namespaces, the whole
         parent chain) to another thread, in their order."""
         if str(source_thread_id) == str(target_thread_id):
             return
-        self._run(self.store.copy, _thread_prefix(source_thread_id),
-                  _thread_prefix(target_thread_id), prefix=True)
+        self.store.copy(_thread_prefix(source_thread_id), _thread_prefix(target_thread_id),
+                        prefix=True)
 
     def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         """Prune threads: ``"keep_latest"`` keeps the latest checkpoint of each namespace
@@ -380,10 +370,10 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
             return
         prefixes = [_thread_prefix(t) for t in thread_ids]
         if strategy == "delete":
-            self._run(self.store.purge, prefixes, prefix=True)
+            self.store.purge(prefixes, prefix=True)
         else:
-            self._run(self.store.purge, prefixes, prefix=True, node_name=CHECKPOINT_NODE,
-                      keep=1, children=WRITE_NODE)
+            self.store.purge(prefixes, prefix=True, node_name=CHECKPOINT_NODE, keep=1,
+                             children=WRITE_NODE)
 
     def get_next_version(self, current: str | None, channel: None) -> str:
         """The next channel version: an increasing counter and a random tie-breaker."""

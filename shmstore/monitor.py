@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import resource
 import sys
 import threading
 import time
@@ -50,6 +51,13 @@ def _malloc_trim() -> Callable[[], object] | None:
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
     return lambda: trim(0)
+
+
+def peak_rss(rss: int) -> int:
+    """This process's highest RSS in bytes: the kernel's high-water mark, which it updates
+    lazily, so never less than ``rss`` (the RSS just read)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max(rss, peak if sys.platform == "darwin" else peak * 1024)  # Linux counts KiB
 
 
 class _Client:

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
 from .errors import ConfigError, StoreTimeout, StoreUnavailable
+from .store import RATIO_MIN_PAYLOAD, format_bytes
 
 __all__ = [
     "CSV_COLUMNS",
@@ -111,17 +112,6 @@ class MemorySample:
         uss = raw.get("server_uss")
         return cls(float(raw["t"]), int(raw["server_rss"]), None if uss is None else int(uss),
                    int(raw["checkpoints"]), int(raw["payload_bytes"]), tuple(clients))
-
-
-def format_bytes(n: float) -> str:
-    """``1536`` -> ``1.5 KiB``; bytes as people read them."""
-    if abs(n) < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB"):
-        n /= 1024
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}"
-    raise AssertionError("unreachable")
 
 
 def format_rate(rate: float | None) -> str:
@@ -344,9 +334,6 @@ def write_plot(samples: Sequence[MemorySample], path: str, *, title: str | None 
 
 def _clock(t: float) -> str:
     return datetime.datetime.fromtimestamp(t).strftime("%H:%M:%S")
-
-
-RATIO_MIN_PAYLOAD = 2**20  # below this, RSS is the interpreter's, not the payload's
 
 
 def _ratio(s: MemorySample) -> str:

@@ -41,7 +41,6 @@ import os
 import select
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -302,15 +301,12 @@ def _ask_controller(path: str, authkey: bytes) -> tuple[str, int]:
 
 def _process_memory() -> dict[str, int]:
     """This process's pid, RSS and peak RSS in bytes."""
-    import resource
-
     import psutil
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak = peak if sys.platform == "darwin" else peak * 1024  # Linux counts KiB
+    from .monitor import peak_rss
+
     rss = psutil.Process().memory_info().rss
-    # The kernel updates the high-water mark lazily: it may trail the current RSS.
-    return {"pid": os.getpid(), "rss": rss, "peak_rss": max(peak, rss)}
+    return {"pid": os.getpid(), "rss": rss, "peak_rss": peak_rss(rss)}
 
 
 # -- one run's state, per process ----------------------------------------------------------
@@ -466,9 +462,9 @@ class _XdistControllerHooks:
 
 
 def _format(value: Any, kind: str) -> str:
-    from .store import _human_bytes
+    from .store import format_bytes
 
-    return _human_bytes(value) if kind == "bytes" else str(value)
+    return format_bytes(value) if kind == "bytes" else str(value)
 
 
 def _figures(values: dict[str, Any], rows: tuple[tuple[str, str, str], ...]) -> str:

@@ -90,7 +90,14 @@ from .errors import (
 )
 from .limits import DEFAULT_MAX_CHECKPOINT_BYTES, Limits
 from .store import BaseStore
-from .table import TABLE_OPS, Record, _decode_where, metadata_matches
+from .table import (
+    TABLE_OPS,
+    Record,
+    decode_where,
+    metadata_matches,
+    purge_plan,
+    with_children,
+)
 
 try:
     import redis as _redis
@@ -952,7 +959,7 @@ class RedisStore(BaseStore):
                  children: str | None = None) -> builtins.list[builtins.list[Any]]:
         # Metadata is filtered here, with Python's equality (1 == 1.0, a tuple is not a
         # list), exactly as the table does; Redis applies every other filter.
-        filters = _decode_where(where)
+        filters = decode_where(where)
         scanned = self._scan("find", executions, prefix, node_name=node_name,
                              checkpoint_id=checkpoint_id, before_id=before_id,
                              children=children, limit=limit if filters is None else (
@@ -966,11 +973,7 @@ class RedisStore(BaseStore):
                 matched.append(record)
                 if limit is not None and len(out) + len(matched) >= limit:
                     break
-            by_parent: dict[str, builtins.list[Record]] = {r[0]: [] for r in matched}
-            for kid in kids:
-                if kid[5] in by_parent:
-                    by_parent[kid[5]].append(kid)
-            out.extend([record, by_parent[record[0]]] for record in matched)
+            out.extend(with_children(matched, kids))
             if limit is not None and len(out) >= limit:
                 break
         return out
@@ -980,27 +983,10 @@ class RedisStore(BaseStore):
                   keep: int = 0, children: str | None = None) -> int:
         # Read the scope, decide as the table does, then drop in one script the records
         # that are still there at the same version (a record saved in between survives).
-        filters = _decode_where(where)
+        filters = decode_where(where)
         doomed: builtins.list[Record] = []
         for _name, newest_first, _kids in self._scan("purge", executions, prefix):
-            oldest_first = newest_first[::-1]
-            if node_name is None and filters is None and not keep:
-                doomed.extend(oldest_first)
-                continue
-            dropped: set[str] = set()
-            kept = 0
-            for record in newest_first:
-                if (node_name is not None and record[2] != node_name) or (
-                        filters is not None and not metadata_matches(record[6], filters)):
-                    continue
-                if kept < keep:
-                    kept += 1
-                    continue
-                dropped.add(record[0])
-            if dropped and children is not None:
-                dropped.update([r[0] for r in oldest_first
-                                if r[2] == children and r[5] in dropped])
-            doomed.extend(r for r in oldest_first if r[0] in dropped)
+            doomed += purge_plan(newest_first[::-1], node_name, filters, keep, children)
         if not doomed:
             return 0
         args: builtins.list[bytes] = []

@@ -27,13 +27,18 @@ from .errors import ConfigError, ShmstoreError, StoreFull, StoreTimeout
 from .limits import Limits
 from .table import BUSY, DONE, GRANTED, HELD
 
-__all__ = ["DEFAULT_LEASE_S", "BaseStore", "OneOf", "StoreStats"]
+__all__ = ["DEFAULT_LEASE_S", "RATIO_MIN_PAYLOAD", "BaseStore", "OneOf", "StoreStats",
+           "format_bytes"]
 
 log = logging.getLogger("shmstore")
 
 #: How long a `BaseStore.load_or_compute` lease lasts unless renewed; a computing
 #: process renews it every third of that, so only a dead (or frozen) one loses it.
 DEFAULT_LEASE_S = 10.0
+
+#: RSS over payload is shown only from this much payload on: below it, RSS is mostly the
+#: interpreter's own.
+RATIO_MIN_PAYLOAD = 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,28 +95,28 @@ class StoreStats:
         clients = f", {len(self.clients)} clients" + (f" ({dead} dead)" if dead else "") \
             if self.clients else ""
         return (f"{self.checkpoints} checkpoints in {self.executions} executions, "
-                f"{_human_bytes(self.payload_bytes)} payload; server pid {self.server_pid}, "
-                f"RSS {_human_bytes(self.server_rss)} (peak "
-                f"{_human_bytes(self.server_peak_rss)}){clients}")
+                f"{format_bytes(self.payload_bytes)} payload; server pid {self.server_pid}, "
+                f"RSS {format_bytes(self.server_rss)} (peak "
+                f"{format_bytes(self.server_peak_rss)}){clients}")
 
     def __str__(self) -> str:
-        # RSS over payload means something once the payload outweighs the interpreter.
-        ratio = self.server_rss / self.payload_bytes if self.payload_bytes >= 2**20 else 0.0
+        ratio = self.server_rss / self.payload_bytes \
+            if self.payload_bytes >= RATIO_MIN_PAYLOAD else 0.0
         lines = [
             f"{self.checkpoints} checkpoints in {self.executions} executions, "
-            f"{_human_bytes(self.payload_bytes)} payload",
-            f"server pid {self.server_pid}: RSS {_human_bytes(self.server_rss)} "
-            f"(peak {_human_bytes(self.server_peak_rss)}"
+            f"{format_bytes(self.payload_bytes)} payload",
+            f"server pid {self.server_pid}: RSS {format_bytes(self.server_rss)} "
+            f"(peak {format_bytes(self.server_peak_rss)}"
             + (f", {ratio:.2f}x payload" if ratio else "") + f"), up {self.uptime_s:.1f} s",
         ]
         if self.largest_executions:
             lines.append("largest executions: " + ", ".join(
-                f"{name} {_human_bytes(nbytes)} in {count}"
+                f"{name} {format_bytes(nbytes)} in {count}"
                 for name, count, nbytes in self.largest_executions))
         for client in self.clients:
             state = "alive" if client.get("alive") else "dead"
             lines.append(f"client {client.get('pid')} {client.get('name', '')}: "
-                         f"RSS {_human_bytes(client.get('rss', 0))} ({state})")
+                         f"RSS {format_bytes(client.get('rss', 0))} ({state})")
         in_force = {k: v for k, v in self.limits.items() if v is not None and k != "on_full"}
         if in_force:
             lines.append("limits: " + ", ".join(f"{k}={v}" for k, v in in_force.items())
@@ -121,7 +126,8 @@ class StoreStats:
         return "\n".join(lines)
 
 
-def _human_bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``1.5 KiB``; bytes as people read them."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -175,6 +181,13 @@ def _check_limit(limit: object, name: str) -> int | None:
     if type(limit) is not int or limit < 0:
         raise ConfigError(f"{name} must be an int >= 0 or None, not {limit!r}", value=repr(limit))
     return limit
+
+
+def _check_optional_str(**values: object) -> None:
+    for name, value in values.items():
+        if value is not None and type(value) is not str:
+            raise ConfigError(f"{name} must be a str or None, not {type(value).__name__}",
+                              value=repr(value)[:80])
 
 
 def _check_lease(lease: object) -> float:
@@ -312,12 +325,15 @@ class BaseStore(abc.ABC):
         Raises:
             EncodeError: one of them cannot be encoded; nothing is written.
         """
+        cps, versions = self._save_all("save_many", checkpoints)
+        return [_with_version(cp, v) for cp, v in zip(cps, versions, strict=True)]
+
+    def _save_all(self, op: str, checkpoints: Iterable[Checkpoint],
+                  ) -> tuple[builtins.list[Checkpoint], builtins.list[int]]:
+        """Encode every checkpoint first (nothing is sent if one fails), then run ``op``."""
         cps = list(checkpoints)
         records = [self._record(cp) for cp in cps]
-        if not records:
-            return []
-        versions = self._call("save_many", records)
-        return [_with_version(cp, v) for cp, v in zip(cps, versions, strict=True)]
+        return cps, (self._call(op, records) if records else [])
 
     def load(self, checkpoint_id: str) -> Checkpoint:
         """The checkpoint with this id, as a fresh copy.
@@ -568,11 +584,8 @@ class BaseStore(abc.ABC):
         if not names:
             return []
         limit = _check_limit(limit, "limit")
-        for value, what in ((node_name, "node_name"), (before_id, "before_id"),
-                            (checkpoint_id, "checkpoint_id"), (children, "children")):
-            if value is not None and type(value) is not str:
-                raise ConfigError(f"{what} must be a str or None, not {type(value).__name__}",
-                                  value=repr(value)[:80])
+        _check_optional_str(node_name=node_name, before_id=before_id,
+                            checkpoint_id=checkpoint_id, children=children)
         found = self._call("find", names, bool(prefix), node_name, self._where(where),
                            before_id, limit, checkpoint_id, children)
         codec = self.codec
@@ -589,11 +602,7 @@ class BaseStore(abc.ABC):
         Raises:
             EncodeError: one of them cannot be encoded; nothing is written.
         """
-        cps = list(checkpoints)
-        records = [self._record(cp) for cp in cps]
-        if not records:
-            return []
-        versions = self._call("save_new", records)
+        cps, versions = self._save_all("save_new", checkpoints)
         return [_with_version(cp, v) if v else None for cp, v in zip(cps, versions, strict=True)]
 
     def purge(
@@ -621,10 +630,7 @@ class BaseStore(abc.ABC):
         keep = _check_limit(keep, "keep") or 0
         if not names:
             return 0
-        for value, what in ((node_name, "node_name"), (children, "children")):
-            if value is not None and type(value) is not str:
-                raise ConfigError(f"{what} must be a str or None, not {type(value).__name__}",
-                                  value=repr(value)[:80])
+        _check_optional_str(node_name=node_name, children=children)
         return int(self._call("purge", names, bool(prefix), node_name, self._where(where),
                               keep, children))
 
@@ -640,9 +646,7 @@ class BaseStore(abc.ABC):
             ConfigError: ``source`` equals ``target``.
             StoreFull: the copies do not fit under the limits; nothing was written.
         """
-        what = "execution id prefix" if prefix else "execution_id"
-        validate_id(source, what)
-        validate_id(target, what)
+        self._scope((source, target), prefix)  # both valid ids
         return int(self._call("copy", source, target, bool(prefix)))
 
     def stats(self) -> StoreStats:

@@ -30,7 +30,6 @@ import builtins
 import heapq
 import itertools
 import os
-import resource
 import sys
 import threading
 import time
@@ -43,6 +42,7 @@ import psutil
 from .checkpoint import new_id
 from .errors import CheckpointNotFound, ConfigError, StoreFull, VersionConflict
 from .limits import Limits
+from .monitor import peak_rss
 
 __all__ = ["CheckpointTable", "Record", "TABLE_OPS"]
 
@@ -282,7 +282,7 @@ class CheckpointTable:
         Accounts for re-saved ids and for retention, exactly as `_insert` will act.
         """
         stored = self._records
-        keep = self._limits.max_per_execution
+        keep = self._keep
         count, nbytes = len(stored), self._payload_bytes
         batch: dict[str, tuple[str, int]] = {}  # batch id -> (execution, size), alive
         gone: set[str] = set()  # stored ids the batch replaces or retention drops
@@ -381,12 +381,12 @@ class CheckpointTable:
                         f"not {expected_version}; load the latest and try again",
                         execution_id=record[EXECUTION], expected=expected_version, actual=actual,
                     )
+            if not self._fast:
+                return self._store((record,))[0]
             largest = self._largest
             if largest is not None and len(record[STATE]) + len(record[METADATA]) > largest:
                 self._admit((record,))  # raises, with the figures
-            if self._fast:
-                return self._insert(record)
-            return self._store((record,))[0]
+            return self._insert(record)
 
     def save_many(self, records: Iterable[Sequence[Any]]) -> list[int]:
         """Store every record at once; return their versions in order."""
@@ -681,9 +681,7 @@ class CheckpointTable:
             }
         figures["server_pid"] = self._process.pid
         rss = figures["server_rss"] = self._process.memory_info().rss
-        # The kernel's high-water mark (KiB on Linux, bytes on macOS).
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        figures["server_peak_rss"] = max(rss, peak if sys.platform == "darwin" else peak * 1024)
+        figures["server_peak_rss"] = peak_rss(rss)
         figures["uptime_s"] = time.monotonic() - self._started
         return figures
 
@@ -712,17 +710,12 @@ class CheckpointTable:
         """``[record, its children oldest first]`` for each of ``parents`` (under the lock)."""
         if children is None or not parents:
             return [[record, []] for record in parents]
-        kids: dict[str, builtins.list[Record]] = {record[ID]: [] for record in parents}
         records = self._records
         # The whole execution: a child may be saved before its parent (LangGraph saves a
         # checkpoint in the background while the next step's writes arrive).
-        for cid in execution.versions.values():
-            record = records[cid]
-            if record[NODE] == children:
-                found = kids.get(record[PARENT])
-                if found is not None:
-                    found.append(record)
-        return [[record, kids[record[ID]]] for record in parents]
+        kids = [records[cid] for cid in execution.versions.values()
+                if records[cid][NODE] == children]
+        return with_children(parents, kids)
 
     def find(
         self,
@@ -745,7 +738,7 @@ class CheckpointTable:
             self._ops["find"] += 1
             if limit == 0:
                 return []
-            filters = _decode_where(where)
+            filters = decode_where(where)
             records = self._records
             scope = self._scope(executions, prefix)
             if checkpoint_id is not None:
@@ -760,10 +753,7 @@ class CheckpointTable:
                     candidates = (records[cid] for cid in reversed(versions.values()))
                 matched: builtins.list[Record] = []
                 for record in candidates:
-                    if (node_name is not None and record[NODE] != node_name) or (
-                            before_id is not None and record[ID] >= before_id) or (
-                            filters is not None and not metadata_matches(record[METADATA],
-                                                                         filters)):
+                    if not _matches(record, node_name, filters, before_id):
                         continue
                     matched.append(record)
                     if limit is not None and len(out) + len(matched) >= limit:
@@ -807,32 +797,14 @@ class CheckpointTable:
         with their children; return how many records were dropped."""
         with self._lock:
             self._ops["purge"] += 1
-            filters = _decode_where(where)
+            filters = decode_where(where)
             records = self._records
-            doomed: builtins.list[str] = []
+            doomed: builtins.list[Record] = []
             for execution in self._scope(executions, prefix):
-                ids = execution.versions.values()
-                if node_name is None and filters is None and not keep:
-                    doomed.extend(ids)
-                    continue
-                dropped: set[str] = set()
-                kept = 0
-                for cid in reversed(ids):
-                    record = records[cid]
-                    if (node_name is not None and record[NODE] != node_name) or (
-                            filters is not None and not metadata_matches(record[METADATA],
-                                                                         filters)):
-                        continue
-                    if kept < keep:
-                        kept += 1
-                        continue
-                    dropped.add(cid)
-                if dropped and children is not None:
-                    dropped.update([cid for cid in ids if records[cid][NODE] == children
-                                    and records[cid][PARENT] in dropped])
-                doomed.extend(cid for cid in ids if cid in dropped)
-            for cid in doomed:
-                self._remove(self._records[cid])  # _remove may rebuild the dict: look it up anew
+                oldest_first = [records[cid] for cid in execution.versions.values()]
+                doomed += purge_plan(oldest_first, node_name, filters, keep, children)
+            for record in doomed:
+                self._remove(record)
             return len(doomed)
 
     def copy(self, source: str, target: str, prefix: bool = False) -> int:
@@ -883,7 +855,7 @@ def _unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
-def _decode_where(where: dict[str, Sequence[bytes]] | None) -> Where | None:
+def decode_where(where: dict[str, Sequence[bytes]] | None) -> Where | None:
     """``where`` as (key, accepted values) pairs, values decoded once per call."""
     if not where:
         return None
@@ -892,6 +864,47 @@ def _decode_where(where: dict[str, Sequence[bytes]] | None) -> Where | None:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"a where filter must map keys to lists of msgpack-encoded values: "
                           f"{exc}", value=repr(where)[:80]) from None
+
+
+def _matches(record: Record, node_name: str | None, filters: Where | None,
+             before_id: str | None = None) -> bool:
+    """Whether ``record`` passes the filters of `find` and `purge`."""
+    return ((node_name is None or record[NODE] == node_name)
+            and (before_id is None or record[ID] < before_id)
+            and (filters is None or metadata_matches(record[METADATA], filters)))
+
+
+def with_children(parents: Sequence[Record],
+                  kids: Iterable[Record]) -> builtins.list[builtins.list[Any]]:
+    """``[parent, its children]`` for each parent; ``kids`` are candidates, oldest first,
+    and a kid belongs to the parent its parent_id names."""
+    found: dict[str, builtins.list[Record]] = {record[ID]: [] for record in parents}
+    for kid in kids:
+        siblings = found.get(kid[PARENT])
+        if siblings is not None:
+            siblings.append(kid)
+    return [[record, found[record[ID]]] for record in parents]
+
+
+def purge_plan(oldest_first: Sequence[Record], node_name: str | None, filters: Where | None,
+               keep: int, children: str | None) -> builtins.list[Record]:
+    """What `purge` drops of one execution's records (given oldest first), oldest first:
+    the matches but the newest ``keep``, and the ``children`` whose parent goes."""
+    if node_name is None and filters is None and not keep:
+        return builtins.list(oldest_first)
+    dropped: set[str] = set()
+    kept = 0
+    for record in reversed(oldest_first):
+        if not _matches(record, node_name, filters):
+            continue
+        if kept < keep:
+            kept += 1
+            continue
+        dropped.add(record[ID])
+    if dropped and children is not None:
+        dropped.update([record[ID] for record in oldest_first
+                        if record[NODE] == children and record[PARENT] in dropped])
+    return [record for record in oldest_first if record[ID] in dropped]
 
 
 def metadata_matches(metadata: bytes, where: Where) -> bool:
