@@ -16,7 +16,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import ShmstoreError
+from .errors import ConfigError, ShmstoreError
+from .validate import duration
 
 __all__ = ["main"]
 
@@ -131,10 +132,11 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
 
 
 def _positive_seconds(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text}")
-    return value
+    try:
+        return duration(float(text), "seconds")
+    except (ValueError, ConfigError):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, not {text}"
+                                         ) from None
 
 
 def _window(text: str) -> int:

@@ -29,6 +29,7 @@ from .server import (
     read_connection_file,
 )
 from .store import BaseStore
+from .validate import duration
 from .wire import Channel, open_connection, parse_url, translate, unpack
 
 if TYPE_CHECKING:
@@ -74,10 +75,7 @@ class SharedStore(BaseStore):
         self._address = parse_url(url)
         self.url = self._address.url
         self._authkey = _coerce_authkey(authkey)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ConfigError(f"timeout must be a number > 0, not {timeout!r}",
-                              value=repr(timeout))
-        self.timeout = float(timeout)
+        self.timeout = duration(timeout, "timeout")
         self._named = name is not None  # a default name follows the store to each process
         self.name = name or f"client-{os.getpid()}"
         _STORES.add(self)

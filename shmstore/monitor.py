@@ -22,6 +22,8 @@ from typing import Any
 
 import psutil
 
+from .validate import count, duration
+
 __all__ = ["DEFAULT_HISTORY", "DEFAULT_INTERVAL", "MemoryMonitor"]
 
 log = logging.getLogger("shmstore")
@@ -120,15 +122,8 @@ class MemoryMonitor:
         client_ttl: float = DEFAULT_CLIENT_TTL,
         trim: bool = False,
     ) -> None:
-        from .errors import ConfigError
-
-        if not isinstance(interval, (int, float)) or isinstance(interval, bool) or interval <= 0:
-            raise ConfigError(f"interval must be a number > 0, not {interval!r}",
-                              value=repr(interval))
-        if type(history_size) is not int or history_size < 1:
-            raise ConfigError(f"history_size must be an int >= 1, not {history_size!r}",
-                              value=repr(history_size))
-        self.interval = float(interval)
+        self.interval = duration(interval, "interval")
+        count(history_size, "history_size", minimum=1)
         self.history_size = history_size
         self.client_ttl = client_ttl
         self._figures = figures

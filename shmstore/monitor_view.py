@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
+from . import validate
 from .errors import ConfigError, StoreTimeout, StoreUnavailable
 from .store import RATIO_MIN_PAYLOAD, format_bytes
 
@@ -470,11 +471,8 @@ def run_monitor(
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
-    if not isinstance(refresh, (int, float)) or isinstance(refresh, bool) or not refresh > 0:
-        raise ConfigError(f"refresh must be a number > 0, not {refresh!r}", value=repr(refresh))
-    if duration is not None and (isinstance(duration, bool) or not duration > 0):
-        raise ConfigError(f"duration must be a number > 0 or None, not {duration!r}",
-                          value=repr(duration))
+    refresh = validate.duration(refresh, "refresh")
+    duration = validate.optional_duration(duration, "duration", zero=False)
     if plot_path is not None:
         require_matplotlib()
     recording = csv_path is not None or plot_path is not None

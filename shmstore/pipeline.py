@@ -53,7 +53,6 @@ import collections
 import contextlib
 import dataclasses
 import logging
-import math
 import multiprocessing
 import os
 import pickle
@@ -69,6 +68,7 @@ from .errors import ConfigError, ShmstoreError, StoreTimeout, VersionConflict
 from .memory import MemoryStore
 from .server import serve
 from .store import BaseStore
+from .validate import duration, optional_duration
 
 __all__ = ["CheckpointConfig", "Pipeline", "StateSnapshot"]
 
@@ -124,10 +124,7 @@ class CheckpointConfig:
                               value=repr(self.auto_save))
         interval = self.save_interval
         if interval is not None:
-            if isinstance(interval, bool) or not isinstance(interval, (int, float)) \
-                    or math.isnan(interval) or not 0 < interval < math.inf:
-                raise ConfigError(f"save_interval must be a number of seconds > 0 or None, "
-                                  f"not {interval!r}", value=repr(interval))
+            interval = duration(interval, "save_interval")
             if self.auto_save:
                 raise ConfigError("save_interval applies only with auto_save=False "
                                   "(auto_save=True saves after every step)",
@@ -493,10 +490,7 @@ class Pipeline:
         """
         eid = validate_id(execution_id, "execution_id")
         target = len(self.steps) - 1 if step is None else self._step_index(step)
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(
-                timeout, (int, float)) or math.isnan(timeout) or timeout < 0):
-            raise ConfigError(f"timeout must be a number >= 0 or None, not {timeout!r}",
-                              value=repr(timeout))
+        timeout = optional_duration(timeout, "timeout")
         deadline = None if timeout is None else time.monotonic() + timeout
         cp = self.store.latest(eid)
         while cp is None or self._step_of(cp) < target:

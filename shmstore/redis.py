@@ -98,6 +98,7 @@ from .table import (
     purge_plan,
     with_children,
 )
+from .validate import duration
 
 try:
     import redis as _redis
@@ -763,12 +764,8 @@ class RedisStore(BaseStore):
         if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
             raise ConfigError(f"prefix must be a str without braces, not {prefix!r:.80}",
                               value=repr(prefix)[:80])
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
-                or not 0 < timeout < math.inf:
-            raise ConfigError(f"timeout must be a number > 0, not {timeout!r}",
-                              value=repr(timeout))
         self.prefix = prefix
-        self.timeout = float(timeout)
+        self.timeout = duration(timeout, "timeout")
         self._prefix = _b(prefix)
         self._closed = False
         if isinstance(url_or_client, str):

@@ -26,6 +26,7 @@ from .codec import DEFAULT_CODEC, EMPTY_MAP, MsgpackCodec
 from .errors import ConfigError, ShmstoreError, StoreFull, StoreTimeout
 from .limits import Limits
 from .table import BUSY, DONE, GRANTED, HELD
+from .validate import count, duration, optional_duration
 
 __all__ = ["DEFAULT_LEASE_S", "RATIO_MIN_PAYLOAD", "BaseStore", "OneOf", "StoreStats",
            "format_bytes"]
@@ -176,11 +177,7 @@ class OneOf:
 
 
 def _check_limit(limit: object, name: str) -> int | None:
-    if limit is None:
-        return None
-    if type(limit) is not int or limit < 0:
-        raise ConfigError(f"{name} must be an int >= 0 or None, not {limit!r}", value=repr(limit))
-    return limit
+    return count(limit, name, optional=True)
 
 
 def _check_optional_str(**values: object) -> None:
@@ -191,10 +188,7 @@ def _check_optional_str(**values: object) -> None:
 
 
 def _check_lease(lease: object) -> float:
-    if not isinstance(lease, (int, float)) or isinstance(lease, bool) or math.isnan(lease) \
-            or not 0 < lease < math.inf:
-        raise ConfigError(f"lease must be a finite number > 0, not {lease!r}", value=repr(lease))
-    return float(lease)
+    return duration(lease, "lease")
 
 
 def _owner() -> str:
@@ -232,13 +226,7 @@ class _Heartbeat:
 
 
 def _check_timeout(timeout: object) -> float | None:
-    if timeout is None:
-        return None
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or math.isnan(timeout) \
-            or timeout < 0:
-        raise ConfigError(f"timeout must be a number >= 0 or None, not {timeout!r}",
-                          value=repr(timeout))
-    return float(timeout)
+    return optional_duration(timeout, "timeout")
 
 
 class BaseStore(abc.ABC):
