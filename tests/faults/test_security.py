@@ -323,3 +323,16 @@ def test_a_failed_connection_file_write_stops_the_server_and_exports_nothing(
     assert "SHMSTORE_URL" not in os.environ and "SHMSTORE_AUTHKEY" not in os.environ
     assert {p.pid for p in children()} == before  # the server child is gone (and reaped)
     assert not sock.exists() and not missing.parent.exists()
+
+
+def test_a_pickled_store_carries_its_authkey_as_the_readme_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # README "Security model": why children should connect() rather than receive a store.
+    key = os.urandom(32)
+    store = SharedStore("unix:///tmp/none.sock", authkey=key)
+    assert key.hex().encode() in pickle.dumps(store)
+    monkeypatch.setenv("SHMSTORE_URL", "unix:///tmp/none.sock")
+    monkeypatch.setenv("SHMSTORE_AUTHKEY", key.hex())
+    with shmstore.connect() as child_store:  # what a child does instead: key from its env
+        assert child_store.url == store.url
