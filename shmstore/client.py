@@ -196,6 +196,7 @@ def connect(
 
     Raises:
         ConfigError: no URL or authkey could be found, or one is malformed.
+        StoreUnavailable: the connection file names a server process that is not running.
 
     Example:
         >>> store = shmstore.connect()          # inside a process started under serve()

@@ -176,3 +176,20 @@ def test_shell_snippet_python_line_names_what_exists(block: Block, words: list[s
             f"{block.name}: no module {words[2]!r}")
     else:
         assert (ROOT / words[1]).is_file(), f"{block.name}: {words[1]} does not exist"
+
+
+def test_marks_chain_continued_blocks_and_are_read_from_above_the_fence(tmp_path: Path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text("text\n```python\na = 1\n```\nmore\n<!-- docs-test: continues -->\n"
+                   "<!-- docs-test: needs module json -->\n```python\nprint(a)\n```\n"
+                   "```bash\nX=1 shmstore ls run-1 --limit 2  # a comment\n```\n")
+    first, second, shell = _blocks(doc)
+    assert (first.marks, first.code) == ([], "a = 1\n")
+    assert sorted(second.marks) == ["continues", "needs module json"]
+    assert (second.line, second.lang, shell.lang) == (8, "python", "bash")
+    assert _commands(shell) == [["shmstore", "ls", "run-1", "--limit", "2"]]
+    PYTHON.extend([first, second])
+    try:
+        assert _program(second) == "a = 1\n\nprint(a)\n"
+    finally:
+        del PYTHON[-2:]
