@@ -137,3 +137,23 @@ def test_importing_the_langgraph_saver_without_the_extra_names_it(tmp_path: Path
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: shmstore.langgraph needs LangGraph"), out.stderr
     assert 'pip install "shmstore[langgraph]"' in last
+
+
+def test_stats_with_the_connection_file_of_a_dead_server_says_it_is_not_running(
+    tmp_path: Path,
+) -> None:
+    conn = tmp_path / "conn.json"
+    proc = _serve("--connection-file", str(conn))
+    try:
+        assert proc.stdout is not None and "listening" in proc.stdout.readline()
+        kept = conn.read_bytes()
+        proc.kill()  # SIGKILL: its connection file stays behind
+        proc.wait(30)
+    finally:
+        reap(proc)
+    conn.write_bytes(kept)  # as a killed server leaves it, whatever the race with cleanup
+    os.chmod(conn, 0o600)
+    out = _cli("stats", "--connection-file", str(conn))
+    assert out.returncode == 2
+    assert f"the server (pid {proc.pid}) that wrote connection file" in out.stderr
+    assert "is not running" in out.stderr
