@@ -46,8 +46,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         address = f"unix://{private_dir}/store.sock"
     parsed = parse_url(address)
     if not parsed.is_loopback and not args.allow_remote:
-        from .errors import ConfigError
-
         raise ConfigError(f"{parsed.url} is not a loopback address; add --allow-remote to "
                           "serve other machines", value=parsed.url)
     key = _coerce_authkey(os.environ.get(ENV_AUTHKEY))
@@ -57,9 +55,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         private_dir = private_dir or tempfile.mkdtemp(prefix="shmstore-")
         conn_file = os.path.join(private_dir, "connection.json")
 
+    if args.connection_file is not None:
+        _private_parents(args.connection_file)
+    stop = threading.Event()
+    failed: list[ConfigError] = []
+
     def ready(url: str) -> None:
         if conn_file is not None:
-            write_connection_file(conn_file, url, key, os.getpid())
+            try:
+                write_connection_file(conn_file, url, key, os.getpid())
+            except ConfigError as exc:  # stop the server cleanly, then report it
+                failed.append(exc)
+                stop.set()
+                return
         print(f"shmstore server {os.getpid()} listening at {url}", flush=True)
         if conn_file is not None:
             print(f"export SHMSTORE_CONNECTION_FILE={conn_file}", flush=True)
@@ -71,18 +79,48 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                     max_checkpoint_bytes=args.max_checkpoint_bytes, max_rss=args.max_rss,
                     on_full=args.on_full)
     try:
-        run_server(parsed, key, on_ready=ready, stop_event=threading.Event(), limits=limits,
+        run_server(parsed, key, on_ready=ready, stop_event=stop, limits=limits,
                    monitor_interval=args.monitor_interval, history_size=args.history_size)
     finally:
-        if args.connection_file is not None:
+        if args.connection_file is not None and not failed:
             try:
                 os.unlink(args.connection_file)
             except FileNotFoundError:
                 pass
         if private_dir is not None:
             shutil.rmtree(private_dir, ignore_errors=True)
+    if failed:
+        raise failed[0]
     print("shmstore server stopped", flush=True)
     return 0
+
+
+def _private_parents(path: str) -> None:
+    """Create the missing directories above ``path``, each mode 0700.
+
+    Raises:
+        ConfigError: a component is not a directory or cannot be created.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    missing = []
+    while not os.path.isdir(directory):
+        missing.append(directory)
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise ConfigError(f"cannot create the directory of connection file {path!r}: "
+                                  f"{directory!r} exists and is not a directory; choose "
+                                  "another path", value=path) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot create the directory {directory!r} of connection file "
+                              f"{path!r}: {exc.strerror or exc}; create it or choose another "
+                              "path", value=path) from None
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
@@ -102,8 +140,13 @@ def _cmd_ls(args: argparse.Namespace) -> int:
                 latest = store.latest(name)
                 print(f"{name}\t{latest.version if latest else 0}")
             return 0
-        for cp in store.list(args.execution, limit=args.limit, newest_first=args.newest_first):
-            print(f"{cp.version}\t{cp.id}\t{cp.node_name}\t{cp.timestamp.isoformat()}")
+        checkpoints = store.list(args.execution, limit=args.limit,
+                                 newest_first=args.newest_first)
+    if not checkpoints:
+        print(f"shmstore: no checkpoints in execution {args.execution!r}", file=sys.stderr)
+        return 1
+    for cp in checkpoints:
+        print(f"{cp.version}\t{cp.id}\t{cp.node_name}\t{cp.timestamp.isoformat()}")
     return 0
 
 
@@ -221,7 +264,8 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run a server in the foreground")
     serve.add_argument("--address", help="unix:///path.sock or tcp://127.0.0.1:PORT "
                        "(default: a socket in a private temp directory)")
-    serve.add_argument("--connection-file", help="write url, authkey and pid here (mode 0600)")
+    serve.add_argument("--connection-file", help="write url, authkey and pid here (mode 0600); "
+                       "missing parent directories are created with mode 0700")
     serve.add_argument("--allow-remote", action="store_true",
                        help="allow a non-loopback TCP host")
     limits = serve.add_argument_group("limits", "what the store may hold (sizes: 512MiB, 2GB, "

@@ -196,6 +196,7 @@ def connect(
 
     Raises:
         ConfigError: no URL or authkey could be found, or one is malformed.
+        StoreUnavailable: the connection file names a server process that is not running.
 
     Example:
         >>> store = shmstore.connect()          # inside a process started under serve()
@@ -208,7 +209,8 @@ def connect(
             if path is None:
                 raise ConfigError(
                     "no server named: pass a URL, or set SHMSTORE_URL and SHMSTORE_AUTHKEY "
-                    "(serve() does), or SHMSTORE_CONNECTION_FILE",
+                    "(serve() does), or SHMSTORE_CONNECTION_FILE to the file written by "
+                    "`shmstore serve --connection-file PATH`",
                     value="",
                 )
             url, key = read_connection_file(path)
@@ -226,7 +228,9 @@ def connect(
                 authkey = key
         if authkey is None:
             raise ConfigError(
-                f"no authkey for {url}: pass authkey=, or set SHMSTORE_AUTHKEY",
+                f"no authkey for {url}: pass authkey=, or set SHMSTORE_AUTHKEY (hex), or "
+                "SHMSTORE_CONNECTION_FILE to the file `shmstore serve --connection-file` "
+                "wrote for this URL",
                 value=url,
             )
     return SharedStore(url, authkey=authkey, timeout=timeout, name=name)

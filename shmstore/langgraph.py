@@ -42,6 +42,15 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
+try:  # first, so that without the extra the error says which one to install
+    import langgraph.checkpoint.base  # noqa: F401
+except ImportError as exc:
+    raise ImportError(
+        f"shmstore.langgraph needs LangGraph ({exc}); install the extra: "
+        'pip install "shmstore[langgraph]" (from a clone: pip install ".[langgraph]")',
+        name=exc.name,
+    ) from exc
+
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
     WRITES_IDX_MAP,

@@ -340,7 +340,19 @@ class _RunStore:
         if self.url is not None:
             from .client import connect
 
-            with connect(self.url) as store:
+            try:
+                store = connect(self.url)
+            except ConfigError as exc:
+                if "no authkey" not in str(exc):
+                    raise
+                raise ConfigError(
+                    f"no authkey for --shmstore-url {self.url}: the key never comes from the "
+                    "command line; set SHMSTORE_AUTHKEY (hex) or SHMSTORE_CONNECTION_FILE "
+                    "(the file `shmstore serve --connection-file PATH` wrote) in pytest's "
+                    "environment",
+                    value=self.url,
+                ) from None
+            with store:
                 pid = store.stats().server_pid
             return SessionServer(self.url, pid, started_by_run=False)
         if self.role == WORKER:

@@ -16,6 +16,7 @@ its parent pid covers forked children of the starter that still hold the pipe.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,8 @@ import threading
 import time
 from multiprocessing import connection, managers, util
 from typing import IO, Any, cast
+
+import psutil
 
 from .errors import ConfigError, ShmstoreError, StoreUnavailable
 from .limits import Limits
@@ -318,29 +321,96 @@ def _coerce_authkey(authkey: bytes | str | None) -> bytes:
 
 
 def write_connection_file(path: str, url: str, authkey: bytes, pid: int) -> None:
-    """Write ``{"url", "authkey" (hex), "pid"}`` to ``path``, readable by the owner only."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        os.fchmod(fd, 0o600)
-        json.dump({"url": url, "authkey": authkey.hex(), "pid": pid}, fh)
+    """Write ``{"url", "authkey" (hex), "pid"}`` to ``path``, readable by the owner only.
+
+    The file is written to a fresh temporary file beside ``path`` (``O_EXCL|O_NOFOLLOW``,
+    mode 0600) and renamed over it: a symlink or someone else's file at ``path`` is
+    replaced, never followed or truncated.
+
+    Raises:
+        ConfigError: the directory is missing or not writable.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    data = json.dumps({"url": url, "authkey": authkey.hex(), "pid": pid}).encode()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    tmp = ""
+    try:
+        for _ in range(100):  # a name taken by someone else: O_EXCL refuses it, try another
+            tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}")
+            try:
+                fd = os.open(tmp, flags, 0o600)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise FileExistsError(f"no free temporary name in {directory}")
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)  # replaces a symlink itself, never its target
+    except OSError as exc:
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, FileNotFoundError):
+            why = f"its directory {directory!r} does not exist; create it (mode 0700)"
+        else:
+            why = f"{exc.strerror or exc}; check the permissions of {directory!r}"
+        raise ConfigError(f"cannot write connection file {path!r}: {why} or choose another "
+                          "path", value=path) from None
+
+
+def _connection_file_error(path: str, why: str) -> ConfigError:
+    return ConfigError(
+        f"cannot read connection file {path!r} ({why}); it is written by "
+        "`shmstore serve --connection-file PATH`",
+        value=path,
+    )
 
 
 def read_connection_file(path: str) -> tuple[str, bytes]:
     """Read the URL and authkey from a connection file.
 
+    A file that others can read logs a warning (its key is no longer secret); a file
+    owned by another user is refused, since whoever owns it chooses the server this
+    process trusts.
+
     Raises:
-        ConfigError: the file is missing, unreadable or not a connection file.
+        ConfigError: the file is missing, unreadable, owned by another user or not a
+            connection file.
+        StoreUnavailable: the server process that wrote it (its ``pid``) is not running.
     """
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-        return str(data["url"]), bytes.fromhex(data["authkey"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            raw = fh.read()
+    except OSError as exc:
+        raise _connection_file_error(path, str(exc)) from None
+    if st.st_uid != os.getuid():
         raise ConfigError(
-            f"cannot read connection file {path!r} ({exc}); it is written by "
-            "`shmstore serve --connection-file PATH`",
+            f"connection file {path!r} is owned by uid {st.st_uid}, not by this user "
+            f"(uid {os.getuid()}): whoever owns it picks the server you trust; use a file "
+            "you wrote with `shmstore serve --connection-file PATH`",
             value=path,
-        ) from None
+        )
+    if st.st_mode & 0o077:
+        log.warning("connection file %r is readable by others (mode %04o): its authkey is "
+                    "not secret; `chmod 600` it, or restart the server to write a new one",
+                    path, stat.S_IMODE(st.st_mode))
+    try:
+        data = json.loads(raw)
+        url, key, pid = str(data["url"]), bytes.fromhex(data["authkey"]), data.get("pid")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise _connection_file_error(path, f"{type(exc).__name__}: {exc}") from None
+    if isinstance(pid, int) and pid > 0 and not psutil.pid_exists(pid):
+        raise StoreUnavailable(
+            f"the server (pid {pid}) that wrote connection file {path!r} is not running; "
+            "start one again (`shmstore serve --connection-file PATH`)",
+            address=url,
+        )
+    return url, key
 
 
 class StoreServer:
@@ -425,10 +495,15 @@ class StoreServer:
 
 
 def _discard(proc: subprocess.Popen[bytes]) -> None:
-    """Kill a server child that failed to start, and close its pipes."""
-    if proc.poll() is None:
+    """Stop a server child that failed to start (or whose start failed), close its pipes."""
+    if proc.stdin is not None:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()  # a ready server sees EOF and removes its socket
+    try:
+        proc.wait(2.0)
+    except subprocess.TimeoutExpired:
         proc.kill()
-    proc.wait()
+        proc.wait()
     for pipe in (proc.stdin, proc.stdout):
         if pipe is not None:
             pipe.close()
@@ -522,19 +597,19 @@ def serve(
         reply = _read_ready_line(proc, proc.stdout, START_TIMEOUT)
         if "error" in reply:
             raise ConfigError(reply["error"], value=parsed.url)
+        url = reply["url"]
+        if connection_file is not None:  # before exporting: a failure leaves nothing behind
+            write_connection_file(connection_file, url, key, proc.pid)
     except BaseException:
         _discard(proc)
         if private_dir is not None:
             shutil.rmtree(private_dir, ignore_errors=True)
         raise
-    url = reply["url"]
     exported = None
     if export:
         exported = {ENV_URL: os.environ.get(ENV_URL), ENV_AUTHKEY: os.environ.get(ENV_AUTHKEY)}
         os.environ[ENV_URL] = url
         os.environ[ENV_AUTHKEY] = key.hex()
-    if connection_file is not None:
-        write_connection_file(connection_file, url, key, proc.pid)
     server = StoreServer(proc, url, key, private_dir, exported, connection_file)
     log.info("started shmstore server %d at %s", proc.pid, url)
     return server

@@ -428,7 +428,8 @@ def test_shmstore_url_without_an_authkey_fails_the_fixture_clearly(
     with untagged_server(monkeypatch) as server:
         result = project.run("--shmstore-url", server.url)
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*ConfigError: no authkey for*SHMSTORE_AUTHKEY*"])
+    result.stdout.fnmatch_lines(
+        ["*ConfigError: no authkey for --shmstore-url*SHMSTORE_AUTHKEY*SHMSTORE_CONNECTION_FILE*"])
 
 
 @pytest.mark.parametrize(("url", "message"), [

@@ -15,6 +15,7 @@ Asserted elsewhere, not repeated here:
 from __future__ import annotations
 
 import ast
+import logging
 import os
 import pickle
 import stat
@@ -30,10 +31,11 @@ import psutil
 import pytest
 
 import shmstore
-from shmstore import Checkpoint, ConfigError, SharedStore
+from shmstore import Checkpoint, ConfigError, SharedStore, StoreUnavailable
+from shmstore.server import read_connection_file, write_connection_file
 from shmstore.wire import open_connection, parse_url, unpack
 
-from ..helpers import SPAWN, reap, reaped, wait_until
+from ..helpers import SPAWN, children, reap, reaped, wait_until
 from .harness import HarnessServer
 
 PACKAGE = Path(shmstore.__file__).parent
@@ -238,3 +240,99 @@ def test_the_handshake_reads_at_most_256_bytes_before_authentication(
         assert rest == b""  # closed: no failure message, nothing
     finally:
         sock.close()
+
+
+# -- connection files ----------------------------------------------------------------------
+
+
+def test_a_connection_file_replaces_a_symlink_and_never_writes_through_it(
+    tmp_path: Path,
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    target = tmp_path / "conn.json"
+    target.symlink_to(victim)
+    write_connection_file(str(target), "unix:///tmp/x.sock", b"k" * 32, os.getpid())
+    assert victim.read_text() == "precious"
+    st = os.lstat(target)
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    assert read_connection_file(str(target)) == ("unix:///tmp/x.sock", b"k" * 32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conn.json", "victim"]  # no temp
+
+
+def test_a_connection_file_never_truncates_someone_elses_file_it_replaces(
+    tmp_path: Path,
+) -> None:
+    # Another user's file at the path is replaced by a new inode: an open reader of the
+    # old one, or a hard link to it, still sees the old contents.
+    target = tmp_path / "conn.json"
+    target.write_text("theirs")
+    link = tmp_path / "hardlink"
+    os.link(target, link)
+    write_connection_file(str(target), "unix:///tmp/x.sock", b"k" * 32, os.getpid())
+    assert link.read_text() == "theirs"
+    assert os.stat(target).st_ino != os.stat(link).st_ino
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_a_connection_file_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "conn.json"
+    write_connection_file(str(path), "unix:///tmp/x.sock", b"k" * 32, os.getpid())
+    os.chown(path, 65534, 65534)  # nobody
+    with pytest.raises(ConfigError, match=r"owned by uid 65534, not by this user.*you trust"):
+        read_connection_file(str(path))
+
+
+def test_a_connection_file_others_can_read_is_read_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = tmp_path / "conn.json"
+    write_connection_file(str(path), "unix:///tmp/x.sock", b"k" * 32, os.getpid())
+    with caplog.at_level(logging.WARNING, logger="shmstore"):
+        assert read_connection_file(str(path))[1] == b"k" * 32
+    assert not caplog.records  # 0600: quiet
+    os.chmod(path, 0o644)
+    with caplog.at_level(logging.WARNING, logger="shmstore"):
+        assert read_connection_file(str(path))[1] == b"k" * 32
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "readable by others (mode 0644)" in record.getMessage()
+    assert "chmod 600" in record.getMessage()
+
+
+def test_a_connection_file_of_a_dead_server_says_so(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(30)  # reaped: its pid no longer exists
+    path = tmp_path / "conn.json"
+    write_connection_file(str(path), "unix:///tmp/x.sock", b"k" * 32, dead.pid)
+    with pytest.raises(StoreUnavailable, match=rf"server \(pid {dead.pid}\).*is not running"):
+        read_connection_file(str(path))
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_connection_file_write_stops_the_server_and_exports_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("SHMSTORE_URL", raising=False)
+    monkeypatch.delenv("SHMSTORE_AUTHKEY", raising=False)
+    before = {p.pid for p in children()}
+    sock = tmp_path / "s.sock"
+    missing = tmp_path / "missing" / "conn.json"
+    with pytest.raises(ConfigError, match=r"directory .*missing' does not exist; create it"):
+        shmstore.serve(f"unix://{sock}", connection_file=str(missing))
+    assert "SHMSTORE_URL" not in os.environ and "SHMSTORE_AUTHKEY" not in os.environ
+    assert {p.pid for p in children()} == before  # the server child is gone (and reaped)
+    assert not sock.exists() and not missing.parent.exists()
+
+
+def test_a_pickled_store_carries_its_authkey_as_the_readme_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # README "Security model": why children should connect() rather than receive a store.
+    key = os.urandom(32)
+    store = SharedStore("unix:///tmp/none.sock", authkey=key)
+    assert key.hex().encode() in pickle.dumps(store)
+    monkeypatch.setenv("SHMSTORE_URL", "unix:///tmp/none.sock")
+    monkeypatch.setenv("SHMSTORE_AUTHKEY", key.hex())
+    with shmstore.connect() as child_store:  # what a child does instead: key from its env
+        assert child_store.url == store.url
