@@ -404,7 +404,9 @@ def read_connection_file(path: str) -> tuple[str, bytes]:
         url, key, pid = str(data["url"]), bytes.fromhex(data["authkey"]), data.get("pid")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise _connection_file_error(path, f"{type(exc).__name__}: {exc}") from None
-    if isinstance(pid, int) and pid > 0 and not psutil.pid_exists(pid):
+    # Only a unix socket's server is surely on this machine (a TCP one may be elsewhere).
+    if url.startswith("unix:") and isinstance(pid, int) and pid > 0 \
+            and not psutil.pid_exists(pid):
         raise StoreUnavailable(
             f"the server (pid {pid}) that wrote connection file {path!r} is not running; "
             "start one again (`shmstore serve --connection-file PATH`)",
