@@ -60,6 +60,17 @@ ENV_CONNECTION_FILE = "SHMSTORE_CONNECTION_FILE"
 AUTHKEY_BYTES = 32
 
 
+def _without_frames(exc: BaseException) -> BaseException:
+    """``exc`` without its traceback and chained exceptions, which the wire drops anyway.
+
+    A traceback keeps the frames that raised alive, and with them their arguments: a
+    refused 160 MiB batch would stay until the connection's next call.
+    """
+    exc.__traceback__ = None
+    exc.__cause__ = exc.__context__ = None
+    return exc
+
+
 class TableServer(managers.Server):
     """A stdlib manager server that serves one `CheckpointTable` under a fixed ident.
 
@@ -137,25 +148,33 @@ class TableServer(managers.Server):
         loses its connection and this thread ends: a frozen peer cannot pin it.
         """
         chan = Channel(conn._conn, frame_timeout=FRAME_TIMEOUT)
-        ops = self.ops
         stop = self.stop_event
         while not stop.is_set():
             try:
                 data = chan.recv()
             except (EOFError, OSError):
                 return  # the client went away; this thread ends with it
-            try:
-                _ident, op, args, kwargs = unpack(data)
-                function = ops.get(op)
-                if function is None:
-                    raise ShmstoreError(f"no such operation: {op!r}")
-                msg: tuple[str, Any] = ("#RETURN", function(*args, **kwargs))
-            except Exception as exc:  # the client re-raises it; this thread serves on
-                msg = ("#ERROR", exc)
+            msg = self._answer(data)
+            # While this loop waits for the next request -- for ever, if the client is
+            # idle -- it must hold nothing of this one: a large request is a buffer of
+            # its own, and its decoded arguments are as big.
+            del data
             try:
                 chan.send_message(msg)
             except OSError:
                 return
+            del msg  # nor the answer (a loaded state) or the error
+
+    def _answer(self, data: bytes | bytearray | memoryview) -> tuple[str, Any]:
+        """Decode one request and run it; the answer or the error to send back."""
+        try:
+            _ident, op, args, kwargs = unpack(data)
+            function = self.ops.get(op)
+            if function is None:
+                raise ShmstoreError(f"no such operation: {op!r}")
+            return ("#RETURN", function(*args, **kwargs))
+        except Exception as exc:  # the client re-raises it; the connection serves on
+            return ("#ERROR", _without_frames(exc))
 
     def serve_forever(self) -> None:
         """Accept connections until `stop_event` is set, then return (no ``sys.exit``)."""
