@@ -33,6 +33,7 @@ DEFAULT_HISTORY = 1200
 DEFAULT_CLIENT_TTL = 300.0
 USS_BUDGET = 0.005  # share of one CPU the server's USS readings may take
 TRIM_STEP = 32 * 1024 * 1024  # payload freed since the last trim that makes a trim worth it
+PROC_STATUS = "/proc/self/status"
 
 
 def _malloc_trim() -> Callable[[], object] | None:
@@ -55,11 +56,30 @@ def _malloc_trim() -> Callable[[], object] | None:
     return lambda: trim(0)
 
 
+def _vm_hwm() -> int | None:
+    """``VmHWM`` of ``/proc/self/status`` in bytes: this process's own peak RSS (Linux)."""
+    try:
+        with open(PROC_STATUS, "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024  # the kernel writes kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_rss(rss: int) -> int:
-    """This process's highest RSS in bytes: the kernel's high-water mark, which it updates
-    lazily, so never less than ``rss`` (the RSS just read)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return max(rss, peak if sys.platform == "darwin" else peak * 1024)  # Linux counts KiB
+    """This process's highest RSS in bytes, never less than ``rss`` (the RSS just read).
+
+    On Linux it is ``VmHWM``: ``ru_maxrss`` survives ``exec``, so a server started from a
+    3 GiB process would report 3 GiB.  If ``/proc`` cannot be read (out of descriptors),
+    ``rss`` it is, and callers keep the highest they saw.  Elsewhere ``ru_maxrss``.
+    """
+    if sys.platform.startswith("linux"):
+        peak = _vm_hwm()
+        return rss if peak is None else max(rss, peak)
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max(rss, maxrss if sys.platform == "darwin" else maxrss * 1024)  # KiB but macOS
 
 
 class _Client:
