@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import resource
@@ -223,11 +224,21 @@ class MemoryMonitor:
             return [c.to_dict() for c in self._clients.values()]
 
     def _run(self) -> None:
+        failing = False  # warn once per run of failed samples, not once per sample
         while not self._stop.wait(self.interval):
             try:
                 self.sample()
-            except Exception:  # a sampler must never take the server down
-                log.exception("memory sample failed")
+            except Exception as exc:  # a sampler must never take the server down
+                if not failing:
+                    failing = True
+                    hint = (" (out of file descriptors: raise `ulimit -n` or use fewer "
+                            "connections)" if getattr(exc, "errno", None) == errno.EMFILE
+                            else "")
+                    log.warning("memory samples fail: %s: %s%s; the store goes on, samples "
+                                "resume when reads succeed", type(exc).__name__, exc, hint,
+                                exc_info=not isinstance(exc, OSError))
+                continue
+            failing = False
 
     def start(self) -> None:
         """Start the sampling thread (takes a first sample at once)."""
