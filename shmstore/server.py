@@ -19,6 +19,7 @@ import atexit
 import json
 import logging
 import os
+import resource
 import secrets
 import select
 import shutil
@@ -30,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from multiprocessing import connection, managers, util
+from multiprocessing import connection, managers, process, util
 from typing import IO, Any, cast
 
 from .errors import ConfigError, ShmstoreError, StoreUnavailable
@@ -212,6 +213,61 @@ def _prepare_unix_path(path: str) -> None:
     raise ConfigError(f"a server is already listening at unix://{path}", value=path)
 
 
+def _raise_nofile_limit() -> None:
+    """Raise this process's soft descriptor limit to its hard limit.
+
+    Each connection costs the server one descriptor (and one thread); a soft limit of
+    1024, common by default, would refuse the 1000th client while the hard limit allows
+    far more.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # e.g. an unlimited hard limit the kernel caps
+        log.debug("kept the descriptor limit at %s (raising it to %s failed: %s)",
+                  soft, hard, exc)
+        return
+    log.debug("raised the descriptor limit from %s to %s", soft, hard)
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of ``path`` itself (a symlink is not followed), or None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _keep_path_on_close(listener: Any) -> None:
+    """Stop the stdlib's unix listener from unlinking its path when it closes.
+
+    ``multiprocessing.connection.SocketListener`` removes its path on close (and at
+    exit) whoever's socket is there by then; `_remove_own_socket` decides instead.
+    """
+    inner = getattr(getattr(listener, "_listener", None), "_listener", None)
+    unlink = getattr(inner, "_unlink", None)
+    if unlink is not None:
+        unlink.cancel()
+
+
+def _remove_own_socket(path: str, socket_id: tuple[int, int] | None) -> None:
+    """Unlink the socket at ``path`` only if it is still the one this server bound.
+
+    Someone may have removed ours and another server bound the same path since: its
+    socket must survive our shutdown.
+    """
+    if socket_id is None or _file_id(path) != socket_id:
+        log.debug("left %s alone: it is no longer this server's socket", path)
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def run_server(
     address: Address,
     authkey: bytes,
@@ -237,6 +293,7 @@ def run_server(
     Raises:
         ConfigError: the address is taken or unusable.
     """
+    _raise_nofile_limit()
     if address.family == "AF_UNIX":
         _prepare_unix_path(address.target)
     try:
@@ -247,7 +304,10 @@ def run_server(
                           value=address.url) from None
     if stop_event is not None:
         server.stop_event = stop_event
+    socket_id = None
     if address.family == "AF_UNIX":
+        socket_id = _file_id(address.target)
+        _keep_path_on_close(server.listener)  # type: ignore[attr-defined]
         os.chmod(address.target, 0o600)
         url = address.url
     else:
@@ -265,11 +325,8 @@ def run_server(
     finally:
         server.monitor.stop()
         server.listener.close()  # type: ignore[attr-defined]
-        if address.family == "AF_UNIX":
-            try:
-                os.unlink(address.target)
-            except FileNotFoundError:
-                pass
+        if socket_id is not None:
+            _remove_own_socket(address.target, socket_id)
         log.info("shmstore server %d stopped", os.getpid())
 
 
@@ -510,6 +567,15 @@ def serve(
         >>> with shmstore.serve() as server:
         ...     store = shmstore.connect()   # from the exported environment
     """
+    if getattr(process.current_process(), "_inheriting", False):
+        # What multiprocessing's spawn checks too: this process is a spawned child still
+        # importing the parent's main module, so the parent's top level runs again here.
+        raise ConfigError(
+            "serve() was called while a spawned child process re-imports the main module: "
+            "every child would start a server of its own. Put the code that starts the "
+            'server (and the processes) under `if __name__ == "__main__":` in your script',
+            value="__main__",
+        )
     key = _coerce_authkey(authkey)
     MemoryMonitor(lambda: (0, 0), interval=monitor_interval, history_size=history_size)  # checks
     options = {"monitor_interval": monitor_interval, "history_size": history_size,
