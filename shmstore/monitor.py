@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import resource
@@ -33,6 +34,7 @@ DEFAULT_HISTORY = 1200
 DEFAULT_CLIENT_TTL = 300.0
 USS_BUDGET = 0.005  # share of one CPU the server's USS readings may take
 TRIM_STEP = 32 * 1024 * 1024  # payload freed since the last trim that makes a trim worth it
+PROC_STATUS = "/proc/self/status"
 
 
 def _malloc_trim() -> Callable[[], object] | None:
@@ -55,11 +57,30 @@ def _malloc_trim() -> Callable[[], object] | None:
     return lambda: trim(0)
 
 
+def _vm_hwm() -> int | None:
+    """``VmHWM`` of ``/proc/self/status`` in bytes: this process's own peak RSS (Linux)."""
+    try:
+        with open(PROC_STATUS, "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024  # the kernel writes kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_rss(rss: int) -> int:
-    """This process's highest RSS in bytes: the kernel's high-water mark, which it updates
-    lazily, so never less than ``rss`` (the RSS just read)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return max(rss, peak if sys.platform == "darwin" else peak * 1024)  # Linux counts KiB
+    """This process's highest RSS in bytes, never less than ``rss`` (the RSS just read).
+
+    On Linux it is ``VmHWM``: ``ru_maxrss`` survives ``exec``, so a server started from a
+    3 GiB process would report 3 GiB.  If ``/proc`` cannot be read (out of descriptors),
+    ``rss`` it is, and callers keep the highest they saw.  Elsewhere ``ru_maxrss``.
+    """
+    if sys.platform.startswith("linux"):
+        peak = _vm_hwm()
+        return rss if peak is None else max(rss, peak)
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max(rss, maxrss if sys.platform == "darwin" else maxrss * 1024)  # KiB but macOS
 
 
 class _Client:
@@ -203,11 +224,21 @@ class MemoryMonitor:
             return [c.to_dict() for c in self._clients.values()]
 
     def _run(self) -> None:
+        failing = False  # warn once per run of failed samples, not once per sample
         while not self._stop.wait(self.interval):
             try:
                 self.sample()
-            except Exception:  # a sampler must never take the server down
-                log.exception("memory sample failed")
+            except Exception as exc:  # a sampler must never take the server down
+                if not failing:
+                    failing = True
+                    hint = (" (out of file descriptors: raise `ulimit -n` or use fewer "
+                            "connections)" if getattr(exc, "errno", None) == errno.EMFILE
+                            else "")
+                    log.warning("memory samples fail: %s: %s%s; the store goes on, samples "
+                                "resume when reads succeed", type(exc).__name__, exc, hint,
+                                exc_info=not isinstance(exc, OSError))
+                continue
+            failing = False
 
     def start(self) -> None:
         """Start the sampling thread (takes a first sample at once)."""

@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import secrets
 import select
 import shutil
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from multiprocessing import connection, managers, util
+from multiprocessing import connection, managers, process, util
 from typing import IO, Any, cast
 
 import psutil
@@ -61,6 +62,17 @@ ENV_URL = "SHMSTORE_URL"
 ENV_AUTHKEY = "SHMSTORE_AUTHKEY"
 ENV_CONNECTION_FILE = "SHMSTORE_CONNECTION_FILE"
 AUTHKEY_BYTES = 32
+
+
+def _without_frames(exc: BaseException) -> BaseException:
+    """``exc`` without its traceback and chained exceptions, which the wire drops anyway.
+
+    A traceback keeps the frames that raised alive, and with them their arguments: a
+    refused 160 MiB batch would stay until the connection's next call.
+    """
+    exc.__traceback__ = None
+    exc.__cause__ = exc.__context__ = None
+    return exc
 
 
 class TableServer(managers.Server):
@@ -140,25 +152,33 @@ class TableServer(managers.Server):
         loses its connection and this thread ends: a frozen peer cannot pin it.
         """
         chan = Channel(conn._conn, frame_timeout=FRAME_TIMEOUT)
-        ops = self.ops
         stop = self.stop_event
         while not stop.is_set():
             try:
                 data = chan.recv()
             except (EOFError, OSError):
                 return  # the client went away; this thread ends with it
-            try:
-                _ident, op, args, kwargs = unpack(data)
-                function = ops.get(op)
-                if function is None:
-                    raise ShmstoreError(f"no such operation: {op!r}")
-                msg: tuple[str, Any] = ("#RETURN", function(*args, **kwargs))
-            except Exception as exc:  # the client re-raises it; this thread serves on
-                msg = ("#ERROR", exc)
+            msg = self._answer(data)
+            # While this loop waits for the next request -- for ever, if the client is
+            # idle -- it must hold nothing of this one: a large request is a buffer of
+            # its own, and its decoded arguments are as big.
+            del data
             try:
                 chan.send_message(msg)
             except OSError:
                 return
+            del msg  # nor the answer (a loaded state) or the error
+
+    def _answer(self, data: bytes | bytearray | memoryview) -> tuple[str, Any]:
+        """Decode one request and run it; the answer or the error to send back."""
+        try:
+            _ident, op, args, kwargs = unpack(data)
+            function = self.ops.get(op)
+            if function is None:
+                raise ShmstoreError(f"no such operation: {op!r}")
+            return ("#RETURN", function(*args, **kwargs))
+        except Exception as exc:  # the client re-raises it; the connection serves on
+            return ("#ERROR", _without_frames(exc))
 
     def serve_forever(self) -> None:
         """Accept connections until `stop_event` is set, then return (no ``sys.exit``)."""
@@ -196,6 +216,61 @@ def _prepare_unix_path(path: str) -> None:
     raise ConfigError(f"a server is already listening at unix://{path}", value=path)
 
 
+def _raise_nofile_limit() -> None:
+    """Raise this process's soft descriptor limit to its hard limit.
+
+    Each connection costs the server one descriptor (and one thread); a soft limit of
+    1024, common by default, would refuse the 1000th client while the hard limit allows
+    far more.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # e.g. an unlimited hard limit the kernel caps
+        log.debug("kept the descriptor limit at %s (raising it to %s failed: %s)",
+                  soft, hard, exc)
+        return
+    log.debug("raised the descriptor limit from %s to %s", soft, hard)
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of ``path`` itself (a symlink is not followed), or None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _keep_path_on_close(listener: Any) -> None:
+    """Stop the stdlib's unix listener from unlinking its path when it closes.
+
+    ``multiprocessing.connection.SocketListener`` removes its path on close (and at
+    exit) whoever's socket is there by then; `_remove_own_socket` decides instead.
+    """
+    inner = getattr(getattr(listener, "_listener", None), "_listener", None)
+    unlink = getattr(inner, "_unlink", None)
+    if unlink is not None:
+        unlink.cancel()
+
+
+def _remove_own_socket(path: str, socket_id: tuple[int, int] | None) -> None:
+    """Unlink the socket at ``path`` only if it is still the one this server bound.
+
+    Someone may have removed ours and another server bound the same path since: its
+    socket must survive our shutdown.
+    """
+    if socket_id is None or _file_id(path) != socket_id:
+        log.debug("left %s alone: it is no longer this server's socket", path)
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def run_server(
     address: Address,
     authkey: bytes,
@@ -221,6 +296,7 @@ def run_server(
     Raises:
         ConfigError: the address is taken or unusable.
     """
+    _raise_nofile_limit()
     if address.family == "AF_UNIX":
         _prepare_unix_path(address.target)
     try:
@@ -231,7 +307,10 @@ def run_server(
                           value=address.url) from None
     if stop_event is not None:
         server.stop_event = stop_event
+    socket_id = None
     if address.family == "AF_UNIX":
+        socket_id = _file_id(address.target)
+        _keep_path_on_close(server.listener)  # type: ignore[attr-defined]
         os.chmod(address.target, 0o600)
         url = address.url
     else:
@@ -249,11 +328,8 @@ def run_server(
     finally:
         server.monitor.stop()
         server.listener.close()  # type: ignore[attr-defined]
-        if address.family == "AF_UNIX":
-            try:
-                os.unlink(address.target)
-            except FileNotFoundError:
-                pass
+        if socket_id is not None:
+            _remove_own_socket(address.target, socket_id)
         log.info("shmstore server %d stopped", os.getpid())
 
 
@@ -568,6 +644,15 @@ def serve(
         >>> with shmstore.serve() as server:
         ...     store = shmstore.connect()   # from the exported environment
     """
+    if getattr(process.current_process(), "_inheriting", False):
+        # What multiprocessing's spawn checks too: this process is a spawned child still
+        # importing the parent's main module, so the parent's top level runs again here.
+        raise ConfigError(
+            "serve() was called while a spawned child process re-imports the main module: "
+            "every child would start a server of its own. Put the code that starts the "
+            'server (and the processes) under `if __name__ == "__main__":` in your script',
+            value="__main__",
+        )
     key = _coerce_authkey(authkey)
     MemoryMonitor(lambda: (0, 0), interval=monitor_interval, history_size=history_size)  # checks
     options = {"monitor_interval": monitor_interval, "history_size": history_size,

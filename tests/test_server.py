@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import stat
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -18,7 +21,7 @@ import pytest
 import shmstore
 from shmstore import Checkpoint, ConfigError, StoreUnavailable
 
-from .helpers import reap, wait_until
+from .helpers import SPAWN, reap, reaped, wait_until
 
 
 def test_default_address_is_a_socket_in_a_private_directory() -> None:
@@ -221,3 +224,100 @@ def test_cli_serve_stops_on_sigint() -> None:
         assert not os.path.exists(conn_file)
     finally:
         reap(proc)
+
+
+ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def _serve_with_few_descriptors(conn: Any) -> None:
+    """Lower this process's soft descriptor limit, start a server, report, wait (spawn)."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    with shmstore.serve(export=False) as srv:
+        conn.send(srv.pid)
+        conn.recv()  # checked: stop
+
+
+@pytest.mark.timeout(60)
+def test_the_server_raises_its_soft_descriptor_limit_to_the_hard_one() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 64:
+        pytest.skip(f"the hard descriptor limit ({hard}) leaves nothing to raise")
+    ours, theirs = SPAWN.Pipe()
+    child = SPAWN.Process(target=_serve_with_few_descriptors, args=(theirs,))
+    with reaped(child):
+        theirs.close()
+        assert ours.poll(50), "the starter did not report its server"
+        server_pid = ours.recv()
+        try:
+            assert psutil.Process(child.pid).rlimit(psutil.RLIMIT_NOFILE)[0] == 64
+            soft, server_hard = psutil.Process(server_pid).rlimit(psutil.RLIMIT_NOFILE)
+        finally:
+            ours.send("stop")
+    ours.close()
+    assert child.exitcode == 0
+    assert server_hard == hard
+    assert soft == hard or soft > 64  # raised (an unlimited hard limit may be capped)
+
+
+def test_shutdown_leaves_another_servers_socket_alone(tmp_path: Path) -> None:
+    sock = tmp_path / "s.sock"
+    url = f"unix://{sock}"
+    first = shmstore.serve(url, export=False)
+    try:
+        sock.unlink()  # someone removed it; a second server may now bind the path
+        with shmstore.serve(url, export=False) as second:
+            first.shutdown()
+            assert stat.S_ISSOCK(os.lstat(sock).st_mode), "the first server removed it"
+            with second.connect() as store:
+                assert store.save(Checkpoint(execution_id="x")).version == 1
+        assert not sock.exists()  # its own socket, the second server did remove
+    finally:
+        first.shutdown()
+
+
+NO_MAIN_GUARD = """
+import multiprocessing, os
+import shmstore
+
+server = shmstore.serve()
+print("served", os.getpid(), flush=True)
+pool = multiprocessing.get_context("spawn").Pool(1)
+try:
+    # Its workers die while they start, so this never comes: the stdlib's Pool starts
+    # new ones for ever.  The script gives up after a while, as a user would.
+    pool.apply_async(os.getpid).get(timeout=15)
+finally:
+    pool.terminate()
+"""
+
+
+def _marked(marker: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["environ"]):
+        if (proc.info["environ"] or {}).get("SHMSTORE_TEST_MARKER") == marker:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+    return found
+
+
+@pytest.mark.timeout(120)
+def test_serve_in_a_spawned_child_importing_main_names_the_guard(tmp_path: Path) -> None:
+    script = tmp_path / "no_guard.py"
+    script.write_text(NO_MAIN_GUARD)
+    marker = os.urandom(8).hex()  # finds this test's processes, and only them
+    env = {**os.environ, "PYTHONPATH": ROOT, "SHMSTORE_TEST_MARKER": marker}
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=90)
+    finally:
+        reap(proc)
+    assert proc.returncode != 0
+    assert 'ConfigError: serve() was called while a spawned child' in err, err[-2000:]
+    assert 'if __name__ == "__main__":' in err
+    # Only the script's own process started a server; its children refused at once.
+    assert [line for line in out.splitlines() if line.startswith("served")] == [
+        f"served {proc.pid}"], out
+    assert wait_until(lambda: not _marked(marker), timeout=30), _marked(marker)
