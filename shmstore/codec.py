@@ -158,13 +158,8 @@ def _enc_uuid(value: UUID) -> Any:
 
 
 def _plain_dtype(dtype: Any) -> bool:
-    """Whether ``dtype`` is one the extensions carry: fixed-size, no fields, no subarray."""
-    return (
-        dtype.kind in _NDARRAY_KINDS
-        and dtype.fields is None
-        and dtype.subdtype is None
-        and (dtype.itemsize > 0 or dtype.kind in "SU")
-    )
+    """Whether the extensions carry ``dtype``: a kind they know, no fields, no subarray."""
+    return dtype.kind in _NDARRAY_KINDS and dtype.fields is None and dtype.subdtype is None
 
 
 def _enc_ndarray(array: Any) -> Any:
@@ -466,7 +461,8 @@ def _dtype(numpy: Any, dtype_str: Any, empty: bool) -> Any:
     if type(dtype_str) is not str or not _DTYPE_RE.fullmatch(dtype_str):
         raise ValueError(f"bad dtype {dtype_str!r}")
     dtype = numpy.dtype(dtype_str)
-    if not _plain_dtype(dtype) or (dtype.itemsize == 0 and not empty):
+    # Only the spelling encode writes (dtype.str), so one value has one encoding.
+    if dtype.str != dtype_str or not _plain_dtype(dtype) or (dtype.itemsize == 0 and not empty):
         raise ValueError(f"bad dtype {dtype_str!r}")
     return dtype
 
