@@ -887,6 +887,6 @@ def test_numpy_scalar_wire_format(np: Any) -> None:
     # ext8 len 9 code 11, payload ['<i2', bin 01 00]
     assert codec.encode(np.int16(1)) == bytes.fromhex("c7 09 0b 92 a3 3c 69 32 c4 02 01 00")
     # ['<U2', 'a\0']: the str itself, so the trailing NUL survives
-    data = bytes.fromhex("c7 08 0b 92 a3 3c 55 32 a2 61 00")
+    data = bytes.fromhex("d7 0b 92 a3 3c 55 32 a2 61 00")  # fixext8: 8 payload bytes
     assert codec.encode(np.str_("a\x00")) == data
     assert str.__eq__(codec.decode(data), "a\x00")
