@@ -269,11 +269,14 @@ class BaseStore(abc.ABC):
         meta = EMPTY_MAP if not cp.metadata else codec.encode(cp.metadata, root="metadata",
                                                                 max_bytes=bound)
         state = codec.encode(cp.state, max_bytes=bound)
+        size = len(state) + len(meta)
         largest = self._max_checkpoint_bytes
-        if largest is False:
+        known = largest is not False
+        if largest is False or (known and largest is not None and size > largest):
+            # Asked once, and again before refusing: Redis limits belong to the data set,
+            # and another client may have raised them since we asked.
             largest = self._max_checkpoint_bytes = self.limits().max_checkpoint_bytes
-        if largest is not None and len(state) + len(meta) > largest:
-            size = len(state) + len(meta)
+        if largest is not None and size > largest:
             raise StoreFull(
                 f"checkpoint {cp.id!r} is {size} bytes encoded, over "
                 f"max_checkpoint_bytes={largest}; checkpoint a reference to large data "

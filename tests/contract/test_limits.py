@@ -383,3 +383,18 @@ def test_an_explicit_codec_bound_is_stricter_than_the_store(limited_store: Limit
     store.codec = MsgpackCodec(max_bytes=100_000)  # a looser codec never raises the store's
     with pytest.raises(StoreFull, match="max_checkpoint_bytes=10000"):
         store.save(cp(state=sized(20_000)))
+
+
+@pytest.mark.timeout(300)
+def test_a_client_follows_a_limit_another_client_raised(limited_store: LimitedStore) -> None:
+    store = limited_store()
+    if not isinstance(store, shmstore.RedisStore):
+        pytest.skip("only Redis limits change while clients run (they belong to the data set)")
+    store.save(cp(state="small"))  # it has asked the store its limits: 64 MiB
+    assert store.url is not None
+    shmstore.RedisStore(store.url, prefix=store.prefix,
+                        limits=Limits(max_checkpoint_bytes=256 * MiB)).close()
+    state = big_state(70 * MiB)
+    saved = store.save(cp(state=state))
+    assert store.load(saved.id).state == state
+    store.clear("run")
