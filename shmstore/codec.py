@@ -640,9 +640,6 @@ class MsgpackCodec:
             return f"{type(self).__name__}()"
         return f"{type(self).__name__}(max_bytes={self.own_max_bytes})"
 
-    def _bound(self, max_bytes: int | EllipsisType | None) -> int | None:
-        return self.max_bytes if max_bytes is ... else max_bytes
-
     def encode(
         self, obj: object, *, root: str = "state", max_bytes: int | EllipsisType | None = ...
     ) -> bytes:
@@ -663,7 +660,7 @@ class MsgpackCodec:
             data: bytes = _packb(obj, default=_ENCODE_HOOK, strict_types=True, use_bin_type=True)
         except _PACK_ERRORS as exc:
             raise _locate_failure(obj, root, exc) from exc
-        bound = self._bound(max_bytes)
+        bound = self.max_bytes if max_bytes is ... else max_bytes
         if bound is not None and len(data) > bound:
             type_name = _type_name(obj)
             raise EncodeError(
@@ -691,7 +688,7 @@ class MsgpackCodec:
                 and numpy is not installed.
         """
         size = len(data) if type(data) is bytes else memoryview(data).nbytes
-        bound = self._bound(max_bytes)
+        bound = self.max_bytes if max_bytes is ... else max_bytes
         if bound is not None and size > bound:
             raise DecodeError(
                 f"payload is {size} bytes, over the codec's limit of {bound} bytes "
