@@ -189,7 +189,23 @@ def _enc_numpy_scalar(value: Any) -> Any:
         data = bytes(value)
     else:
         data = value.tobytes()
+        if dtype.char in "gG":
+            data = _x87_canonical(data, dtype)
     return _pack_parts(EXT_NUMPY_SCALAR, [dtype.str, data])
+
+
+def _x87_canonical(data: bytes, dtype: Any) -> bytes:
+    """``data`` with the padding of x87 long doubles zeroed.
+
+    An 80-bit x87 value is stored in 12 or 16 bytes; the rest is whatever memory held, so
+    one value could otherwise have many encodings (and metadata filters compare bytes).
+    """
+    import numpy
+
+    part = dtype.itemsize // (2 if dtype.kind == "c" else 1)
+    if numpy.finfo(numpy.longdouble).nmant != 63 or part <= 10 or dtype.byteorder == ">":
+        return data
+    return b"".join(data[i:i + 10] + bytes(part - 10) for i in range(0, len(data), part))
 
 
 _LEAF_ENCODERS: dict[type, Callable[[Any], Any]] = {

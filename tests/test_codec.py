@@ -890,3 +890,14 @@ def test_numpy_scalar_wire_format(np: Any) -> None:
     data = bytes.fromhex("d7 0b 92 a3 3c 55 32 a2 61 00")  # fixext8: 8 payload bytes
     assert codec.encode(np.str_("a\x00")) == data
     assert str.__eq__(codec.decode(data), "a\x00")
+
+
+def test_long_double_padding_is_not_written(np: Any) -> None:
+    if np.finfo(np.longdouble).nmant != 63 or np.dtype(np.longdouble).itemsize <= 10:
+        pytest.skip("long double is not x87 extended precision on this platform")
+    for value in (np.clongdouble(1j), np.longdouble(1) / 3, np.clongdouble(-0.5 + 2j)):
+        payload = msgpack.unpackb(msgpack.unpackb(codec.encode(value)).data)[1]
+        part = value.dtype.itemsize // (2 if value.dtype.kind == "c" else 1)
+        for start in range(0, len(payload), part):
+            assert payload[start + 10:start + part] == bytes(part - 10), (value, payload)
+        same_numpy_scalar(value, codec.decode(codec.encode(value)))
