@@ -39,7 +39,8 @@ code  type         payload
 
 numpy scalars and arrays of every fixed-size dtype round-trip exactly, datetime64 and
 timedelta64 with their unit (NaT too); ``longdouble`` and ``clongdouble`` are this
-platform's bytes, so read them on a platform with the same long double format.  A
+platform's bytes (x87 padding zeroed in scalars), so read them on a platform with the
+same long double format.  A
 structured value (``numpy.void`` with fields, structured or object arrays) raises
 `EncodeError`: convert it with ``.item()``, ``.tolist()`` or ``numpy.asarray(...)``.
 
