@@ -4,7 +4,7 @@ Plain values use msgpack's own types: None, bool, int (64-bit signed or unsigned
 (nan and inf too), str, bytes (bytearray and memoryview are written as bytes), list and
 dict (any encodable hashable value as key).  Subclasses of dict, list, str, int and float
 (``OrderedDict``, ``IntEnum`` ...) are written as their base type, tuple and set subclasses
-(``namedtuple`` ...) as tuple and set, numpy scalars as the Python scalar ``.item()`` gives.
+(``namedtuple`` ...) as tuple and set.
 
 Everything else travels as a msgpack ext value whose payload is itself msgpack, packed
 with ``use_bin_type=True``.  The codes are a wire format shared by several backends and
@@ -27,9 +27,22 @@ code  type         payload
 8     Decimal      ``[str(value)]``, which is exact, NaN and Infinity included
 9     UUID         ``[bin 16]``, the 16 bytes of ``UUID.bytes``
 10    ndarray      ``[dtype, shape, data]``: ``dtype.str`` (``'<f8'``, ``'|S5'`` ...;
-                   kinds ``biufcSUmM`` only), shape as an array of ints, and the
-                   items in C order as bin
+                   kinds ``biufcSUmMV`` only, ``V`` unstructured), shape as an array
+                   of ints, and the items in C order as bin
+11    numpy        ``[dtype, data]``: one numpy scalar (``numpy.int8(3)``,
+      scalar       ``numpy.datetime64(1, 'ns')`` ...), which comes back as the same
+                   type and value: ``dtype.str`` as for ndarray, and ``data`` the
+                   scalar's bytes as bin (``tobytes()``), except for ``str_`` (the
+                   str) and ``bytes_`` (the bytes), whose trailing NULs numpy's
+                   buffer would drop
 ====  ===========  ===========================================================
+
+numpy scalars and arrays of every fixed-size dtype round-trip exactly, datetime64 and
+timedelta64 with their unit (NaT too); ``longdouble`` and ``clongdouble`` are this
+platform's bytes (x87 padding zeroed in scalars), so read them on a platform with the
+same long double format.  A
+structured value (``numpy.void`` with fields, structured or object arrays) raises
+`EncodeError`: convert it with ``.item()``, ``.tolist()`` or ``numpy.asarray(...)``.
 
 ``datetime.fold`` is not kept, and a ``time`` whose ``utcoffset()`` is None (a zone
 that needs a date) is written as naive.  Code -1, msgpack's standard timestamp, is
@@ -47,6 +60,7 @@ from collections.abc import Callable, Iterator
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from math import prod
+from types import EllipsisType
 from typing import Any
 from uuid import UUID
 
@@ -69,6 +83,7 @@ EXT_TIMEDELTA = 7
 EXT_DECIMAL = 8
 EXT_UUID = 9
 EXT_NDARRAY = 10
+EXT_NUMPY_SCALAR = 11
 
 _MAX_EXT_DEPTH = 8
 # Only used to point at the offending value after a failure: the C packer refuses values
@@ -85,13 +100,12 @@ _EPOCH = datetime(1970, 1, 1)
 _EPOCH_ORDINAL = _EPOCH.toordinal()
 _ONE_US = timedelta(microseconds=1)
 _US_PER_DAY = 86_400_000_000
-_NDARRAY_KINDS = frozenset("biufcSUmM")
-_DTYPE_RE = re.compile(r"[<>|=][biufcSUmM][0-9]{1,9}(?:\[[0-9]{0,9}[A-Za-z]{1,3}\])?")
+_NDARRAY_KINDS = frozenset("biufcSUmMV")
+_DTYPE_RE = re.compile(r"[<>|=][biufcSUmMV][0-9]{1,9}(?:\[[0-9]{0,9}[A-Za-z]{1,3}\])?")
 _SUPPORTED = (
     "None, bool, int, float, str, bytes, list, dict, tuple, set, frozenset, datetime, "
-    "date, time, timedelta, Decimal, UUID or a numpy array"
+    "date, time, timedelta, Decimal, UUID, a numpy scalar or a numpy array"
 )
-_NATIVE = frozenset((bool, int, float, str, bytes, bytearray, memoryview))
 _PACK_ERRORS = (TypeError, ValueError, OverflowError, RecursionError, BufferError)
 
 _Hook = Callable[[Any], Any]
@@ -144,15 +158,55 @@ def _enc_uuid(value: UUID) -> Any:
     return _pack_parts(EXT_UUID, [value.bytes])
 
 
+def _plain_dtype(dtype: Any) -> bool:
+    """Whether the extensions carry ``dtype``: a kind they know, no fields, no subarray."""
+    return dtype.kind in _NDARRAY_KINDS and dtype.fields is None and dtype.subdtype is None
+
+
 def _enc_ndarray(array: Any) -> Any:
     dtype = array.dtype
-    if dtype.kind not in _NDARRAY_KINDS or dtype.fields is not None:
+    if not _plain_dtype(dtype) or dtype.itemsize == 0:
         raise TypeError(
             f"numpy arrays of dtype {dtype} cannot be encoded (only bool, numeric, "
-            "datetime64/timedelta64 and fixed-width string dtypes; object arrays would "
-            "need pickle, which is never used); convert it with .astype(...) or .tolist()"
+            "datetime64/timedelta64, fixed-width string and unstructured void dtypes; "
+            "object arrays would need pickle, which is never used); convert it with "
+            ".astype(...) or .tolist()"
         )
     return _pack_parts(EXT_NDARRAY, [dtype.str, list(array.shape), array.tobytes()])
+
+
+def _enc_numpy_scalar(value: Any) -> Any:
+    dtype = value.dtype
+    if not _plain_dtype(dtype):
+        raise TypeError(
+            f"numpy scalars of dtype {dtype} cannot be encoded (structured or object "
+            "values would lose their fields or need pickle); convert it with .item() "
+            "or numpy.asarray(...).tolist()"
+        )
+    kind = dtype.kind
+    if kind == "U":
+        data: Any = str.__str__(value)
+    elif kind == "S":
+        data = bytes(value)
+    else:
+        data = value.tobytes()
+        if dtype.char in "gG":
+            data = _x87_canonical(data, dtype)
+    return _pack_parts(EXT_NUMPY_SCALAR, [dtype.str, data])
+
+
+def _x87_canonical(data: bytes, dtype: Any) -> bytes:
+    """``data`` with the padding of x87 long doubles zeroed.
+
+    An 80-bit x87 value is stored in 12 or 16 bytes; the rest is whatever memory held, so
+    one value could otherwise have many encodings (and metadata filters compare bytes).
+    """
+    import numpy
+
+    part = dtype.itemsize // (2 if dtype.kind == "c" else 1)
+    if numpy.finfo(numpy.longdouble).nmant != 63 or part <= 10 or dtype.byteorder == ">":
+        return data
+    return b"".join(data[i:i + 10] + bytes(part - 10) for i in range(0, len(data), part))
 
 
 _LEAF_ENCODERS: dict[type, Callable[[Any], Any]] = {
@@ -183,8 +237,7 @@ def _convert_other(obj: Any, hook: _Hook) -> Any:
         if isinstance(obj, numpy.ndarray):
             return _enc_ndarray(obj)
         if isinstance(obj, numpy.generic):
-            item = obj.item()
-            return item if item is None or type(item) in _NATIVE else hook(item)
+            return _enc_numpy_scalar(obj)
     if isinstance(obj, dict):
         return dict(obj)
     if isinstance(obj, list):
@@ -411,17 +464,57 @@ def _dec_uuid(value: Any) -> UUID:
     return UUID(bytes=raw)
 
 
-def _dec_ndarray(value: Any) -> Any:
+def _numpy(what: str) -> Any:
     try:
         import numpy
     except ImportError as exc:
-        raise DecodeError("the payload holds a numpy array; install numpy to decode it") from exc
-    dtype_str, shape, data = _parts(value, (3,))
+        raise DecodeError(f"the payload holds a numpy {what}; install numpy to decode it") \
+            from exc
+    return numpy
+
+
+def _dtype(numpy: Any, dtype_str: Any, empty: bool) -> Any:
+    """The dtype ``dtype_str`` names, if the extensions carry it (itemsize 0 if ``empty``)."""
     if type(dtype_str) is not str or not _DTYPE_RE.fullmatch(dtype_str):
         raise ValueError(f"bad dtype {dtype_str!r}")
     dtype = numpy.dtype(dtype_str)
-    if dtype.kind not in _NDARRAY_KINDS or dtype.itemsize == 0:
+    # Only the spelling encode writes (dtype.str), so one value has one encoding.
+    if dtype.str != dtype_str or not _plain_dtype(dtype) or (dtype.itemsize == 0 and not empty):
         raise ValueError(f"bad dtype {dtype_str!r}")
+    return dtype
+
+
+def _dec_numpy_scalar(value: Any) -> Any:
+    numpy = _numpy("scalar")
+    dtype_str, data = _parts(value, (2,))
+    dtype = _dtype(numpy, dtype_str, empty=True)
+    kind = dtype.kind
+    if kind == "U":
+        if type(data) is not str:
+            raise ValueError(f"expected a str, got {_type_name(data)}")
+        result = numpy.str_(data)
+    elif type(data) is not bytes:
+        raise ValueError(f"expected bin data, got {_type_name(data)}")
+    elif kind == "S":
+        result = numpy.bytes_(data)
+    elif len(data) != dtype.itemsize:
+        raise ValueError(f"{len(data)} bytes of data, but dtype {dtype_str} needs "
+                         f"{dtype.itemsize}")
+    elif kind == "b" and data not in (b"\0", b"\1"):
+        raise ValueError(f"{data!r} is not a bool")
+    elif kind == "V":
+        result = numpy.void(data)
+    else:
+        result = numpy.frombuffer(data, dtype=dtype)[0]
+    if result.dtype != dtype:
+        raise ValueError(f"dtype {dtype_str} does not fit its data")
+    return result
+
+
+def _dec_ndarray(value: Any) -> Any:
+    numpy = _numpy("array")
+    dtype_str, shape, data = _parts(value, (3,))
+    dtype = _dtype(numpy, dtype_str, empty=False)
     if (
         type(shape) is not list
         or len(shape) > 64
@@ -448,6 +541,7 @@ _LEAF_DECODERS: dict[int, tuple[str, Callable[[Any], Any]]] = {
     EXT_DECIMAL: ("Decimal", _dec_decimal),
     EXT_UUID: ("UUID", _dec_uuid),
     EXT_NDARRAY: ("ndarray", _dec_ndarray),
+    EXT_NUMPY_SCALAR: ("numpy scalar", _dec_numpy_scalar),
 }
 _CONTAINERS: dict[int, tuple[str, Callable[[list[Any]], Any]]] = {
     EXT_TUPLE: ("tuple", tuple),
@@ -518,11 +612,27 @@ _DECODE_HOOK = _build_decode_hooks()
 class MsgpackCodec:
     """Encodes user state to msgpack bytes and back, with extension types.
 
+    Inside a store, the size of a checkpoint is the store's business: its
+    ``Limits.max_checkpoint_bytes`` (`StoreFull` before anything is sent; None: no limit)
+    bounds what is saved, and what the store returns is decoded whatever its size (the
+    store checked it when it was saved, possibly under a higher limit than today's, and
+    the bytes are in this process already, so a bound would save no memory).  A codec
+    made with an explicit ``max_bytes`` keeps that bound in every store too, on save
+    (`EncodeError`) and on load (`DecodeError`): the stricter of it and the store's limit
+    wins, because a bound set on purpose for this process (say, to keep its memory small)
+    must hold, and a codec must never let a store hold more than the store allows.
+
     Parameters:
-        max_bytes: the largest payload ``encode`` produces and ``decode`` accepts.
+        max_bytes: the largest payload ``encode`` produces and ``decode`` accepts, in
+            every store too.  None (the default): no bound of the codec's own; used on
+            its own, the codec then bounds payloads at ``DEFAULT_MAX_BYTES`` (64 MiB).
+
+    Attributes:
+        max_bytes: the bound ``encode`` and ``decode`` apply when called on their own.
+        own_max_bytes: the ``max_bytes`` given, or None; what stores apply.
 
     Raises:
-        ConfigError: ``max_bytes`` is not a positive int.
+        ConfigError: ``max_bytes`` is not a positive int or None.
 
     Example:
         >>> codec = MsgpackCodec()
@@ -532,55 +642,75 @@ class MsgpackCodec:
 
     name: str = "msgpack"
 
-    def __init__(self, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        if type(max_bytes) is not int or max_bytes < 1:
-            raise ConfigError(f"max_bytes must be a positive int, not {max_bytes!r}")
-        self.max_bytes = max_bytes
+    def __init__(self, *, max_bytes: int | None = None) -> None:
+        if max_bytes is not None and (type(max_bytes) is not int or max_bytes < 1):
+            raise ConfigError(
+                f"max_bytes must be a positive int or None (no bound of the codec's own), "
+                f"not {max_bytes!r}",
+                option="max_bytes", value=repr(max_bytes)[:80],
+            )
+        self.own_max_bytes: int | None = max_bytes
+        self.max_bytes: int = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(max_bytes={self.max_bytes})"
+        if self.own_max_bytes is None:
+            return f"{type(self).__name__}()"
+        return f"{type(self).__name__}(max_bytes={self.own_max_bytes})"
 
-    def encode(self, obj: object, *, root: str = "state") -> bytes:
+    def encode(
+        self, obj: object, *, root: str = "state", max_bytes: int | EllipsisType | None = ...
+    ) -> bytes:
         """Return the msgpack encoding of ``obj``.
 
         Parameters:
             obj: the value; see the module docstring for the supported types.
             root: the name ``obj`` goes by in error paths, e.g. ``"metadata"``.
+            max_bytes: the bound for this call instead of the codec's ``max_bytes``
+                (None: no bound); stores pass ``own_max_bytes``.
 
         Raises:
             EncodeError: a value cannot be encoded (``.path`` says where, e.g.
                 ``state['rows'][3]['when']``, ``.type_name`` what), or the result is
-                larger than ``max_bytes``.
+                larger than the bound.
         """
         try:
             data: bytes = _packb(obj, default=_ENCODE_HOOK, strict_types=True, use_bin_type=True)
         except _PACK_ERRORS as exc:
             raise _locate_failure(obj, root, exc) from exc
-        if len(data) > self.max_bytes:
+        bound = self.max_bytes if max_bytes is ... else max_bytes
+        if bound is not None and len(data) > bound:
             type_name = _type_name(obj)
             raise EncodeError(
                 f"cannot encode {type_name} at {root}: it takes {len(data)} bytes, over the "
-                f"limit of {self.max_bytes} bytes (max_bytes); store less or raise the limit",
+                f"codec's limit of {bound} bytes (max_bytes); store less, or make the "
+                "codec with a larger MsgpackCodec(max_bytes=...) (None: the store's limit)",
                 path=root,
                 type_name=type_name,
             )
         return data
 
-    def decode(self, data: bytes | bytearray | memoryview) -> Any:
+    def decode(
+        self, data: bytes | bytearray | memoryview, *, max_bytes: int | EllipsisType | None = ...
+    ) -> Any:
         """Return the value ``data`` encodes.
 
         Parameters:
             data: bytes from ``encode`` (any bytes-like object).
+            max_bytes: the bound for this call instead of the codec's ``max_bytes``
+                (None: no bound); stores pass ``own_max_bytes``.
 
         Raises:
-            DecodeError: ``data`` is larger than ``max_bytes``, corrupt, truncated, has
-                trailing bytes, holds an unknown extension type, or holds a numpy array
+            DecodeError: ``data`` is larger than the bound, corrupt, truncated, has
+                trailing bytes, holds an unknown extension type, or holds a numpy value
                 and numpy is not installed.
         """
         size = len(data) if type(data) is bytes else memoryview(data).nbytes
-        if size > self.max_bytes:
+        bound = self.max_bytes if max_bytes is ... else max_bytes
+        if bound is not None and size > bound:
             raise DecodeError(
-                f"payload is {size} bytes, over the limit of {self.max_bytes} bytes (max_bytes)"
+                f"payload is {size} bytes, over the codec's limit of {bound} bytes "
+                "(max_bytes); make the codec with a larger MsgpackCodec(max_bytes=...) "
+                "(None: no bound of its own in a store)"
             )
         try:
             return _unpackb(

@@ -5,7 +5,9 @@ shared server, Lua for Redis):
 
 ``max_checkpoint_bytes``
     one checkpoint's encoded state plus metadata; checked by the client before anything is
-    sent (and again by the store).  Default 64 MiB.
+    sent (and again by the store).  Default 64 MiB; None: no limit.  The client's codec
+    does not cap it with a bound of its own (unless made with ``max_bytes=``), and reads
+    whatever the store holds.
 ``max_per_execution``
     retention: keep the newest N checkpoints of each execution; a save into a full
     execution drops its oldest in the same atomic step (the seed's ``MaxCheckpoints``,

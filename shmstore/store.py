@@ -137,9 +137,14 @@ def format_bytes(n: float) -> str:
 
 
 def _checkpoint(record: Sequence[Any], codec: MsgpackCodec) -> Checkpoint:
-    """Decode a stored record into a new Checkpoint (fields are trusted: skip checks)."""
+    """Decode a stored record into a new Checkpoint (fields are trusted: skip checks).
+
+    Only a bound the codec was given on purpose applies: the store checked the size
+    when it took the record (under its limit then, which may have been higher).
+    """
     cp = object.__new__(Checkpoint)
     meta = record[6]
+    bound = codec.own_max_bytes
     cp.__dict__.update(
         id=record[0],
         execution_id=record[1],
@@ -147,8 +152,8 @@ def _checkpoint(record: Sequence[Any], codec: MsgpackCodec) -> Checkpoint:
         version=record[3],
         timestamp=us_to_timestamp(record[4]),
         parent_id=record[5],
-        metadata={} if meta == EMPTY_MAP else codec.decode(meta),
-        state=codec.decode(record[7]),
+        metadata={} if meta == EMPTY_MAP else codec.decode(meta, max_bytes=bound),
+        state=codec.decode(record[7], max_bytes=bound),
     )
     return cp
 
@@ -233,7 +238,9 @@ class BaseStore(abc.ABC):
     """The checkpoint-store contract; subclasses supply ``_call``.
 
     Parameters:
-        codec: encodes states and metadata (default: msgpack with extension types).
+        codec: encodes states and metadata (default: msgpack with extension types); the
+            store's ``max_checkpoint_bytes`` bounds a save, and a ``max_bytes`` the codec
+            was made with applies on top (the stricter wins).
     """
 
     #: Longest single server-side wait; a longer ``wait`` is several of these, so that a
@@ -256,13 +263,20 @@ class BaseStore(abc.ABC):
                 f"expected a Checkpoint, not {type(cp).__name__}", value=repr(cp)[:80]
             )
         codec = self.codec
-        meta = EMPTY_MAP if not cp.metadata else codec.encode(cp.metadata, root="metadata")
-        state = codec.encode(cp.state)
+        # The store's limit is checked below (StoreFull); the codec only applies a bound
+        # it was given on purpose, so that its standalone default never overrides Limits.
+        bound = codec.own_max_bytes
+        meta = EMPTY_MAP if not cp.metadata else codec.encode(cp.metadata, root="metadata",
+                                                                max_bytes=bound)
+        state = codec.encode(cp.state, max_bytes=bound)
+        size = len(state) + len(meta)
         largest = self._max_checkpoint_bytes
-        if largest is False:
+        known = largest is not False
+        if largest is False or (known and largest is not None and size > largest):
+            # Asked once, and again before refusing: Redis limits belong to the data set,
+            # and another client may have raised them since we asked.
             largest = self._max_checkpoint_bytes = self.limits().max_checkpoint_bytes
-        if largest is not None and len(state) + len(meta) > largest:
-            size = len(state) + len(meta)
+        if largest is not None and size > largest:
             raise StoreFull(
                 f"checkpoint {cp.id!r} is {size} bytes encoded, over "
                 f"max_checkpoint_bytes={largest}; checkpoint a reference to large data "
@@ -521,13 +535,14 @@ class BaseStore(abc.ABC):
             raise ConfigError(f"where must be a mapping, not {type(where).__name__}",
                               value=repr(where)[:80])
         encode = self.codec.encode
+        bound = self.codec.own_max_bytes
         out: dict[str, builtins.list[bytes]] = {}
         for key, value in where.items():
             if type(key) is not str:
                 raise ConfigError(f"where keys must be str, not {type(key).__name__}",
                                   value=repr(key)[:80])
             values = value.values if isinstance(value, OneOf) else (value,)
-            out[key] = [encode(v, root=f"where[{key!r}]") for v in values]
+            out[key] = [encode(v, root=f"where[{key!r}]", max_bytes=bound) for v in values]
         return out
 
     def find(

@@ -248,8 +248,9 @@ def test_decode_accepts_bytes_like_input() -> None:
 
 def test_default_codec_and_options() -> None:
     assert codec.max_bytes == DEFAULT_MAX_BYTES == 64 * 1024 * 1024
+    assert codec.own_max_bytes is None and repr(codec) == "MsgpackCodec()"
     assert codec.name == "msgpack"
-    assert MsgpackCodec(max_bytes=10).max_bytes == 10
+    assert MsgpackCodec(max_bytes=10).max_bytes == MsgpackCodec(max_bytes=10).own_max_bytes == 10
     assert "max_bytes=10" in repr(MsgpackCodec(max_bytes=10))
     for bad in (0, -1, 1.5, True, "10"):
         with pytest.raises(ConfigError):
@@ -330,35 +331,118 @@ def test_numpy_nan_and_special_floats(np: Any) -> None:
     assert np.signbit(back[3])
 
 
-def test_numpy_scalars_encode_as_python_scalars(np: Any) -> None:
-    value = [
-        np.float64(1.5),
-        np.float32(0.25),
-        np.int64(-3),
-        np.uint64(2**64 - 1),
-        np.int8(7),
-        np.bool_(True),
-        np.str_("s"),
-        np.bytes_(b"b"),
-        np.datetime64("2020-01-02T03:04:05.000006", "us"),
-        np.timedelta64(5, "s"),
+DATETIME_UNITS = ["Y", "M", "W", "D", "h", "m", "s", "ms", "us", "ns", "ps", "fs", "as"]
+
+
+def numpy_scalars(np: Any) -> list[Any]:
+    """One or more values of every numpy scalar type, each unit of datetime64/timedelta64."""
+    values = [
+        np.bool_(True), np.bool_(False),
+        np.int8(-128), np.int16(-3), np.int32(2**31 - 1), np.int64(-(2**63)),
+        np.uint8(255), np.uint16(7), np.uint32(2**32 - 1), np.uint64(2**64 - 1),
+        np.float16(0.1), np.float32(-0.0), np.float64(np.nan), np.float64(1.5),
+        np.longdouble(1) / np.longdouble(3), np.longdouble("-inf"),
+        np.complex64(1 + 2j), np.complex128(complex(np.nan, -0.0)),
+        np.clongdouble(np.longdouble(1) / 3 + 1j),
+        np.str_(""), np.str_("ünï"), np.str_("a\x00"),
+        np.bytes_(b""), np.bytes_(b"b\x00"),
+        np.void(b""), np.void(b"ab\x00"),
+        np.datetime64("NaT"), np.timedelta64("NaT"), np.datetime64(1, "10ms"),
     ]
+    for unit in DATETIME_UNITS:
+        values += [np.datetime64(-5, unit), np.datetime64("NaT", unit),
+                   np.timedelta64(123_456_789, unit), np.timedelta64("NaT", unit)]
+    return values
+
+
+def same_numpy_scalar(a: Any, b: Any) -> None:
+    """Assert ``b`` is ``a`` exactly: type, dtype (unit included) and every bit of value."""
+    assert type(b) is type(a), (a, b)
+    assert b.dtype == a.dtype and b.dtype.str == a.dtype.str, (a, b)
+    if a.dtype.kind in "SU":
+        assert type(a).__base__.__eq__(a, b)  # the str/bytes value, trailing NULs included
+    elif a.dtype.char in "gG":
+        # x87 long doubles carry padding bytes whose content is arbitrary
+        assert np_equal_bits(a, b)
+    else:
+        assert a.tobytes() == b.tobytes(), (a, b)
+
+
+def np_equal_bits(a: Any, b: Any) -> bool:
+    import numpy
+
+    if numpy.isnan(a) or numpy.isnan(b):
+        return bool(numpy.isnan(a) and numpy.isnan(b))
+    return bool(a == b) and bool(numpy.signbit(numpy.real(a)) == numpy.signbit(numpy.real(b)))
+
+
+def test_numpy_scalars_round_trip_with_their_type_and_value(np: Any) -> None:
+    values = numpy_scalars(np)
+    back = roundtrip(values)
+    assert len(back) == len(values)
+    for a, b in zip(values, back, strict=True):
+        same_numpy_scalar(a, b)
+    # Inside containers and as dict keys too.
+    nested = roundtrip({"t": (np.int8(1), {np.datetime64(3, "ns")}), np.uint16(2): "k"})
+    assert type(nested["t"][0]) is np.int8
+    assert next(iter(nested["t"][1])).dtype.str == "<M8[ns]"
+    assert type(next(k for k in nested if k != "t")) is np.uint16
+
+
+def test_a_nanosecond_datetime64_keeps_its_unit(np: Any) -> None:
+    value = np.datetime64("2024-01-02T03:04:05.123456789", "ns")
     back = roundtrip(value)
-    same(
-        [
-            1.5,
-            0.25,
-            -3,
-            2**64 - 1,
-            7,
-            True,
-            "s",
-            b"b",
-            datetime(2020, 1, 2, 3, 4, 5, 6),
-            timedelta(seconds=5),
-        ],
-        back,
-    )
+    assert type(back) is np.datetime64 and back.dtype.str == "<M8[ns]" and back == value
+
+
+def test_a_longdouble_scalar_round_trips(np: Any) -> None:
+    value = np.longdouble(1) / np.longdouble(3)
+    back = roundtrip({"x": value})["x"]
+    assert type(back) is np.longdouble and back == value
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_numpy_scalars_and_arrays_round_trip_exactly_hypothesis(data: st.DataObject) -> None:
+    np = pytest.importorskip("numpy", reason="numpy is not installed")
+    hnp = pytest.importorskip("hypothesis.extra.numpy", reason="hypothesis[numpy] is missing")
+    dtype = data.draw(st.one_of(
+        hnp.boolean_dtypes(), hnp.integer_dtypes(endianness="="),
+        hnp.unsigned_integer_dtypes(endianness="="), hnp.floating_dtypes(endianness="="),
+        st.just(np.dtype(np.longdouble)), hnp.complex_number_dtypes(endianness="="),
+        st.just(np.dtype(np.clongdouble)),
+        hnp.datetime64_dtypes(endianness="="), hnp.timedelta64_dtypes(endianness="="),
+        hnp.byte_string_dtypes(endianness="=", min_len=1),
+        hnp.unicode_string_dtypes(endianness="=", min_len=1),
+    ), label="dtype")
+    scalar = data.draw(hnp.from_dtype(dtype), label="scalar")
+    if not isinstance(scalar, np.generic):  # from_dtype may give the Python value
+        scalar = np.asarray(scalar, dtype=dtype)[()]
+    same_numpy_scalar(scalar, roundtrip(scalar))
+    array = data.draw(hnp.arrays(dtype, hnp.array_shapes(min_dims=0, max_side=4)),
+                      label="array")
+    back = roundtrip(array)
+    assert type(back) is np.ndarray and back.dtype == array.dtype
+    assert back.shape == array.shape
+    if dtype.char in "gG":
+        assert np.array_equal(back, array, equal_nan=True)
+    else:
+        assert back.tobytes() == array.tobytes()
+
+
+def test_datetime64_and_longdouble_arrays_round_trip(np: Any) -> None:
+    for unit in DATETIME_UNITS:
+        for kind in ("M8", "m8"):
+            raw = np.array([0, -7, np.iinfo(np.int64).min], dtype="<i8")  # min is NaT
+            array = raw.view(f"<{kind}[{unit}]")
+            back = roundtrip(array)
+            assert back.dtype.str == array.dtype.str and back.tobytes() == array.tobytes()
+    long = np.array([1, -0.0, np.inf], dtype=np.longdouble) / np.longdouble(3)
+    back = roundtrip(long)
+    assert back.dtype == np.longdouble and np.array_equal(back, long)
+    void = np.array([b"ab\x00", b"\x01\x02\x03"], dtype="V3")
+    back = roundtrip(void)
+    assert back.dtype.str == "|V3" and back.tobytes() == void.tobytes()
 
 
 def test_numpy_arrays_inside_containers(np: Any) -> None:
@@ -581,8 +665,34 @@ def test_structured_dtype_array_is_refused(np: Any) -> None:
     assert error.path == "state"
 
 
-def test_unsupported_numpy_scalar_is_refused(np: Any) -> None:
-    assert encode_error([np.complex128(1j)]).type_name == "numpy.complex128"
+def test_structured_numpy_scalars_are_refused_with_what_to_do(np: Any) -> None:
+    row = np.zeros(1, dtype=[("a", "i4"), ("b", "f8")])[0]
+    error = encode_error({"rows": [row]})
+    assert (error.path, error.type_name) == ("state['rows'][0]", "numpy.void")
+    assert ".item()" in str(error) and "numpy.asarray" in str(error)
+    subarray = np.zeros(1, dtype=[("a", "i4", (2,))])[0]
+    assert encode_error(subarray).type_name == "numpy.void"
+    assert encode_error(np.zeros(2, dtype="V0")).type_name == "numpy.ndarray"
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        ["<i8", b"\x00" * 7],
+        ["<i8", "text"],
+        ["|b1", b"\x02"],
+        ["<U1", b"a"],
+        ["|S1", "a"],
+        ["|V2", b"\x00"],
+        [">i8", b"\x00" * 8],  # numpy scalars are native: never written
+        ["=i8", b"\x00" * 8],  # not the spelling encode writes
+        ["|O8", b"\x00" * 8],
+        ["<i8"],
+        [8, b"\x00" * 8],
+    ],
+)
+def test_malformed_numpy_scalar_payloads_are_refused(np: Any, parts: list[object]) -> None:
+    assert "numpy scalar" in str(decode_error(ext(11, parts)))
 
 
 def test_encode_over_the_limit_is_refused() -> None:
@@ -619,6 +729,17 @@ def decode_error(data: bytes, use: MsgpackCodec = codec) -> DecodeError:
 def ext(code: int, parts: object) -> bytes:
     data: bytes = msgpack.packb(msgpack.ExtType(code, msgpack.packb(parts, use_bin_type=True)))
     return data
+
+
+def test_a_call_bound_replaces_the_codec_bound() -> None:
+    big = b"x" * (DEFAULT_MAX_BYTES + 1)
+    encode_error(big)  # on its own, the default codec bounds at 64 MiB
+    data = codec.encode(big, max_bytes=None)  # what a store asks for: no bound of its own
+    assert codec.decode(data, max_bytes=None) == big
+    decode_error(data)
+    del big, data
+    assert "max_bytes" in str(encode_error("hello", max_bytes=4))
+    assert codec.decode(codec.encode("hi"), max_bytes=3) == "hi"
 
 
 def test_decode_over_the_limit_is_refused_before_unpacking() -> None:
@@ -760,3 +881,23 @@ def test_numpy_wire_format(np: Any) -> None:
     assert codec.encode(np.array([1, 2], dtype="<i2")) == expected
     back = codec.decode(expected)
     assert back.dtype.str == "<i2" and back.tolist() == [1, 2]
+
+
+def test_numpy_scalar_wire_format(np: Any) -> None:
+    # ext8 len 9 code 11, payload ['<i2', bin 01 00]
+    assert codec.encode(np.int16(1)) == bytes.fromhex("c7 09 0b 92 a3 3c 69 32 c4 02 01 00")
+    # ['<U2', 'a\0']: the str itself, so the trailing NUL survives
+    data = bytes.fromhex("d7 0b 92 a3 3c 55 32 a2 61 00")  # fixext8: 8 payload bytes
+    assert codec.encode(np.str_("a\x00")) == data
+    assert str.__eq__(codec.decode(data), "a\x00")
+
+
+def test_long_double_padding_is_not_written(np: Any) -> None:
+    if np.finfo(np.longdouble).nmant != 63 or np.dtype(np.longdouble).itemsize <= 10:
+        pytest.skip("long double is not x87 extended precision on this platform")
+    for value in (np.clongdouble(1j), np.longdouble(1) / 3, np.clongdouble(-0.5 + 2j)):
+        payload = msgpack.unpackb(msgpack.unpackb(codec.encode(value)).data)[1]
+        part = value.dtype.itemsize // (2 if value.dtype.kind == "c" else 1)
+        for start in range(0, len(payload), part):
+            assert payload[start + 10:start + part] == bytes(part - 10), (value, payload)
+        same_numpy_scalar(value, codec.decode(codec.encode(value)))

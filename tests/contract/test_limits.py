@@ -11,7 +11,17 @@ from typing import Any
 
 import pytest
 
-from shmstore import BaseStore, Checkpoint, ConfigError, Limits, StoreFull
+import shmstore
+from shmstore import (
+    BaseStore,
+    Checkpoint,
+    ConfigError,
+    DecodeError,
+    EncodeError,
+    Limits,
+    MsgpackCodec,
+    StoreFull,
+)
 
 LimitedStore = Callable[..., BaseStore]
 
@@ -263,3 +273,128 @@ def test_limits_round_trip_through_a_dict() -> None:
         Limits.from_dict({"max_byte": 1})
     with pytest.raises(ConfigError):
         Limits.coerce(42)  # type: ignore[arg-type]
+
+
+# -- states of any size the limits allow ----------------------------------------------------
+
+MiB = 2**20
+
+
+def big_state(nbytes: int) -> bytes:
+    """A state of ``nbytes`` that is not all one byte (so a truncation would show)."""
+    return bytes(range(256)) * (nbytes // 256)
+
+
+def another_client(store: BaseStore) -> BaseStore:
+    """A second client of the same store with the default codec and no limits of its own."""
+    if isinstance(store, shmstore.SharedStore):
+        return shmstore.connect(store.url, authkey=store._authkey, timeout=30.0)
+    if isinstance(store, shmstore.RedisStore):
+        assert store.url is not None
+        return shmstore.RedisStore(store.url, prefix=store.prefix, timeout=30.0)
+    store.codec = MsgpackCodec()  # in-process there is no other client: drop the codec's bound
+    return store
+
+
+@pytest.mark.timeout(300)
+def test_a_state_over_the_default_limit_is_store_full_before_sending(
+    limited_store: LimitedStore,
+) -> None:
+    store = limited_store()
+    sent = store.stats().ops
+    size = 64 * MiB + 1024
+    with pytest.raises(StoreFull, match=r"max_checkpoint_bytes=67108864.*nothing was sent") \
+            as info:
+        store.save(cp(state=big_state(size)))
+    assert (info.value.limit, info.value.maximum) == ("max_checkpoint_bytes", 64 * MiB)
+    assert info.value.current > 64 * MiB
+    ops = store.stats().ops
+    assert (ops["save"], ops["save_many"]) == (sent["save"], sent["save_many"])
+    assert store.stats().checkpoints == 0
+
+
+@pytest.mark.timeout(300)
+def test_a_raised_limit_stores_a_100_mib_state_on_every_backend(
+    limited_store: LimitedStore,
+) -> None:
+    store = limited_store(max_checkpoint_bytes=256 * MiB)
+    state = big_state(96 * MiB)
+    saved = store.save(cp(state=state, metadata={"kind": "big"}))
+    assert store.load(saved.id).state == state
+    assert store.stats().payload_bytes > 96 * MiB
+    store.clear("run")
+
+
+@pytest.mark.timeout(300)
+def test_a_default_client_reads_a_record_stored_under_a_raised_limit(
+    limited_store: LimitedStore,
+) -> None:
+    writer = limited_store(max_checkpoint_bytes=256 * MiB)
+    # The writer's codec allows as much as the store, so that before the fix too the save
+    # succeeded and only the default clients' reads failed.
+    writer.codec = MsgpackCodec(max_bytes=256 * MiB)
+    state = big_state(90 * MiB)
+    writer.save(cp(state="small"))
+    big = writer.save(cp(state=state))
+    reader = another_client(writer)
+    try:
+        assert reader.codec.max_bytes == 64 * MiB  # the default codec: it raised no limit
+        assert [c.version for c in reader.list("run")] == [1, 2]
+        latest = reader.latest("run")
+        assert latest is not None and latest.id == big.id and latest.state == state
+        del latest
+        assert reader.load(big.id).state == state
+        if isinstance(writer, shmstore.RedisStore):
+            # Redis limits belong to the data set: a store made with lower ones rewrites
+            # them, and the record saved under the higher one must still be readable.
+            assert writer.url is not None
+            with shmstore.RedisStore(writer.url, prefix=writer.prefix, limits=Limits(),
+                                     timeout=30.0) as lowered:
+                assert lowered.limits().max_checkpoint_bytes == 64 * MiB
+                assert [len(c.state) for c in lowered.list("run")] == [5, len(state)]
+    finally:
+        if reader is not writer:
+            reader.close()
+    writer.clear("run")
+
+
+@pytest.mark.timeout(300)
+def test_no_checkpoint_limit_means_none_in_the_client(limited_store: LimitedStore) -> None:
+    store = limited_store(max_checkpoint_bytes=None)
+    assert store.limits().max_checkpoint_bytes is None
+    state = big_state(65 * MiB)  # just over the codec's standalone 64 MiB
+    saved = store.save(cp(state=state))
+    assert store.load(saved.id).state == state
+    store.clear("run")
+
+
+def test_an_explicit_codec_bound_is_stricter_than_the_store(limited_store: LimitedStore) -> None:
+    store = limited_store(max_checkpoint_bytes=10_000)
+    store.codec = MsgpackCodec(max_bytes=1000)  # this client keeps its own bound
+    sent = store.stats().ops["save"]
+    with pytest.raises(EncodeError, match=r"over the codec's limit of 1000 bytes"):
+        store.save(cp(state=sized(2000)))
+    assert store.stats().ops["save"] == sent
+    store.codec = MsgpackCodec()
+    big = store.save(cp(state=sized(2000)))
+    store.codec = MsgpackCodec(max_bytes=1000)
+    with pytest.raises(DecodeError, match=r"over the codec's limit of 1000 bytes"):
+        store.load(big.id)
+    store.codec = MsgpackCodec(max_bytes=100_000)  # a looser codec never raises the store's
+    with pytest.raises(StoreFull, match="max_checkpoint_bytes=10000"):
+        store.save(cp(state=sized(20_000)))
+
+
+@pytest.mark.timeout(300)
+def test_a_client_follows_a_limit_another_client_raised(limited_store: LimitedStore) -> None:
+    store = limited_store()
+    if not isinstance(store, shmstore.RedisStore):
+        pytest.skip("only Redis limits change while clients run (they belong to the data set)")
+    store.save(cp(state="small"))  # it has asked the store its limits: 64 MiB
+    assert store.url is not None
+    shmstore.RedisStore(store.url, prefix=store.prefix,
+                        limits=Limits(max_checkpoint_bytes=256 * MiB)).close()
+    state = big_state(70 * MiB)
+    saved = store.save(cp(state=state))
+    assert store.load(saved.id).state == state
+    store.clear("run")

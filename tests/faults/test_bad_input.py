@@ -31,6 +31,7 @@ from shmstore import (
     Limits,
     MemoryStore,
     ShmstoreError,
+    StoreFull,
     StoreUnavailable,
     VersionConflict,
 )
@@ -59,6 +60,11 @@ def _dict_cycle() -> dict[str, Any]:
     return d
 
 
+def _structured() -> Any:
+    numpy = pytest.importorskip("numpy", reason="numpy is not installed")
+    return numpy.zeros(1, dtype=[("a", "i4"), ("b", "f8")])[0]
+
+
 def cp(**fields: Any) -> Checkpoint:
     return Checkpoint(**{"execution_id": "bad", **fields})
 
@@ -75,8 +81,12 @@ API_CASES = [
          r"store it as a str or Decimal"),
     Case("an int below -2**63", lambda s: s.save(cp(state=[-(2**63) - 1])), EncodeError,
          r"state\[0\].*store it as a str or Decimal"),
+    # Over the store's default max_checkpoint_bytes: the store's StoreFull, not the codec's
+    # own bound (which used to answer first, with an EncodeError about max_bytes).
     Case("an oversize payload", lambda s: s.save(cp(state=b"x" * (64 * 2**20 + 1))),
-         EncodeError, r"store less or raise the limit"),
+         StoreFull, r"over max_checkpoint_bytes=67108864.*raise the limit \(nothing was sent\)"),
+    Case("a structured numpy value", lambda s: s.save(cp(state={"row": _structured()})),
+         EncodeError, r"state\['row'\].*convert it with \.item\(\)"),
     Case("one bad checkpoint in a save_many",
          lambda s: s.save_many([cp(state=1), cp(state=2), cp(state={1, object})]),
          EncodeError, r"convert it"),
@@ -170,7 +180,9 @@ CONFIG_CASES = [
     Case("an unreadable connection file", lambda s: read_connection_file(os.getcwd()),
          ConfigError, r"written by `shmstore serve --connection-file PATH`"),
     Case("a zero codec limit", lambda s: MsgpackCodec(max_bytes=0), ConfigError,
-         r"must be a positive int"),
+         r"must be a positive int or None"),
+    Case("a str codec limit", lambda s: MsgpackCodec(max_bytes="1G"),  # type: ignore[arg-type]
+         ConfigError, r"must be a positive int or None"),
     Case("a corrupt payload", lambda s: DEFAULT_CODEC.decode(b"\xc1"), DecodeError,
          r"corrupt payload"),
     Case("a truncated payload",
@@ -182,10 +194,10 @@ CONFIG_CASES = [
          DecodeError, r"unknown extension type code 99"),
     Case("a payload over the decode limit",
          lambda s: MsgpackCodec(max_bytes=4).decode(b"\xa5hello"), DecodeError,
-         r"over the limit of 4 bytes"),
+         r"over the codec's limit of 4 bytes.*MsgpackCodec\(max_bytes=\.\.\.\)"),
     Case("a state over the encode limit",
          lambda s: MsgpackCodec(max_bytes=4).encode("hello"), EncodeError,
-         r"store less or raise the limit"),
+         r"store less, or make the codec with a larger MsgpackCodec\(max_bytes=\.\.\.\)"),
 ]
 
 
