@@ -188,7 +188,35 @@ local function watch(e, ttl)
   return last
 end
 
-local function remove(id, e)
+-- The execution's generation for waiters (a store-wide unique number; P{E}:g lives as
+-- long as its waiters, like the wake-up stream), made if there is none; 0 at maxmemory.
+local function generation(e, ttl)
+  local gk = ekey(e, 'g')
+  local g = redis.call('GET', gk)
+  if not g then
+    local ok = redis.pcall('HINCRBY', K_STATS, 'generations', 1)
+    if type(ok) ~= 'number' then return 0 end
+    local set = redis.pcall('SET', gk, ok, 'PX', ttl)
+    if set.err then return 0 end
+    return ok
+  end
+  if redis.call('PTTL', gk) < ttl then redis.pcall('PEXPIRE', gk, ttl) end
+  return tonumber(g)
+end
+
+-- An execution left empty restarts: versions from 1, and its waiters get a new generation.
+local function restart(e)
+  redis.call('DEL', ekey(e, 'hi'))
+  local gk = ekey(e, 'g')
+  if redis.call('EXISTS', gk) == 1 then
+    local ok = redis.pcall('HINCRBY', K_STATS, 'generations', 1)
+    if type(ok) == 'number' then redis.pcall('SET', gk, ok, 'KEEPTTL') end
+  end
+end
+
+-- Drop one record.  resave: the same id is stored in e right after, so an execution
+-- left empty keeps its high-water version (no restart).
+local function remove(id, e, resave)
   local rk = ekey(e, 'r:' .. id)
   local size = redis.call('HSTRLEN', rk, 's')
   redis.call('DEL', rk)
@@ -199,7 +227,7 @@ local function remove(id, e)
   if redis.call('HINCRBY', K_EXECS, e, -1) <= 0 then
     redis.call('HDEL', K_EXECS, e)
     redis.call('HDEL', K_EBYTES, e)
-    redis.call('DEL', ekey(e, 'hi'))
+    if not resave then restart(e) end
   else
     redis.call('HINCRBY', K_EBYTES, e, -size)
   end
@@ -335,7 +363,7 @@ end
 local function put(L, r)
   local id, e, state = r[1], r[2], r[7]
   local old_e = redis.call('HGET', K_IDS, id)
-  if old_e then remove(id, old_e) end
+  if old_e then remove(id, old_e, old_e == e) end
   local version = redis.call('INCR', ekey(e, 'hi'))
   local rk = ekey(e, 'r:' .. id)
   if r[5] == '' then
@@ -564,15 +592,23 @@ return #ids
 count_op('executions')
 return redis.call('HKEYS', K_EXECS)
 """,
-    # ARGV: P, e, after, count ('1'/'0'), watch ttl ms (0: do not watch)
-    # -> {1, record} or {0, last wake-up id or false}
+    # ARGV: P, e, after, count ('1'/'0'), watch ttl ms (0: do not watch), the waiter's
+    # generation (0: take the present one)
+    # -> {1, record, generation} or {0, last wake-up id or false, generation}
     "wait": r"""
 if ARGV[4] == '1' then count_op('wait') end
-local e, after, ttl = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[5])
+local e, after, ttl, start = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local rec = latest(e)
-if rec and rec[4] > after then return {1, rec} end
-if ttl > 0 then return {0, watch(e, ttl)} end
-return {0, false}
+local now = tonumber(redis.call('GET', ekey(e, 'g')) or '0')
+if start == 0 then start = now end
+-- A record in a later generation than the waiter's: the execution restarted since.
+if rec and (rec[4] > after or (start ~= 0 and now ~= start)) then return {1, rec, start} end
+if ttl > 0 then
+  local last = watch(e, ttl)
+  if start == 0 then start = generation(e, ttl) else generation(e, ttl) end
+  return {0, last, start}
+end
+return {0, false, start}
 """,
     # ARGV: P, e, node, owner, lease ms, count, watch ttl ms
     "claim": r"""
@@ -1047,19 +1083,22 @@ class RedisStore(BaseStore):
         return sorted(_s(name) for name in self._run("executions"))
 
     def _op_wait(self, execution_id: str, after_version: int = 0,
-                 timeout: float | None = None) -> Record | None:
+                 timeout: float | None = None,
+                 generation: int = 0) -> tuple[Record | None, int]:
         deadline = None if timeout is None else time.monotonic() + timeout
         count = b"1"
         name = _b(execution_id)
         while True:
             ms = 60_000 if deadline is None else int((deadline - time.monotonic()) * 1000)
-            found, value = self._run("wait", name, after_version, count,
-                                     ms + WAKE_GRACE_MS if ms >= 1 else 0)
+            found, value, generation = self._run("wait", name, after_version, count,
+                                                 ms + WAKE_GRACE_MS if ms >= 1 else 0,
+                                                 generation)
+            generation = int(generation)
             count = b"0"
             if found:
-                return _record(value)
+                return (_record(value), generation)
             if ms < 1 or value is None:
-                return None
+                return (None, generation)
             self._block(execution_id, value, ms)
 
     def _op_claim(self, execution_id: str, node_name: str, owner: str, lease_s: float,

@@ -387,7 +387,9 @@ class BaseStore(abc.ABC):
     ) -> Checkpoint:
         """Block until the execution has a version above ``after_version``; return the latest.
 
-        The store wakes the waiter when the checkpoint arrives; nothing polls.
+        If the execution is emptied (cleared, or its last checkpoint deleted) while the
+        call waits, it restarts at version 1, and the call returns at its next save
+        whatever the version.  The store wakes the waiter; nothing polls.
 
         Raises:
             StoreTimeout: ``timeout`` seconds passed first.
@@ -396,10 +398,11 @@ class BaseStore(abc.ABC):
         after = _check_limit(after_version, "after_version") or 0
         total = _check_timeout(timeout)
         deadline = None if total is None else time.monotonic() + total
+        generation = 0  # the execution's generation, carried from slice to slice
         while True:
             remaining = self.wait_slice if deadline is None else deadline - time.monotonic()
             chunk = max(0.0, min(remaining, self.wait_slice))
-            record = self._call("wait", execution_id, after, chunk)
+            record, generation = self._call("wait", execution_id, after, chunk, generation)
             if record is not None:
                 return _checkpoint(record, self.codec)
             if deadline is not None and time.monotonic() >= deadline:
