@@ -457,8 +457,10 @@ return versions
 """,
     # The records of the executions in scope, for find, purge and copy.
     # ARGV: P, op to count, prefix ('1'/'0'), node or '', has node, checkpoint id or '',
-    # before id or '', children node or '', has children, limit (-1: none), names...
-    # -> {name, records newest first that pass the filters, children oldest first}...
+    # before id or '', children node or '', has children, limit (-1: none), by id
+    # ('1'/'0'), names...
+    # -> {name, records newest first (version, or id with by id) that pass the filters,
+    #     children oldest first}...
     "scan": r"""
 if ARGV[2] ~= '' then count_op(ARGV[2]) end
 local limit = tonumber(ARGV[10])
@@ -475,12 +477,12 @@ end
 local names, seen = {}, {}
 if ARGV[3] == '1' then
   for _, name in ipairs(redis.call('HKEYS', K_EXECS)) do
-    for i = 11, #ARGV do
+    for i = 12, #ARGV do
       if string.sub(name, 1, #ARGV[i]) == ARGV[i] then names[#names + 1] = name; break end
     end
   end
 else
-  for i = 11, #ARGV do
+  for i = 12, #ARGV do
     local name = ARGV[i]
     if not seen[name] and redis.call('HEXISTS', K_EXECS, name) == 1 then
       seen[name] = true
@@ -497,6 +499,7 @@ for _, e in ipairs(names) do
     if redis.call('HGET', K_IDS, only) == e then ids = {only} else ids = {} end
   else
     ids = redis.call('ZREVRANGE', ekey(e, 'v'), 0, -1)
+    if ARGV[11] == '1' then table.sort(ids, function(a, b) return lt(b, a) end) end
   end
   local found = {}
   for _, id in ipairs(ids) do
@@ -969,11 +972,12 @@ class RedisStore(BaseStore):
     def _scan(self, op: str, executions: Sequence[str], prefix: bool, *,
               node_name: str | None = None, checkpoint_id: str | None = None,
               before_id: str | None = None, children: str | None = None,
-              limit: int | None = None) -> list[tuple[str, list[Record], list[Record]]]:
+              limit: int | None = None,
+              by_id: bool = False) -> list[tuple[str, list[Record], list[Record]]]:
         """Per execution in scope (in id order): its records that pass the filters, newest
         first, and its ``children`` records, oldest first (one script call)."""
         if not executions:
-            self._run("scan", op, b"0", b"", b"0", b"", b"", b"", b"0", 0)  # counts the op
+            self._run("scan", op, b"0", b"", b"0", b"", b"", b"", b"0", 0, b"0")  # counts the op
             return []
         answer = self._run(
             "scan", op, b"1" if prefix else b"0",
@@ -981,22 +985,23 @@ class RedisStore(BaseStore):
             b"" if checkpoint_id is None else _b(checkpoint_id),
             b"" if before_id is None else _b(before_id),
             b"" if children is None else _b(children), b"0" if children is None else b"1",
-            -1 if limit is None else limit, *[_b(name) for name in executions])
+            -1 if limit is None else limit, b"1" if by_id else b"0",
+            *[_b(name) for name in executions])
         return [(_s(name), [_record(r) for r in found], [_record(r) for r in kids])
                 for name, found, kids in answer]
 
     def _op_find(self, executions: Sequence[str], prefix: bool = False,
                  node_name: str | None = None, where: dict[str, Sequence[bytes]] | None = None,
                  before_id: str | None = None, limit: int | None = None,
-                 checkpoint_id: str | None = None,
-                 children: str | None = None) -> builtins.list[builtins.list[Any]]:
+                 checkpoint_id: str | None = None, children: str | None = None,
+                 by_id: bool = False) -> builtins.list[builtins.list[Any]]:
         # Metadata is filtered here, with Python's equality (1 == 1.0, a tuple is not a
         # list), exactly as the table does; Redis applies every other filter.
         filters = decode_where(where)
         scanned = self._scan("find", executions, prefix, node_name=node_name,
                              checkpoint_id=checkpoint_id, before_id=before_id,
-                             children=children, limit=limit if filters is None else (
-                                 0 if limit == 0 else None))
+                             children=children, by_id=by_id,
+                             limit=limit if filters is None else (0 if limit == 0 else None))
         out: builtins.list[builtins.list[Any]] = []
         for _name, found, kids in scanned:
             matched = []

@@ -544,11 +544,12 @@ class BaseStore(abc.ABC):
         limit: int | None = None,
         checkpoint_id: str | None = None,
         children: str | None = None,
+        by_id: bool = False,
     ) -> builtins.list[tuple[Checkpoint, builtins.list[Checkpoint]]]:
         """Checkpoints of one or several executions that match, with their children.
 
         One round trip, however many executions.  Executions are taken in id order, and
-        the checkpoints of each newest version first.
+        the checkpoints of each newest version first (with ``by_id``: greatest id first).
 
         Parameters:
             execution_id: an execution id, or several.
@@ -562,6 +563,8 @@ class BaseStore(abc.ABC):
             checkpoint_id: only the checkpoint with this id.
             children: also return, for each checkpoint found, the checkpoints of this node
                 in its execution whose ``parent_id`` is its id (oldest first).
+            by_id: order each execution's checkpoints by id, greatest first (``limit``
+                then takes the greatest ids), not by version.
 
         Returns:
             ``(checkpoint, children)`` pairs; ``children`` is empty unless asked for.
@@ -578,7 +581,7 @@ class BaseStore(abc.ABC):
         _check_optional_str(node_name=node_name, before_id=before_id,
                             checkpoint_id=checkpoint_id, children=children)
         found = self._call("find", names, bool(prefix), node_name, self._where(where),
-                           before_id, limit, checkpoint_id, children)
+                           before_id, limit, checkpoint_id, children, bool(by_id))
         codec = self.codec
         return [(_checkpoint(record, codec), [_checkpoint(kid, codec) for kid in kids])
                 for record, kids in found]

@@ -757,12 +757,14 @@ class CheckpointTable:
         limit: int | None = None,
         checkpoint_id: str | None = None,
         children: str | None = None,
+        by_id: bool = False,
     ) -> builtins.list[builtins.list[Any]]:
         """Records in scope that match, each as ``[record, children]``, newest first.
 
-        Executions are taken in id order, the records of each newest version first; at
-        most ``limit`` in all.  Filters: ``node_name``, ``where`` (metadata), ``before_id``
-        (ids that sort below it), ``checkpoint_id`` (that record only).
+        Executions are taken in id order, the records of each newest version first (with
+        ``by_id``: greatest id first); at most ``limit`` in all.  Filters: ``node_name``,
+        ``where`` (metadata), ``before_id`` (ids that sort below it), ``checkpoint_id``
+        (that record only).
         """
         with self._lock:
             self._ops["find"] += 1
@@ -779,6 +781,9 @@ class CheckpointTable:
                 versions = execution.versions
                 if checkpoint_id is not None:
                     candidates: Iterable[Record] = [records[checkpoint_id]]
+                elif by_id:
+                    candidates = (records[cid] for cid in sorted(versions.values(),
+                                                                 reverse=True))
                 else:
                     candidates = (records[cid] for cid in reversed(versions.values()))
                 matched: builtins.list[Record] = []
