@@ -17,14 +17,15 @@ record saved in between survives; ``copy`` stores all or nothing under the limit
 Payloads are the msgpack bytes the client encoded, kept as they came (the same bytes the
 shared server keeps), so a checkpoint moves between backends unchanged.
 
-``wait`` and the waiting part of ``load_or_compute`` sleep in Redis, not in a client
-loop: the script that finds nothing to return makes sure the execution has a wake-up
-stream and answers its last entry id; the client then blocks in ``XREAD BLOCK`` on its
-own pool connection until a save, a released lease or the timeout (a lease's expiry is
-the timeout of that block).  Every waiter wakes on one ``XADD``; saves only ``XADD``
-when the stream exists, i.e. while someone waits (it expires after the last waiter).
-Redis ends blocked commands on its clock tick (``hz``, 10 per second by default), so a
-timed-out wait or a lease expiry is noticed up to 1/hz late; ``hz 100`` makes it 10 ms.
+``wait`` and the waiting part of ``load_or_compute`` sleep on a Redis channel, not in a
+client poll loop: when the script finds nothing to return, the client subscribes to the
+execution's wake-up channel (on a connection of its own), runs the script once more (so
+a save in between is not missed), then sleeps until a message, the timeout or a lease's
+expiry.  Every save and released lease ``PUBLISH``es one message, which wakes every
+waiter; a message needs no memory, so waits still wake when Redis is at ``maxmemory``
+(a stream entry, as this module first used, could not be written then).  A waiter keeps
+its execution's generation (bumped when the execution empties, see the contract's
+``wait``) in ``P{E}:g``, which lives as long as its waiters.
 
 Key layout (``P`` is the prefix, ``shmstore:`` by default; ``{E}`` is the execution id
 as a Redis Cluster hash tag, so one execution's keys share a slot)::
@@ -36,7 +37,8 @@ as a Redis Cluster hash tag, so one execution's keys share a slot)::
                            (absent for None), m metadata bytes, s state bytes
     P{E}:l:<node>   hash   the load_or_compute lease on a node: t token, o owner; its
                            TTL is the lease
-    P{E}:w          stream wake-ups for waiters (MAXLEN 1, expires after them)
+    P{E}:w          channel wake-ups for waiters (pub/sub: not a key, holds nothing)
+    P{E}:g          string the execution's generation while someone waits on it
     Pids            hash   checkpoint id -> execution id (load by id, re-saves)
     Porder          zset   checkpoint id -> store-wide save sequence (eviction order)
     Pexecs          hash   execution id -> checkpoints
@@ -114,7 +116,7 @@ DEFAULT_TIMEOUT = 30.0
 #: URL schemes that name a Redis server (``redis+unix:///path`` is a unix socket).
 REDIS_SCHEMES = ("redis", "rediss", "redis+unix")
 ENV_REDIS_PASSWORD = "SHMSTORE_REDIS_PASSWORD"
-WAKE_GRACE_MS = 5000  # a wake-up stream outlives its last waiter's block by this much
+WAKE_GRACE_MS = 5000  # a generation key outlives its last waiter's slice by this much
 _LIMIT_FIELDS = ("max_bytes", "max_checkpoints", "max_per_execution", "max_checkpoint_bytes",
                  "max_rss")
 
@@ -166,30 +168,14 @@ local function latest_of_node(e, node)
   return false
 end
 
+-- A wake-up is a message on the execution's channel: it needs no memory, so it reaches
+-- the waiters also when Redis is at maxmemory (a stream entry could not be written then).
 local function wake(e)
-  local wk = ekey(e, 'w')
-  if redis.call('EXISTS', wk) == 1 then
-    redis.call('XADD', wk, 'MAXLEN', '1', '*', 'v', '1')
-  end
-end
-
--- Make sure the execution has a wake-up stream that lives ttl ms; answer its last id.
-local function watch(e, ttl)
-  local wk = ekey(e, 'w')
-  local last
-  if redis.call('EXISTS', wk) == 0 then
-    local ok = redis.pcall('XADD', wk, 'MAXLEN', '1', '*', 'v', '0')
-    if type(ok) == 'table' then return '0-0' end  -- at maxmemory: a timed block only
-    last = ok
-  else
-    last = redis.call('XREVRANGE', wk, '+', '-', 'COUNT', 1)[1][1]
-  end
-  if redis.call('PTTL', wk) < ttl then redis.pcall('PEXPIRE', wk, ttl) end
-  return last
+  redis.call('PUBLISH', ekey(e, 'w'), '1')
 end
 
 -- The execution's generation for waiters (a store-wide unique number; P{E}:g lives as
--- long as its waiters, like the wake-up stream), made if there is none; 0 at maxmemory.
+-- long as its waiters), made if there is none; 0 at maxmemory.
 local function generation(e, ttl)
   local gk = ekey(e, 'g')
   local g = redis.call('GET', gk)
@@ -595,9 +581,9 @@ return #ids
 count_op('executions')
 return redis.call('HKEYS', K_EXECS)
 """,
-    # ARGV: P, e, after, count ('1'/'0'), watch ttl ms (0: do not watch), the waiter's
-    # generation (0: take the present one)
-    # -> {1, record, generation} or {0, last wake-up id or false, generation}
+    # ARGV: P, e, after, count ('1'/'0'), ttl ms of the generation key (0: the wait is
+    # over), the waiter's generation (0: take the present one)
+    # -> {1, record, generation} or {0, 0, generation}
     "wait": r"""
 if ARGV[4] == '1' then count_op('wait') end
 local e, after, ttl, start = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -607,13 +593,12 @@ if start == 0 then start = now end
 -- A record in a later generation than the waiter's: the execution restarted since.
 if rec and (rec[4] > after or (start ~= 0 and now ~= start)) then return {1, rec, start} end
 if ttl > 0 then
-  local last = watch(e, ttl)
-  if start == 0 then start = generation(e, ttl) else generation(e, ttl) end
-  return {0, last, start}
+  local g = generation(e, ttl)
+  if start == 0 then start = g end
 end
-return {0, false, start}
+return {0, 0, start}
 """,
-    # ARGV: P, e, node, owner, lease ms, count, watch ttl ms
+    # ARGV: P, e, node, owner, lease ms, count
     "claim": r"""
 if ARGV[6] == '1' then count_op('claim') end
 local e, node, owner = ARGV[2], ARGV[3], ARGV[4]
@@ -628,9 +613,7 @@ if not lease[1] then
   return {'granted', token}
 end
 if lease[2] == owner then return {'held', owner} end
-local ttl, last = tonumber(ARGV[7]), false
-if ttl > 0 then last = watch(e, ttl) end
-return {'busy', lease[2], redis.call('PTTL', lk), last}
+return {'busy', lease[2], redis.call('PTTL', lk)}
 """,
     # ARGV: P, e, node, token, lease ms
     "renew": r"""
@@ -922,23 +905,9 @@ class RedisStore(BaseStore):
             client.script_load(_SOURCES[name])
         return client.execute_command("EVALSHA", _SHAS[name], 0, self._prefix, *args)
 
-    def _block(self, execution_id: str, last: bytes, ms: int) -> None:
-        """Sleep in Redis until the execution's wake-up stream moves past ``last``.
-
-        On a pool connection of its own for the block's length, read with a timeout of
-        the block plus ``timeout`` (the socket timeout would cut a long block short).
-        """
-        pool = self._client.connection_pool
-        key = self._key(execution_id, "w")
-        conn = pool.get_connection()
-        try:
-            conn.send_command("XREAD", "BLOCK", ms, "STREAMS", key, last)
-            conn.read_response(timeout=ms / 1000 + self.timeout)
-        except BaseException:
-            conn.disconnect()  # out of step: the pool reconnects it
-            raise
-        finally:
-            pool.release(conn)
+    def _subscribe(self, execution_id: str) -> _WakeUps:
+        """Listen to the execution's wake-up channel; subscribed when this returns."""
+        return _WakeUps(self._client, self._key(execution_id, "w"), self.timeout)
 
     def _key(self, execution_id: str, suffix: str) -> bytes:
         return self._prefix + b"{" + _b(execution_tag(execution_id)) + b"}:" + _b(suffix)
@@ -1093,18 +1062,27 @@ class RedisStore(BaseStore):
         deadline = None if timeout is None else time.monotonic() + timeout
         count = b"1"
         name = _b(execution_id)
-        while True:
-            ms = 60_000 if deadline is None else int((deadline - time.monotonic()) * 1000)
-            found, value, generation = self._run("wait", name, after_version, count,
-                                                 ms + WAKE_GRACE_MS if ms >= 1 else 0,
-                                                 generation)
-            generation = int(generation)
-            count = b"0"
-            if found:
-                return (_record(value), generation)
-            if ms < 1 or value is None:
-                return (None, generation)
-            self._block(execution_id, value, ms)
+        wakeups: _WakeUps | None = None
+        try:
+            while True:
+                ms = 60_000 if deadline is None else int((deadline - time.monotonic()) * 1000)
+                found, value, generation = self._run("wait", name, after_version, count,
+                                                     ms + WAKE_GRACE_MS if ms >= 1 else 0,
+                                                     generation)
+                generation = int(generation)
+                count = b"0"
+                if found:
+                    return (_record(value), generation)
+                if ms < 1:
+                    return (None, generation)
+                if wakeups is None:
+                    # Subscribe, then look again: a save between the two is not missed.
+                    wakeups = self._subscribe(execution_id)
+                    continue
+                wakeups.sleep(ms / 1000)
+        finally:
+            if wakeups is not None:
+                wakeups.close()
 
     def _op_claim(self, execution_id: str, node_name: str, owner: str, lease_s: float,
                   timeout: float = 0.0) -> tuple[str, Any]:
@@ -1112,20 +1090,28 @@ class RedisStore(BaseStore):
         lease_ms = max(1, math.ceil(lease_s * 1000))
         count = b"1"
         args = (_b(execution_id), _b(node_name), _b(owner), lease_ms)
-        while True:
-            ms = int((deadline - time.monotonic()) * 1000)
-            answer = self._run("claim", *args, count, ms + WAKE_GRACE_MS if ms >= 1 else 0)
-            count = b"0"
-            kind = _s(answer[0])
-            if kind == "done":
-                return (kind, _record(answer[1]))
-            if kind == "granted" or kind == "held":
-                return (kind, _s(answer[1]))
-            holder, pttl, last = _s(answer[1]), int(answer[2]), answer[3]
-            if ms < 1 or last is None:
-                return (kind, holder)
-            # Timed to the lease's expiry: a dead owner's lease passes on then.
-            self._block(execution_id, last, max(1, min(ms, pttl)))
+        wakeups: _WakeUps | None = None
+        try:
+            while True:
+                ms = int((deadline - time.monotonic()) * 1000)
+                answer = self._run("claim", *args, count)
+                count = b"0"
+                kind = _s(answer[0])
+                if kind == "done":
+                    return (kind, _record(answer[1]))
+                if kind == "granted" or kind == "held":
+                    return (kind, _s(answer[1]))
+                holder, pttl = _s(answer[1]), int(answer[2])
+                if ms < 1:
+                    return (kind, holder)
+                if wakeups is None:
+                    wakeups = self._subscribe(execution_id)  # then look again
+                    continue
+                # Timed to the lease's expiry: a dead owner's lease passes on then.
+                wakeups.sleep(max(1, min(ms, pttl)) / 1000)
+        finally:
+            if wakeups is not None:
+                wakeups.close()
 
     def _op_renew(self, execution_id: str, node_name: str, token: str, lease_s: float) -> bool:
         return bool(self._run("renew", _b(execution_id), _b(node_name), _b(token),
@@ -1249,6 +1235,45 @@ class RedisStore(BaseStore):
                 self._client.connection_pool.disconnect(inuse_connections=False)
             except Exception:  # closing a dead connection is not an error
                 pass
+
+
+class _WakeUps:
+    """A subscription to one execution's wake-up channel, on a connection of its own.
+
+    The subscription is confirmed before the constructor returns, so a caller that
+    subscribes and then looks at the data misses no wake-up published after its look.
+    """
+
+    def __init__(self, client: Any, channel: bytes, timeout: float) -> None:
+        self._pubsub = client.pubsub()
+        try:
+            self._pubsub.subscribe(channel)
+            deadline = time.monotonic() + timeout
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _redis.exceptions.TimeoutError("no confirmation of SUBSCRIBE")
+                message = self._pubsub.get_message(timeout=remaining)
+                if message is not None and message["type"] == "subscribe":
+                    return
+        except BaseException:
+            self.close()
+            raise
+
+    def sleep(self, seconds: float) -> None:
+        """Return at the next wake-up, or after ``seconds``."""
+        end = time.monotonic() + seconds
+        while True:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return
+            message = self._pubsub.get_message(timeout=remaining)
+            if message is not None and message["type"] == "message":
+                return
+
+    def close(self) -> None:
+        """Drop the subscription and its connection."""
+        self._pubsub.close()
 
 
 def _unsupported(op: str) -> Any:
