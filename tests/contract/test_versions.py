@@ -11,7 +11,6 @@ import threading
 import pytest
 
 from shmstore import BaseStore, Checkpoint, StoreTimeout, VersionConflict
-
 from tests.helpers import wait_until
 
 
