@@ -148,3 +148,20 @@ def test_a_waiter_that_starts_after_the_clear_waits_for_its_version(store: BaseS
     with pytest.raises(StoreTimeout):
         store.wait("run", after_version=3, timeout=0.3)
     assert store.wait("run", after_version=0, timeout=5).version == 1
+
+
+# -- find(by_id=True): id order, not save order (LangGraph's savers order so) --------------
+
+
+@pytest.mark.timeout(60)
+def test_find_by_id_orders_greatest_id_first_with_limit_and_before(store: BaseStore) -> None:
+    for cid in ["run#b", "run#d", "run#a", "run#c"]:
+        store.save(cp(id=cid, state=cid))
+
+    def ids(**kw: object) -> list[str]:
+        return [c.id for c, _ in store.find("run", **kw)]  # type: ignore[arg-type]
+
+    assert ids() == ["run#c", "run#a", "run#d", "run#b"]  # by version
+    assert ids(by_id=True) == ["run#d", "run#c", "run#b", "run#a"]
+    assert ids(by_id=True, limit=1) == ["run#d"]
+    assert ids(by_id=True, before_id="run#d", limit=2) == ["run#c", "run#b"]
