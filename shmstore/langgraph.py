@@ -227,8 +227,10 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
         checkpoint_ns = conf.get("checkpoint_ns", "")
         execution = _execution(thread_id, checkpoint_ns)
         checkpoint_id = get_checkpoint_id(config)
+        # Without an id, the latest is the greatest checkpoint id, as LangGraph's savers
+        # have it (not the last saved: copies and late puts come out of id order).
         found = self.store.find(
-            execution, node_name=CHECKPOINT_NODE, limit=1, children=WRITE_NODE,
+            execution, node_name=CHECKPOINT_NODE, limit=1, children=WRITE_NODE, by_id=True,
             checkpoint_id=None if not checkpoint_id else _record_id(execution, checkpoint_id))
         if not found:
             return None
@@ -242,8 +244,9 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
         before: RunnableConfig | None = None,
         limit: int | None = None,
     ) -> Iterator[CheckpointTuple]:
-        """Checkpoints newest first: of one thread and namespace, of every namespace of a
-        thread (config without ``checkpoint_ns``), or of every thread (config None).
+        """Checkpoints by checkpoint id, greatest first, as LangGraph's savers order them:
+        of one thread and namespace, of every namespace of a thread (config without
+        ``checkpoint_ns``), or of every thread (config None).
 
         ``filter`` (metadata equality) and ``limit`` apply in the server; ``before`` too
         within one namespace.
@@ -266,7 +269,7 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
             scope, prefix=not exact, node_name=CHECKPOINT_NODE, where=filter or None,
             before_id=_record_id(scope, before_id) if exact and before_id else None,
             checkpoint_id=_record_id(scope, only) if exact and only else None,
-            limit=limit if in_server else None, children=WRITE_NODE)
+            limit=limit if in_server else None, children=WRITE_NODE, by_id=True)
         count = 0
         for record, writes in found:
             thread_id, ns = _parse_execution(record.execution_id)
@@ -318,10 +321,11 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
         task_id: str,
         task_path: str = "",
     ) -> None:
-        """Store a task's writes against a checkpoint, in one round trip.
+        """Store a task's writes against a checkpoint, as LangGraph's ``InMemorySaver``:
+        a write to a special channel (ERROR, INTERRUPT, ...) replaces what its slot held; a
+        regular write is added only if its (task, index) slot is empty.
 
-        A write saved again keeps its first value, but when every write of the call is to
-        a special channel (ERROR, INTERRUPT, ...): then they replace what was stored.
+        One round trip (two when a call mixes special and regular channels).
         """
         if not writes:
             return
@@ -329,18 +333,19 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
         execution = _execution(conf["thread_id"], conf.get("checkpoint_ns", ""))
         parent = _record_id(execution, conf["checkpoint_id"])
         dumps = self.serde.dumps_typed
-        records = []
+        special: list[Checkpoint] = []
+        regular: list[Checkpoint] = []
         for idx, (channel, value) in enumerate(writes):
             key = WRITES_IDX_MAP.get(channel, idx)
             kind, data = dumps(value)
-            records.append(Checkpoint(
+            (special if channel in WRITES_IDX_MAP else regular).append(Checkpoint(
                 execution_id=execution, node_name=WRITE_NODE, parent_id=parent,
                 id=f"{parent}#{key}#{task_id}",
                 state=[task_id, channel, kind, data, task_path, key]))
-        if all(channel in WRITES_IDX_MAP for channel, _ in writes):
-            self.store.save_many(records)
-        else:
-            self.store.save_new(records)
+        if regular:
+            self.store.save_new(regular)
+        if special:
+            self.store.save_many(special)
 
     def delete_thread(self, thread_id: str) -> None:
         """Drop every checkpoint and pending write of the thread, all namespaces."""

@@ -17,14 +17,15 @@ record saved in between survives; ``copy`` stores all or nothing under the limit
 Payloads are the msgpack bytes the client encoded, kept as they came (the same bytes the
 shared server keeps), so a checkpoint moves between backends unchanged.
 
-``wait`` and the waiting part of ``load_or_compute`` sleep in Redis, not in a client
-loop: the script that finds nothing to return makes sure the execution has a wake-up
-stream and answers its last entry id; the client then blocks in ``XREAD BLOCK`` on its
-own pool connection until a save, a released lease or the timeout (a lease's expiry is
-the timeout of that block).  Every waiter wakes on one ``XADD``; saves only ``XADD``
-when the stream exists, i.e. while someone waits (it expires after the last waiter).
-Redis ends blocked commands on its clock tick (``hz``, 10 per second by default), so a
-timed-out wait or a lease expiry is noticed up to 1/hz late; ``hz 100`` makes it 10 ms.
+``wait`` and the waiting part of ``load_or_compute`` sleep on a Redis channel, not in a
+client poll loop: when the script finds nothing to return, the client subscribes to the
+execution's wake-up channel (on a connection of its own), runs the script once more (so
+a save in between is not missed), then sleeps until a message, the timeout or a lease's
+expiry.  Every save and released lease ``PUBLISH``es one message, which wakes every
+waiter; a message needs no memory, so waits still wake when Redis is at ``maxmemory``
+(a stream entry, as this module first used, could not be written then).  A waiter keeps
+its execution's generation (bumped when the execution empties, see the contract's
+``wait``) in ``P{E}:g``, which lives as long as its waiters.
 
 Key layout (``P`` is the prefix, ``shmstore:`` by default; ``{E}`` is the execution id
 as a Redis Cluster hash tag, so one execution's keys share a slot)::
@@ -36,7 +37,8 @@ as a Redis Cluster hash tag, so one execution's keys share a slot)::
                            (absent for None), m metadata bytes, s state bytes
     P{E}:l:<node>   hash   the load_or_compute lease on a node: t token, o owner; its
                            TTL is the lease
-    P{E}:w          stream wake-ups for waiters (MAXLEN 1, expires after them)
+    P{E}:w          channel wake-ups for waiters (pub/sub: not a key, holds nothing)
+    P{E}:g          string the execution's generation while someone waits on it
     Pids            hash   checkpoint id -> execution id (load by id, re-saves)
     Porder          zset   checkpoint id -> store-wide save sequence (eviction order)
     Pexecs          hash   execution id -> checkpoints
@@ -114,7 +116,7 @@ DEFAULT_TIMEOUT = 30.0
 #: URL schemes that name a Redis server (``redis+unix:///path`` is a unix socket).
 REDIS_SCHEMES = ("redis", "rediss", "redis+unix")
 ENV_REDIS_PASSWORD = "SHMSTORE_REDIS_PASSWORD"
-WAKE_GRACE_MS = 5000  # a wake-up stream outlives its last waiter's block by this much
+WAKE_GRACE_MS = 5000  # a generation key outlives its last waiter's slice by this much
 _LIMIT_FIELDS = ("max_bytes", "max_checkpoints", "max_per_execution", "max_checkpoint_bytes",
                  "max_rss")
 
@@ -166,29 +168,41 @@ local function latest_of_node(e, node)
   return false
 end
 
+-- A wake-up is a message on the execution's channel: it needs no memory, so it reaches
+-- the waiters also when Redis is at maxmemory (a stream entry could not be written then).
 local function wake(e)
-  local wk = ekey(e, 'w')
-  if redis.call('EXISTS', wk) == 1 then
-    redis.call('XADD', wk, 'MAXLEN', '1', '*', 'v', '1')
+  redis.call('PUBLISH', ekey(e, 'w'), '1')
+end
+
+-- The execution's generation for waiters (a store-wide unique number; P{E}:g lives as
+-- long as its waiters), made if there is none; 0 at maxmemory.
+local function generation(e, ttl)
+  local gk = ekey(e, 'g')
+  local g = redis.call('GET', gk)
+  if not g then
+    local ok = redis.pcall('HINCRBY', K_STATS, 'generations', 1)
+    if type(ok) ~= 'number' then return 0 end
+    local set = redis.pcall('SET', gk, ok, 'PX', ttl)
+    if set.err then return 0 end
+    return ok
+  end
+  if redis.call('PTTL', gk) < ttl then redis.pcall('PEXPIRE', gk, ttl) end
+  return tonumber(g)
+end
+
+-- An execution left empty restarts: versions from 1, and its waiters get a new generation.
+local function restart(e)
+  redis.call('DEL', ekey(e, 'hi'))
+  local gk = ekey(e, 'g')
+  if redis.call('EXISTS', gk) == 1 then
+    local ok = redis.pcall('HINCRBY', K_STATS, 'generations', 1)
+    if type(ok) == 'number' then redis.pcall('SET', gk, ok, 'KEEPTTL') end
   end
 end
 
--- Make sure the execution has a wake-up stream that lives ttl ms; answer its last id.
-local function watch(e, ttl)
-  local wk = ekey(e, 'w')
-  local last
-  if redis.call('EXISTS', wk) == 0 then
-    local ok = redis.pcall('XADD', wk, 'MAXLEN', '1', '*', 'v', '0')
-    if type(ok) == 'table' then return '0-0' end  -- at maxmemory: a timed block only
-    last = ok
-  else
-    last = redis.call('XREVRANGE', wk, '+', '-', 'COUNT', 1)[1][1]
-  end
-  if redis.call('PTTL', wk) < ttl then redis.pcall('PEXPIRE', wk, ttl) end
-  return last
-end
-
-local function remove(id, e)
+-- Drop one record.  resave: the same id is stored in e right after, so an execution
+-- left empty keeps its high-water version (no restart).
+local function remove(id, e, resave)
   local rk = ekey(e, 'r:' .. id)
   local size = redis.call('HSTRLEN', rk, 's')
   redis.call('DEL', rk)
@@ -199,7 +213,7 @@ local function remove(id, e)
   if redis.call('HINCRBY', K_EXECS, e, -1) <= 0 then
     redis.call('HDEL', K_EXECS, e)
     redis.call('HDEL', K_EBYTES, e)
-    redis.call('DEL', ekey(e, 'hi'))
+    if not resave then restart(e) end
   else
     redis.call('HINCRBY', K_EBYTES, e, -size)
   end
@@ -335,7 +349,7 @@ end
 local function put(L, r)
   local id, e, state = r[1], r[2], r[7]
   local old_e = redis.call('HGET', K_IDS, id)
-  if old_e then remove(id, old_e) end
+  if old_e then remove(id, old_e, old_e == e) end
   local version = redis.call('INCR', ekey(e, 'hi'))
   local rk = ekey(e, 'r:' .. id)
   if r[5] == '' then
@@ -429,8 +443,10 @@ return versions
 """,
     # The records of the executions in scope, for find, purge and copy.
     # ARGV: P, op to count, prefix ('1'/'0'), node or '', has node, checkpoint id or '',
-    # before id or '', children node or '', has children, limit (-1: none), names...
-    # -> {name, records newest first that pass the filters, children oldest first}...
+    # before id or '', children node or '', has children, limit (-1: none), by id
+    # ('1'/'0'), names...
+    # -> {name, records newest first (version, or id with by id) that pass the filters,
+    #     children oldest first}...
     "scan": r"""
 if ARGV[2] ~= '' then count_op(ARGV[2]) end
 local limit = tonumber(ARGV[10])
@@ -447,12 +463,12 @@ end
 local names, seen = {}, {}
 if ARGV[3] == '1' then
   for _, name in ipairs(redis.call('HKEYS', K_EXECS)) do
-    for i = 11, #ARGV do
+    for i = 12, #ARGV do
       if string.sub(name, 1, #ARGV[i]) == ARGV[i] then names[#names + 1] = name; break end
     end
   end
 else
-  for i = 11, #ARGV do
+  for i = 12, #ARGV do
     local name = ARGV[i]
     if not seen[name] and redis.call('HEXISTS', K_EXECS, name) == 1 then
       seen[name] = true
@@ -469,6 +485,7 @@ for _, e in ipairs(names) do
     if redis.call('HGET', K_IDS, only) == e then ids = {only} else ids = {} end
   else
     ids = redis.call('ZREVRANGE', ekey(e, 'v'), 0, -1)
+    if ARGV[11] == '1' then table.sort(ids, function(a, b) return lt(b, a) end) end
   end
   local found = {}
   for _, id in ipairs(ids) do
@@ -564,17 +581,24 @@ return #ids
 count_op('executions')
 return redis.call('HKEYS', K_EXECS)
 """,
-    # ARGV: P, e, after, count ('1'/'0'), watch ttl ms (0: do not watch)
-    # -> {1, record} or {0, last wake-up id or false}
+    # ARGV: P, e, after, count ('1'/'0'), ttl ms of the generation key (0: the wait is
+    # over), the waiter's generation (0: take the present one)
+    # -> {1, record, generation} or {0, 0, generation}
     "wait": r"""
 if ARGV[4] == '1' then count_op('wait') end
-local e, after, ttl = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[5])
+local e, after, ttl, start = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local rec = latest(e)
-if rec and rec[4] > after then return {1, rec} end
-if ttl > 0 then return {0, watch(e, ttl)} end
-return {0, false}
+local now = tonumber(redis.call('GET', ekey(e, 'g')) or '0')
+if start == 0 then start = now end
+-- A record in a later generation than the waiter's: the execution restarted since.
+if rec and (rec[4] > after or (start ~= 0 and now ~= start)) then return {1, rec, start} end
+if ttl > 0 then
+  local g = generation(e, ttl)
+  if start == 0 then start = g end
+end
+return {0, 0, start}
 """,
-    # ARGV: P, e, node, owner, lease ms, count, watch ttl ms
+    # ARGV: P, e, node, owner, lease ms, count
     "claim": r"""
 if ARGV[6] == '1' then count_op('claim') end
 local e, node, owner = ARGV[2], ARGV[3], ARGV[4]
@@ -589,9 +613,7 @@ if not lease[1] then
   return {'granted', token}
 end
 if lease[2] == owner then return {'held', owner} end
-local ttl, last = tonumber(ARGV[7]), false
-if ttl > 0 then last = watch(e, ttl) end
-return {'busy', lease[2], redis.call('PTTL', lk), last}
+return {'busy', lease[2], redis.call('PTTL', lk)}
 """,
     # ARGV: P, e, node, token, lease ms
     "renew": r"""
@@ -883,23 +905,9 @@ class RedisStore(BaseStore):
             client.script_load(_SOURCES[name])
         return client.execute_command("EVALSHA", _SHAS[name], 0, self._prefix, *args)
 
-    def _block(self, execution_id: str, last: bytes, ms: int) -> None:
-        """Sleep in Redis until the execution's wake-up stream moves past ``last``.
-
-        On a pool connection of its own for the block's length, read with a timeout of
-        the block plus ``timeout`` (the socket timeout would cut a long block short).
-        """
-        pool = self._client.connection_pool
-        key = self._key(execution_id, "w")
-        conn = pool.get_connection()
-        try:
-            conn.send_command("XREAD", "BLOCK", ms, "STREAMS", key, last)
-            conn.read_response(timeout=ms / 1000 + self.timeout)
-        except BaseException:
-            conn.disconnect()  # out of step: the pool reconnects it
-            raise
-        finally:
-            pool.release(conn)
+    def _subscribe(self, execution_id: str) -> _WakeUps:
+        """Listen to the execution's wake-up channel; subscribed when this returns."""
+        return _WakeUps(self._client, self._key(execution_id, "w"), self.timeout)
 
     def _key(self, execution_id: str, suffix: str) -> bytes:
         return self._prefix + b"{" + _b(execution_tag(execution_id)) + b"}:" + _b(suffix)
@@ -933,11 +941,12 @@ class RedisStore(BaseStore):
     def _scan(self, op: str, executions: Sequence[str], prefix: bool, *,
               node_name: str | None = None, checkpoint_id: str | None = None,
               before_id: str | None = None, children: str | None = None,
-              limit: int | None = None) -> list[tuple[str, list[Record], list[Record]]]:
+              limit: int | None = None,
+              by_id: bool = False) -> list[tuple[str, list[Record], list[Record]]]:
         """Per execution in scope (in id order): its records that pass the filters, newest
         first, and its ``children`` records, oldest first (one script call)."""
         if not executions:
-            self._run("scan", op, b"0", b"", b"0", b"", b"", b"", b"0", 0)  # counts the op
+            self._run("scan", op, b"0", b"", b"0", b"", b"", b"", b"0", 0, b"0")  # counts the op
             return []
         answer = self._run(
             "scan", op, b"1" if prefix else b"0",
@@ -945,22 +954,23 @@ class RedisStore(BaseStore):
             b"" if checkpoint_id is None else _b(checkpoint_id),
             b"" if before_id is None else _b(before_id),
             b"" if children is None else _b(children), b"0" if children is None else b"1",
-            -1 if limit is None else limit, *[_b(name) for name in executions])
+            -1 if limit is None else limit, b"1" if by_id else b"0",
+            *[_b(name) for name in executions])
         return [(_s(name), [_record(r) for r in found], [_record(r) for r in kids])
                 for name, found, kids in answer]
 
     def _op_find(self, executions: Sequence[str], prefix: bool = False,
                  node_name: str | None = None, where: dict[str, Sequence[bytes]] | None = None,
                  before_id: str | None = None, limit: int | None = None,
-                 checkpoint_id: str | None = None,
-                 children: str | None = None) -> builtins.list[builtins.list[Any]]:
+                 checkpoint_id: str | None = None, children: str | None = None,
+                 by_id: bool = False) -> builtins.list[builtins.list[Any]]:
         # Metadata is filtered here, with Python's equality (1 == 1.0, a tuple is not a
         # list), exactly as the table does; Redis applies every other filter.
         filters = decode_where(where)
         scanned = self._scan("find", executions, prefix, node_name=node_name,
                              checkpoint_id=checkpoint_id, before_id=before_id,
-                             children=children, limit=limit if filters is None else (
-                                 0 if limit == 0 else None))
+                             children=children, by_id=by_id,
+                             limit=limit if filters is None else (0 if limit == 0 else None))
         out: builtins.list[builtins.list[Any]] = []
         for _name, found, kids in scanned:
             matched = []
@@ -1047,20 +1057,32 @@ class RedisStore(BaseStore):
         return sorted(_s(name) for name in self._run("executions"))
 
     def _op_wait(self, execution_id: str, after_version: int = 0,
-                 timeout: float | None = None) -> Record | None:
+                 timeout: float | None = None,
+                 generation: int = 0) -> tuple[Record | None, int]:
         deadline = None if timeout is None else time.monotonic() + timeout
         count = b"1"
         name = _b(execution_id)
-        while True:
-            ms = 60_000 if deadline is None else int((deadline - time.monotonic()) * 1000)
-            found, value = self._run("wait", name, after_version, count,
-                                     ms + WAKE_GRACE_MS if ms >= 1 else 0)
-            count = b"0"
-            if found:
-                return _record(value)
-            if ms < 1 or value is None:
-                return None
-            self._block(execution_id, value, ms)
+        wakeups: _WakeUps | None = None
+        try:
+            while True:
+                ms = 60_000 if deadline is None else int((deadline - time.monotonic()) * 1000)
+                found, value, generation = self._run("wait", name, after_version, count,
+                                                     ms + WAKE_GRACE_MS if ms >= 1 else 0,
+                                                     generation)
+                generation = int(generation)
+                count = b"0"
+                if found:
+                    return (_record(value), generation)
+                if ms < 1:
+                    return (None, generation)
+                if wakeups is None:
+                    # Subscribe, then look again: a save between the two is not missed.
+                    wakeups = self._subscribe(execution_id)
+                    continue
+                wakeups.sleep(ms / 1000)
+        finally:
+            if wakeups is not None:
+                wakeups.close()
 
     def _op_claim(self, execution_id: str, node_name: str, owner: str, lease_s: float,
                   timeout: float = 0.0) -> tuple[str, Any]:
@@ -1068,20 +1090,28 @@ class RedisStore(BaseStore):
         lease_ms = max(1, math.ceil(lease_s * 1000))
         count = b"1"
         args = (_b(execution_id), _b(node_name), _b(owner), lease_ms)
-        while True:
-            ms = int((deadline - time.monotonic()) * 1000)
-            answer = self._run("claim", *args, count, ms + WAKE_GRACE_MS if ms >= 1 else 0)
-            count = b"0"
-            kind = _s(answer[0])
-            if kind == "done":
-                return (kind, _record(answer[1]))
-            if kind == "granted" or kind == "held":
-                return (kind, _s(answer[1]))
-            holder, pttl, last = _s(answer[1]), int(answer[2]), answer[3]
-            if ms < 1 or last is None:
-                return (kind, holder)
-            # Timed to the lease's expiry: a dead owner's lease passes on then.
-            self._block(execution_id, last, max(1, min(ms, pttl)))
+        wakeups: _WakeUps | None = None
+        try:
+            while True:
+                ms = int((deadline - time.monotonic()) * 1000)
+                answer = self._run("claim", *args, count)
+                count = b"0"
+                kind = _s(answer[0])
+                if kind == "done":
+                    return (kind, _record(answer[1]))
+                if kind == "granted" or kind == "held":
+                    return (kind, _s(answer[1]))
+                holder, pttl = _s(answer[1]), int(answer[2])
+                if ms < 1:
+                    return (kind, holder)
+                if wakeups is None:
+                    wakeups = self._subscribe(execution_id)  # then look again
+                    continue
+                # Timed to the lease's expiry: a dead owner's lease passes on then.
+                wakeups.sleep(max(1, min(ms, pttl)) / 1000)
+        finally:
+            if wakeups is not None:
+                wakeups.close()
 
     def _op_renew(self, execution_id: str, node_name: str, token: str, lease_s: float) -> bool:
         return bool(self._run("renew", _b(execution_id), _b(node_name), _b(token),
@@ -1205,6 +1235,45 @@ class RedisStore(BaseStore):
                 self._client.connection_pool.disconnect(inuse_connections=False)
             except Exception:  # closing a dead connection is not an error
                 pass
+
+
+class _WakeUps:
+    """A subscription to one execution's wake-up channel, on a connection of its own.
+
+    The subscription is confirmed before the constructor returns, so a caller that
+    subscribes and then looks at the data misses no wake-up published after its look.
+    """
+
+    def __init__(self, client: Any, channel: bytes, timeout: float) -> None:
+        self._pubsub = client.pubsub()
+        try:
+            self._pubsub.subscribe(channel)
+            deadline = time.monotonic() + timeout
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _redis.exceptions.TimeoutError("no confirmation of SUBSCRIBE")
+                message = self._pubsub.get_message(timeout=remaining)
+                if message is not None and message["type"] == "subscribe":
+                    return
+        except BaseException:
+            self.close()
+            raise
+
+    def sleep(self, seconds: float) -> None:
+        """Return at the next wake-up, or after ``seconds``."""
+        end = time.monotonic() + seconds
+        while True:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return
+            message = self._pubsub.get_message(timeout=remaining)
+            if message is not None and message["type"] == "message":
+                return
+
+    def close(self) -> None:
+        """Drop the subscription and its connection."""
+        self._pubsub.close()
 
 
 def _unsupported(op: str) -> Any:

@@ -401,7 +401,9 @@ class BaseStore(abc.ABC):
     ) -> Checkpoint:
         """Block until the execution has a version above ``after_version``; return the latest.
 
-        The store wakes the waiter when the checkpoint arrives; nothing polls.
+        If the execution is emptied (cleared, or its last checkpoint deleted) while the
+        call waits, it restarts at version 1, and the call returns at its next save
+        whatever the version.  The store wakes the waiter; nothing polls.
 
         Raises:
             StoreTimeout: ``timeout`` seconds passed first.
@@ -410,10 +412,11 @@ class BaseStore(abc.ABC):
         after = _check_limit(after_version, "after_version") or 0
         total = _check_timeout(timeout)
         deadline = None if total is None else time.monotonic() + total
+        generation = 0  # the execution's generation, carried from slice to slice
         while True:
             remaining = self.wait_slice if deadline is None else deadline - time.monotonic()
             chunk = max(0.0, min(remaining, self.wait_slice))
-            record = self._call("wait", execution_id, after, chunk)
+            record, generation = self._call("wait", execution_id, after, chunk, generation)
             if record is not None:
                 return _checkpoint(record, self.codec)
             if deadline is not None and time.monotonic() >= deadline:
@@ -556,11 +559,12 @@ class BaseStore(abc.ABC):
         limit: int | None = None,
         checkpoint_id: str | None = None,
         children: str | None = None,
+        by_id: bool = False,
     ) -> builtins.list[tuple[Checkpoint, builtins.list[Checkpoint]]]:
         """Checkpoints of one or several executions that match, with their children.
 
         One round trip, however many executions.  Executions are taken in id order, and
-        the checkpoints of each newest version first.
+        the checkpoints of each newest version first (with ``by_id``: greatest id first).
 
         Parameters:
             execution_id: an execution id, or several.
@@ -574,6 +578,8 @@ class BaseStore(abc.ABC):
             checkpoint_id: only the checkpoint with this id.
             children: also return, for each checkpoint found, the checkpoints of this node
                 in its execution whose ``parent_id`` is its id (oldest first).
+            by_id: order each execution's checkpoints by id, greatest first (``limit``
+                then takes the greatest ids), not by version.
 
         Returns:
             ``(checkpoint, children)`` pairs; ``children`` is empty unless asked for.
@@ -590,7 +596,7 @@ class BaseStore(abc.ABC):
         _check_optional_str(node_name=node_name, before_id=before_id,
                             checkpoint_id=checkpoint_id, children=children)
         found = self._call("find", names, bool(prefix), node_name, self._where(where),
-                           before_id, limit, checkpoint_id, children)
+                           before_id, limit, checkpoint_id, children, bool(by_id))
         codec = self.codec
         return [(_checkpoint(record, codec), [_checkpoint(kid, codec) for kid in kids])
                 for record, kids in found]

@@ -90,11 +90,13 @@ SAVED = "saved"        # value: the version assigned to the completed record
 
 
 class _Execution:
-    """Index of one execution: version -> id in version order, and its high-water mark."""
+    """Index of one execution: version -> id in version order, its high-water mark and
+    its generation (store-wide unique; a new one each time the execution empties)."""
 
-    __slots__ = ("dropped", "high", "name", "nbytes", "versions", "waiters", "waiting")
+    __slots__ = ("dropped", "generation", "high", "name", "nbytes", "versions", "waiters",
+                 "waiting")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, generation: int) -> None:
         self.name = name
         self.nbytes = 0  # payload bytes of its records
         self.dropped = 0  # oldest-first removals since ``versions`` was last compacted
@@ -102,6 +104,7 @@ class _Execution:
         # is version order: append, delete and "latest" are all O(1).
         self.versions: dict[int, str] = {}
         self.high = 0
+        self.generation = generation
         self.waiters: threading.Condition | None = None
         self.waiting = 0
 
@@ -148,6 +151,9 @@ class CheckpointTable:
         self._process = psutil.Process(os.getpid())
         self._leases: dict[tuple[str, str], _Lease] = {}
         self._tokens = itertools.count(1)
+        # Generations are unique store-wide, so one recorded by a waiter never matches an
+        # execution that was emptied, forgotten and made again meanwhile.
+        self._generations = itertools.count(1)
         self.evictions = 0  # dropped store-wide to make room (on_full="evict")
         self.rejections = 0  # saves refused by a limit
         self.pruned = 0  # dropped by retention (max_per_execution)
@@ -160,13 +166,15 @@ class CheckpointTable:
     def _insert(self, record: Sequence[Any]) -> int:
         """Store one record under the lock; return its version."""
         cid = record[ID]
+        name = record[EXECUTION]
         old = self._records.get(cid)
         if old is not None:
-            self._remove(old)
-        name = record[EXECUTION]
+            # A re-save within its execution is no restart, even of its only record: its
+            # new version is above every version the execution has had.
+            self._remove(old, resave=old[EXECUTION] == name)
         execution = self._executions.get(name)
         if execution is None:
-            execution = self._executions[name] = _Execution(name)
+            execution = self._executions[name] = _Execution(name, next(self._generations))
         execution.high += 1
         version = execution.high
         execution.versions[version] = cid
@@ -195,15 +203,23 @@ class CheckpointTable:
             execution.waiters.notify_all()
         return version
 
-    def _remove(self, record: Record) -> None:
-        """Drop one stored record under the lock; forget an execution left empty."""
+    def _remove(self, record: Record, resave: bool = False) -> None:
+        """Drop one stored record under the lock.
+
+        An execution left empty restarts (versions from 1, a new generation) and is
+        forgotten unless someone waits on it; not so when ``resave``: the caller stores
+        the same id in the same execution right after.
+        """
         del self._records[record[ID]]
         self._payload_bytes -= len(record[STATE])
         execution = self._executions[record[EXECUTION]]
         execution.nbytes -= len(record[STATE])
         del execution.versions[record[VERSION]]
-        if not execution.versions and not execution.waiting:
-            del self._executions[execution.name]
+        if not execution.versions and not resave:
+            execution.high = 0
+            execution.generation = next(self._generations)
+            if not execution.waiting:
+                del self._executions[execution.name]
         # A dict never shrinks as keys leave; its table, high in the heap, would keep the
         # freed records' memory from going back to the system.  Rebuild it once it is a
         # quarter full (amortized O(1) per removal).
@@ -504,25 +520,38 @@ class CheckpointTable:
             return sorted(name for name, ex in self._executions.items() if ex.versions)
 
     def wait(
-        self, execution_id: str, after_version: int = 0, timeout: float | None = None
-    ) -> Record | None:
-        """Block until the execution has a version above ``after_version``.
+        self, execution_id: str, after_version: int = 0, timeout: float | None = None,
+        generation: int = 0,
+    ) -> tuple[Record | None, int]:
+        """Block until the execution has a version above ``after_version`` in the waiter's
+        generation, or any record in a later one (it was emptied, e.g. cleared, and saved
+        again since the waiter started).
 
-        Returns the latest record then, or None if ``timeout`` seconds ran out first.
-        The thread sleeps on a condition that the matching save notifies: no polling.
+        Parameters:
+            generation: what an earlier slice of the same wait returned (0: the wait
+                starts now, in the execution's present generation).
+
+        Returns ``(latest record, generation)``, or ``(None, generation)`` if ``timeout``
+        seconds ran out first: pass that generation to the next slice.  The thread sleeps
+        on a condition that the matching save notifies: no polling.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             self._ops["wait"] += 1
             execution = self._enter_wait(execution_id)
+            start = generation or execution.generation
             try:
-                while execution.latest_version() <= after_version:
+                while not execution.versions or (execution.generation == start
+                                                 and execution.latest_version() <= after_version):
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
-                        return None
+                        # An empty execution without a restart is forgotten when its last
+                        # waiter leaves; its next generation would look like a restart.
+                        seen = execution.generation != start or execution.versions
+                        return (None, start if seen else 0)
                     assert execution.waiters is not None
                     execution.waiters.wait(remaining)
-                return self._latest(execution_id)
+                return (self._latest(execution_id), start)
             finally:
                 self._leave_wait(execution)
 
@@ -530,7 +559,8 @@ class CheckpointTable:
         """Register a waiter on an execution (under the lock); create its condition."""
         execution = self._executions.get(execution_id)
         if execution is None:
-            execution = self._executions[execution_id] = _Execution(execution_id)
+            execution = self._executions[execution_id] = _Execution(
+                execution_id, next(self._generations))
         if execution.waiters is None:
             execution.waiters = threading.Condition(self._lock)
         execution.waiting += 1
@@ -727,12 +757,14 @@ class CheckpointTable:
         limit: int | None = None,
         checkpoint_id: str | None = None,
         children: str | None = None,
+        by_id: bool = False,
     ) -> builtins.list[builtins.list[Any]]:
         """Records in scope that match, each as ``[record, children]``, newest first.
 
-        Executions are taken in id order, the records of each newest version first; at
-        most ``limit`` in all.  Filters: ``node_name``, ``where`` (metadata), ``before_id``
-        (ids that sort below it), ``checkpoint_id`` (that record only).
+        Executions are taken in id order, the records of each newest version first (with
+        ``by_id``: greatest id first); at most ``limit`` in all.  Filters: ``node_name``,
+        ``where`` (metadata), ``before_id`` (ids that sort below it), ``checkpoint_id``
+        (that record only).
         """
         with self._lock:
             self._ops["find"] += 1
@@ -749,6 +781,9 @@ class CheckpointTable:
                 versions = execution.versions
                 if checkpoint_id is not None:
                     candidates: Iterable[Record] = [records[checkpoint_id]]
+                elif by_id:
+                    candidates = (records[cid] for cid in sorted(versions.values(),
+                                                                 reverse=True))
                 else:
                     candidates = (records[cid] for cid in reversed(versions.values()))
                 matched: builtins.list[Record] = []

@@ -328,3 +328,95 @@ def test_importing_shmstore_does_not_import_langgraph() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=60, check=True).stdout
     assert out.strip() == "False"
+
+
+# -- the same order and the same writes as LangGraph's InMemorySaver -------------------------
+
+
+def _put_with_id(saver: Any, thread: str, checkpoint_id: str, parent: str | None,
+                 step: int) -> None:
+    cp = empty_checkpoint()
+    cp["id"] = checkpoint_id
+    conf = config(thread, "", parent)
+    saver.put(conf, cp, {"source": "loop", "step": step}, {})
+
+
+def _ids(tuples: Any) -> list[str]:
+    return [t.config["configurable"]["checkpoint_id"] for t in tuples]
+
+
+ORDER = [2, 0, 3, 1]  # positions in id order, in the order they are put: a newer id first
+
+
+def _out_of_order(saver: Any, thread: str, ids: list[str]) -> None:
+    """Put checkpoints ``ids`` (sorted) in an order that is not their id order."""
+    for step, position in enumerate(ORDER):
+        _put_with_id(saver, thread, ids[position], ids[position - 1] if position else None,
+                     step)
+
+
+def _fresh_ids() -> list[str]:
+    return sorted(empty_checkpoint()["id"] for _ in range(len(ORDER)))
+
+
+def test_list_and_get_tuple_order_by_checkpoint_id_as_in_memory_saver(
+        saver: ShmstoreSaver) -> None:
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    reference = InMemorySaver()
+    ids = _fresh_ids()
+    _out_of_order(saver, "t", ids)
+    _out_of_order(reference, "t", ids)
+    before = config("t", checkpoint_id=ids[2])
+    for args in [(config("t"), {}), (config("t"), {"limit": 2}),
+                 (config("t"), {"before": before}), (config("t"), {"before": before,
+                                                                   "limit": 1}),
+                 (None, {"limit": 2}), ({"configurable": {"thread_id": "t"}}, {})]:
+        want = _ids(reference.list(args[0], **args[1]))
+        assert _ids(saver.list(args[0], **args[1])) == want, args
+    assert _ids(saver.list(config("t"))) == ids[::-1]
+    assert _ids(saver.list(config("t"), before=before)) == [ids[1], ids[0]]
+    for tup in (saver.get_tuple(config("t")), reference.get_tuple(config("t"))):
+        assert tup is not None and tup.config["configurable"]["checkpoint_id"] == ids[-1]
+
+
+def test_a_copied_thread_keeps_checkpoint_id_order(saver: ShmstoreSaver) -> None:
+    ids = _fresh_ids()
+    _out_of_order(saver, "src", ids)
+    saver.copy_thread("src", "dst")
+    assert _ids(saver.list(config("dst"))) == sorted(ids, reverse=True)
+    latest = saver.get_tuple(config("dst"))
+    assert latest is not None and latest.config["configurable"]["checkpoint_id"] == ids[-1]
+
+
+@pytest.mark.parametrize("backend", ["memory", "shared"])
+def test_put_writes_mixing_special_and_regular_channels_as_in_memory_saver(
+        backend: str) -> None:
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    calls = [
+        ([("a", 1), (ERROR, "boom")], "task-1"),
+        ([("a", 10), (ERROR, "again"), (INTERRUPT, "ask")], "task-1"),
+        ([(INTERRUPT, "ask twice"), ("b", 2)], "task-1"),
+        ([("c", 3)], "task-2"),
+        ([(ERROR, "e2"), ("c", 30)], "task-2"),
+    ]
+
+    def run(saver: Any) -> list[Any]:
+        cp = empty_checkpoint()
+        cp["id"] = "1f000000-0000-6000-8000-000000000001"
+        stored = saver.put(config("t"), cp, {"source": "loop", "step": 0}, {})
+        for writes, task in calls:
+            saver.put_writes(stored, writes, task, "path")
+        tup = saver.get_tuple(stored)
+        assert tup is not None
+        return sorted(tup.pending_writes, key=repr)
+
+    expected = run(InMemorySaver())
+    assert ("task-1", ERROR, "again") in expected  # the reference replaced it
+    if backend == "memory":
+        with MemoryStore() as memory:
+            assert run(ShmstoreSaver(memory)) == expected
+    else:
+        with shmstore.serve(export=False) as server, server.connect(timeout=10.0) as shared:
+            assert run(ShmstoreSaver(shared)) == expected

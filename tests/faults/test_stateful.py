@@ -5,8 +5,8 @@ one server: save (with and without ``expected_version``), save_many, load, list 
 before_version, newest_first), latest, delete, clear and executions.  After every step
 the whole store must equal the model.  The model is a few dicts, written from the
 contract: versions are the execution's high-water mark + 1; re-saving an id replaces
-its record with a new version; an execution left empty is forgotten (its versions
-start again at 1).
+its record with a new version (also the only one: that is no emptying); an execution
+left empty is forgotten (its versions start again at 1).
 """
 
 from __future__ import annotations
@@ -63,16 +63,16 @@ class Model:
         versions = self.records.get(execution)
         return max(versions) if versions else 0
 
-    def _remove(self, cid: str) -> None:
+    def _remove(self, cid: str, resave_in: str | None = None) -> None:
         execution, version = self.where.pop(cid)
         del self.records[execution][version]
-        if not self.records[execution]:
+        if not self.records[execution] and execution != resave_in:
             del self.records[execution]
             del self.high[execution]
 
     def save(self, cp: Checkpoint) -> int:
         if cp.id in self.where:
-            self._remove(cp.id)
+            self._remove(cp.id, resave_in=cp.execution_id)
         version = self.high.get(cp.execution_id, 0) + 1
         self.high[cp.execution_id] = version
         self.records.setdefault(cp.execution_id, {})[version] = (
