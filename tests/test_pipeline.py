@@ -11,12 +11,14 @@ import collections
 import logging
 import os
 import pickle
+import subprocess
 import sys
 import time
 import types
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 import shmstore
@@ -36,7 +38,7 @@ from shmstore import (
 )
 from shmstore import pipeline as pipeline_module
 
-from .helpers import SPAWN, reaped
+from .helpers import SPAWN, children, reap, reaped, wait_until
 
 CRASH_EXIT = 17
 
@@ -585,3 +587,93 @@ def test_progress_bar_degrades_to_nothing_without_rich(
         advance()
         advance()
     assert capsys.readouterr() == ("", "")
+
+
+# -- worker lifetime ------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _python(*args: str, **popen: Any) -> subprocess.Popen[str]:
+    """Start ``python *args`` in the repository, this checkout first on the path."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+RUN_MANY_SLOWLY = """
+import sys
+from shmstore import Pipeline
+from tests.test_pipeline import STEPS, start
+from pathlib import Path
+log = Path(sys.argv[1])
+Pipeline(STEPS).run_many({f"s{i}": start(log, f"s{i}", sleep=60) for i in range(3)},
+                         processes=3)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_run_many_workers_exit_when_their_parent_is_killed(log: Path) -> None:
+    parent = _python("-c", RUN_MANY_SLOWLY.replace("sys.argv[1]", repr(str(log))))
+    try:
+        # Each worker records its pid as it enters the slow step: then all three are busy.
+        assert wait_until(lambda: calls(log).get(("s0", "square"), 0)
+                          + calls(log).get(("s1", "square"), 0)
+                          + calls(log).get(("s2", "square"), 0) == 3, 60), parent.stderr
+        workers = {p for eid in ("s0", "s1", "s2") for p in pids(log, eid, "square")}
+        assert len(workers) == 3 and parent.pid not in workers
+        parent.kill()
+        parent.wait(10)
+        assert wait_until(lambda: all(_gone(p) for p in workers), 10), \
+            f"orphaned workers still run: {[p for p in workers if not _gone(p)]}"
+        # The workers share the parent's stderr: end of file once the last one is gone.
+        _, err = parent.communicate(timeout=30)
+    finally:
+        reap(parent)
+        for pid in workers if "workers" in locals() else ():
+            if not _gone(pid):  # only when the test failed: do not leave orphans running
+                psutil.Process(pid).kill()
+    assert err == ""
+
+
+def test_run_many_and_the_demo_return_after_every_process_they_started(log: Path) -> None:
+    pipe = Pipeline(STEPS)
+    for round_ in range(3):
+        states = {f"r{round_}-{i}": start(log, f"r{round_}-{i}", n=i) for i in range(4)}
+        assert len(pipe.run_many(states, processes=3)) == 4
+        assert children() == [], f"round {round_}: run_many returned before its children ended"
+
+
+INTERACTIVE_RUN_MANY = """
+from shmstore import ConfigError, Pipeline
+def step(state):
+    return state + 1
+try:
+    Pipeline([step]).run_many({"a": 1}, processes=1)
+except ConfigError as exc:
+    print("ConfigError:", exc)
+"""
+
+
+@pytest.mark.parametrize("how", ["-c", "stdin"])
+def test_run_many_refuses_steps_from_an_interactive_main(how: str) -> None:
+    if how == "-c":
+        proc, stdin = _python("-c", INTERACTIVE_RUN_MANY), None
+    else:
+        proc, stdin = _python("-", stdin=subprocess.PIPE), INTERACTIVE_RUN_MANY
+    try:
+        out, err = proc.communicate(stdin, timeout=60)
+    finally:
+        reap(proc)
+    assert proc.returncode == 0, err
+    assert "ConfigError: step 'step' cannot run in a worker process" in out, out + err
+    assert "interactive __main__" in out and "into a .py module" in out
+    assert "died before it started" not in out + err  # refused up front: no worker started
