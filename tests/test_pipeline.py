@@ -69,6 +69,8 @@ def double(state: dict[str, Any]) -> dict[str, Any]:
 def square(state: dict[str, Any]) -> dict[str, Any]:
     _record(state, "square")
     time.sleep(state.get("sleep", 0))
+    if state.get("until"):  # a handshake: hold this step until the test says go
+        assert wait_until(lambda: os.path.exists(state["until"]), 60)
     return {**state, "n": state["n"] ** 2}
 
 
@@ -520,9 +522,10 @@ def test_run_many_explains_a_worker_that_cannot_start(monkeypatch: pytest.Monkey
         Pipeline([ghost]).run_many({"a": 1}, processes=1)
 
 
-def _downstream(pipeline: Pipeline, execution_id: str, out: Any) -> None:
-    cp = pipeline.wait(execution_id, step="double", timeout=30)
+def _downstream(pipeline: Pipeline, execution_id: str, out: Any, seen: str) -> None:
+    cp = pipeline.wait(execution_id, step="double", timeout=60)
     out.put((cp.node_name, cp.state["n"], os.getpid()))
+    Path(seen).touch()  # lets the upstream's next step finish
     pipeline.store.close()
 
 
@@ -532,12 +535,17 @@ def test_a_stage_in_another_process_waits_for_an_upstream_checkpoint(
     store = server.connect()
     pipe = Pipeline(STEPS, config=CheckpointConfig(store=store))
     out = SPAWN.Queue()
-    child = SPAWN.Process(target=_downstream, args=(pipe, "w", out))
+    seen = str(log.parent / "downstream-has-seen-double")
+    child = SPAWN.Process(target=_downstream, args=(pipe, "w", out, seen))
+    waits_before = store.stats().ops.get("wait", 0)
     with reaped(child):
-        time.sleep(0.5)
-        assert child.is_alive()  # blocked: nothing checkpointed yet
-        pipe.run(start(log, "w", sleep=1.0), execution_id="w")
-        node, n, pid = out.get(timeout=30)
+        # The handshake: the server has counted the child's wait, so it is blocked in it.
+        assert wait_until(lambda: store.stats().ops.get("wait", 0) > waits_before, 60)
+        assert child.is_alive() and out.empty()  # blocked: nothing checkpointed yet
+        # square waits for the child to have read double's checkpoint: no race on which
+        # checkpoint is the latest when it wakes.
+        assert pipe.run(start(log, "w", until=seen), execution_id="w")["n"] == 16
+        node, n, pid = out.get(timeout=60)
     out.close()
     out.join_thread()
     assert (node, n) == ("double", 4)  # woken by double's checkpoint, before square's
