@@ -32,7 +32,7 @@ from shmstore import (
 )
 from shmstore.codec import DEFAULT_CODEC, EMPTY_MAP
 
-from .helpers import PLUGIN_ARGS, SPAWN, reaped, run_all
+from .helpers import PLUGIN_ARGS, SPAWN, isolate_inner_runs, reaped, run_all
 from .redis_server import ENABLE_HINT, ENV_REQUIRE, RedisServer
 
 try:
@@ -404,6 +404,7 @@ def test_the_pytest_plugin_takes_a_redis_url(pytester: pytest.Pytester, rstore: 
                                              redis_server: RedisServer,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", str(REPO))
+    isolate_inner_runs(monkeypatch)
     pytester.makepyfile(PLUGIN_TEST)
     result = pytester.runpytest_subprocess(*PLUGIN_ARGS, "-p",
                                            "no:cacheprovider", "-n", "2", "--dist", "each",
