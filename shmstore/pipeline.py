@@ -52,7 +52,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import ctypes.util
 import dataclasses
 import logging
 import multiprocessing
@@ -804,7 +803,8 @@ def _die_with_parent(lifeline: connection.Connection, parent_pid: int) -> None:
     """
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            # CDLL(None): this process's own symbols, libc's prctl among them (no search).
+            libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
     def watch() -> None:

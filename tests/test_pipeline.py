@@ -602,11 +602,16 @@ def test_progress_bar_degrades_to_nothing_without_rich(
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _env() -> dict[str, str]:
+    """This environment, with this checkout first on the path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+
+
 def _python(*args: str, **popen: Any) -> subprocess.Popen[str]:
     """Start ``python *args`` in the repository, this checkout first on the path."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
+    popen.setdefault("env", _env())
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
@@ -629,8 +634,10 @@ Pipeline(STEPS).run_many({f"s{i}": start(log, f"s{i}", sleep=60) for i in range(
 
 
 @pytest.mark.timeout(120)
-def test_run_many_workers_exit_when_their_parent_is_killed(log: Path) -> None:
-    parent = _python("-c", RUN_MANY_SLOWLY.replace("sys.argv[1]", repr(str(log))))
+def test_run_many_workers_exit_when_their_parent_is_killed(log: Path, tmp_path: Path) -> None:
+    # The killed parent cannot remove its server's private directory: keep it in tmp_path.
+    parent = _python("-c", RUN_MANY_SLOWLY.replace("sys.argv[1]", repr(str(log))),
+                     env={**_env(), "TMPDIR": str(tmp_path)})
     try:
         # Each worker records its pid as it enters the slow step: then all three are busy.
         assert wait_until(lambda: calls(log).get(("s0", "square"), 0)
