@@ -14,11 +14,13 @@ them by name.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import multiprocessing
 import os
 import signal
 import threading
 import time
+from multiprocessing import resource_tracker
 from typing import Any
 
 import psutil
@@ -42,6 +44,28 @@ SUMMARY_TIMEOUT = 60.0
 VALUES_PER_EXECUTION = 4
 
 _SPAWN = multiprocessing.get_context("spawn")
+
+log = logging.getLogger("shmstore")
+
+
+def _resource_tracker_running() -> bool:
+    return getattr(resource_tracker._resource_tracker, "_fd", None) is not None
+
+
+def _stop_resource_tracker() -> None:
+    """Stop multiprocessing's resource tracker and wait for it to exit.
+
+    The spawn context starts it with the first process and leaves it to notice its
+    parent's exit, so it outlived the ``shmstore demo`` command by a moment.  The demo
+    registers no resources with it; it starts again if anything needs it.
+    """
+    stop = getattr(resource_tracker._resource_tracker, "_stop", None)
+    if stop is None:
+        return  # a Python without it: the tracker ends shortly after this process
+    try:
+        stop()
+    except Exception as exc:  # a private stdlib helper: never fail the demo over it
+        log.debug("could not stop multiprocessing's resource tracker: %s", exc)
 
 
 def _worked(state: dict[str, Any], **changes: Any) -> dict[str, Any]:
@@ -169,6 +193,8 @@ def run_demo(
 ) -> DemoReport:
     """Run the demo on a server of its own and report what happened.
 
+    It returns after every process it started has exited.
+
     Parameters:
         executions: how many executions to run.
         processes: how many worker processes.
@@ -181,6 +207,19 @@ def run_demo(
         >>> report.ok
         True
     """
+    tracker_was_running = _resource_tracker_running()
+    try:
+        return _run_demo(executions=executions, processes=processes, delay=delay, kill=kill,
+                         progress=progress)
+    finally:
+        # Return only once every process the demo started is gone: the tracker too,
+        # when the demo started it (someone else's tracker may be tracking their own).
+        if not tracker_was_running:
+            _stop_resource_tracker()
+
+
+def _run_demo(*, executions: int, processes: int, delay: float, kill: bool, progress: bool
+              ) -> DemoReport:
     started = time.monotonic()
     ids = [f"demo-{i:02d}" for i in range(1, executions + 1)]
     with serve(export=False) as server, server.connect() as store:

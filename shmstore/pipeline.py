@@ -51,12 +51,15 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import multiprocessing
 import os
 import pickle
 import signal
+import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -82,6 +85,8 @@ MAX_ATTEMPTS = 3
 CONFLICT_RETRIES = 3
 #: Seconds a finished worker gets to exit before it is killed.
 WORKER_STOP_TIMEOUT = 5.0
+#: Linux's ``prctl`` option that signals a process when its parent dies.
+_PR_SET_PDEATHSIG = 1
 
 _SPAWN = multiprocessing.get_context("spawn")
 
@@ -579,6 +584,11 @@ class Pipeline:
             problem = None
             if "<lambda>" in qualname or "<locals>" in qualname:
                 problem = f"{qualname} is a lambda or a function defined inside a function"
+            elif getattr(fn, "__module__", None) == "__main__" and not _main_is_a_file():
+                problem = (f"{qualname or name} is defined in an interactive __main__ (python -c, "
+                           "stdin, a REPL or a notebook), which a spawned worker cannot "
+                           "import.  Move the step functions into a .py module and import "
+                           "them from there")
             else:
                 try:
                     pickle.dumps(fn)
@@ -664,6 +674,17 @@ class Pipeline:
         return {eid: cp.state for eid, cp in zip(jobs, final, strict=True)}
 
 
+def _main_is_a_file() -> bool:
+    """True when ``__main__`` is a script or module on disk that spawn can run again."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        return False
+    if getattr(main, "__spec__", None) is not None:
+        return True  # python -m: spawn imports the module by name
+    path = getattr(main, "__file__", None)
+    return isinstance(path, str) and os.path.isfile(path)
+
+
 def _rebuild_pipeline(steps: tuple[tuple[str, Step], ...], config: CheckpointConfig,
                       name: str) -> Pipeline:
     return Pipeline(steps, config=config, name=name)
@@ -693,16 +714,28 @@ class _RemoteTraceback(Exception):
 
 
 class _Worker:
-    """One spawned worker process, its pipe, and the execution it is running."""
+    """One spawned worker process, its pipe, and the execution it is running.
+
+    Besides the task pipe, the worker gets the read end of a lifeline pipe whose write end
+    only this process holds: when this process dies (SIGKILL included) the worker reads
+    end of file and exits, so no orphan keeps running steps.
+    """
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.conn, child_conn = _SPAWN.Pipe()
-        self.process = _SPAWN.Process(target=_worker_main, args=(child_conn, pipeline),
-                                      name=f"shmstore-{pipeline.name}-worker")
+        lifeline_read, self.lifeline = _SPAWN.Pipe(duplex=False)
+        self.process = _SPAWN.Process(
+            target=_worker_main, args=(child_conn, pipeline, lifeline_read, os.getpid()),
+            name=f"shmstore-{pipeline.name}-worker")
         try:
             self.process.start()
+        except BaseException:
+            self.conn.close()
+            self.lifeline.close()
+            raise
         finally:
             child_conn.close()
+            lifeline_read.close()
         self.pid = self.process.pid
         self.task: str | None = None
         self.started = False
@@ -732,13 +765,18 @@ class _Worker:
         return not self.broken and self.process.is_alive()
 
     def reap(self) -> int | None:
-        """Join the process (killing it if need be), close the pipe; return the exit code."""
+        """Wait for the process to end (killing it if need be), close its pipes.
+
+        Returns its exit code.  After the kill the join has no timeout: SIGKILL cannot be
+        ignored, and returning while the process still runs is what left one behind.
+        """
         if self.process.is_alive():
             self.process.kill()
-        self.process.join(WORKER_STOP_TIMEOUT)
+        self.process.join()
         code = self.process.exitcode
         self.process.close()
         self.conn.close()
+        self.lifeline.close()
         return code
 
 
@@ -756,6 +794,30 @@ def _stop_workers(workers: list[_Worker], *, clean: bool) -> None:
         worker.reap()
 
 
+def _die_with_parent(lifeline: connection.Connection, parent_pid: int) -> None:
+    """Make this worker exit as soon as the process that started it is gone.
+
+    On Linux the kernel sends SIGKILL when the parent dies (``PR_SET_PDEATHSIG``); the
+    lifeline thread covers every platform: its read ends with end of file when the
+    parent's write end closes, however the parent died.  Either way nothing is printed.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            # CDLL(None): this process's own symbols, libc's prctl among them (no search).
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    def watch() -> None:
+        with contextlib.suppress(EOFError, OSError):
+            while True:
+                lifeline.recv_bytes()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="shmstore-worker-lifeline", daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before the watch began
+        os._exit(1)
+
+
 def _portable(exc: BaseException) -> BaseException:
     """``exc`` if it survives pickling, else a `ShmstoreError` that describes it."""
     try:
@@ -765,15 +827,20 @@ def _portable(exc: BaseException) -> BaseException:
     return exc
 
 
-def _worker_main(conn: connection.Connection, pipeline: Pipeline) -> None:
+def _worker_main(conn: connection.Connection, pipeline: Pipeline,
+                 lifeline: connection.Connection, parent_pid: int) -> None:
     """A worker: run the executions the parent sends until it sends None or goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _die_with_parent(lifeline, parent_pid)
     try:
-        conn.send(("ready", os.getpid()))
+        try:
+            conn.send(("ready", os.getpid()))
+        except OSError:
+            return  # the parent is gone already
         while True:
             try:
                 task = conn.recv()
-            except EOFError:
+            except (EOFError, OSError):
                 return
             if task is None:
                 return
@@ -781,11 +848,17 @@ def _worker_main(conn: connection.Connection, pipeline: Pipeline) -> None:
             try:
                 final = pipeline._run_resuming_on_conflict(execution_id, state)
             except Exception as exc:
-                conn.send(("error", execution_id, _portable(exc), traceback.format_exc()))
+                message: tuple[Any, ...] = ("error", execution_id, _portable(exc),
+                                            traceback.format_exc())
             else:
-                conn.send(("done", execution_id, final.id))
+                message = ("done", execution_id, final.id)
+            try:
+                conn.send(message)
+            except OSError:
+                return  # the parent is gone (BrokenPipeError): nobody to tell
     finally:
-        pipeline.store.close()
+        with contextlib.suppress(Exception):
+            pipeline.store.close()
         conn.close()
 
 

@@ -16,14 +16,28 @@ import psutil
 SPAWN = multiprocessing.get_context("spawn")
 
 
-def _entry_point_installed() -> bool:
+def entry_point_installed() -> bool:
+    """True when the installed distribution registers our pytest plugin (``pytest11``)."""
     return any(ep.name == "shmstore" and ep.value == "shmstore.pytest_plugin"
                for ep in importlib.metadata.entry_points(group="pytest11"))
 
 
-#: Arguments that load our pytest plugin in a pytester run: installed, the entry point
-#: loads it (a second ``-p`` would be an error); from a checkout, ``-p`` does.
-PLUGIN_ARGS = [] if _entry_point_installed() else ["-p", "shmstore.pytest_plugin"]
+#: Arguments that load exactly the plugins an inner pytest run (pytester) needs.  They go
+#: with `INNER_RUN_ENV`, which turns off loading every installed plugin by entry point:
+#: importing those (hypothesis, anyio, langsmith, ...) took most of each inner run's time.
+#: xdist workers inherit both (the environment, and ``-p`` through xdist's option dict).
+#: ``-p NAME`` loads the entry point called NAME, so each plugin is registered under the
+#: name it has in a real run (ours checks ``hasplugin("xdist")``); from a checkout without
+#: our entry point, ``-p`` imports the module.
+PLUGIN_ARGS = ["-p", "xdist", "-p", "timeout",
+               "-p", "shmstore" if entry_point_installed() else "shmstore.pytest_plugin"]
+INNER_RUN_ENV = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+
+
+def isolate_inner_runs(monkeypatch: Any) -> None:
+    """Set `INNER_RUN_ENV` for the inner pytest runs (and their workers) of this test."""
+    for key, value in INNER_RUN_ENV.items():
+        monkeypatch.setenv(key, value)
 
 
 @contextlib.contextmanager

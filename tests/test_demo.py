@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -15,7 +16,7 @@ from shmstore import cli
 from shmstore.demo import DemoReport, DemoRow, expected_total, format_text, run_demo
 from shmstore.store import StoreStats
 
-from .helpers import reap
+from .helpers import children, reap
 
 ROOT = Path(__file__).resolve().parent.parent
 ROW = re.compile(r"^(demo-\d\d)\s+3/3\s+([\d >-]+?)\s+(yes|no)\s+(\d+)\s+(\d+)$", re.M)
@@ -78,3 +79,50 @@ def test_demo_command_as_shipped_runs_in_under_30_seconds() -> None:
     assert elapsed < 30
     assert "demo-12" in out and "killed worker" in out
     assert "all 12 executions completed with the right result" in out
+
+
+# A parent that adopts orphans (PR_SET_CHILD_SUBREAPER): any process the demo command
+# left behind becomes its child, alive or a zombie, once the command has returned.
+ORPHAN_WATCH = """
+import ctypes, json, subprocess, sys
+import psutil
+libc = ctypes.CDLL("libc.so.6", use_errno=True)
+if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+    sys.exit("prctl failed")
+rounds = []
+for _ in range(3):
+    done = subprocess.run([sys.executable, "-m", "shmstore", "demo", "--executions", "3",
+                           "--processes", "2", "--delay", "0.02", "--plain"],
+                          capture_output=True, text=True, timeout=60)
+    left = psutil.Process().children()
+    rounds.append({"code": done.returncode, "left": [c.pid for c in left],
+                   "err": done.stderr[-500:]})
+    for child in left:
+        child.kill()
+        child.wait(10)
+print(json.dumps(rounds))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="adopting orphans needs Linux's PR_SET_CHILD_SUBREAPER")
+@pytest.mark.timeout(180)
+def test_demo_command_returns_after_every_process_it_started() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen([sys.executable, "-c", ORPHAN_WATCH], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=170)
+    finally:
+        reap(proc)
+    assert proc.returncode == 0, err
+    rounds = json.loads(out)
+    assert [r["code"] for r in rounds] == [0, 0, 0], rounds
+    assert [r["left"] for r in rounds] == [[], [], []], rounds
+
+
+def test_run_demo_returns_after_every_process_it_started() -> None:
+    for _ in range(2):
+        assert run_demo(executions=3, processes=2, delay=0.0).ok
+        assert children() == []

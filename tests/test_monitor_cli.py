@@ -207,7 +207,10 @@ def test_the_monitor_misses_no_sample_between_refreshes() -> None:
         recorder = MemoryRecorder(store, keep=True, backlog=True)
         for _ in range(5):
             recorder.poll()
-            time.sleep(0.25)  # a dozen samples arrive between two reads
+            # The handshake: a dozen samples have arrived since that read.
+            last = recorder.samples[-1].t if recorder.samples else 0.0
+            assert wait_until(lambda since=last: len(store.memory_history(since=since)) >= 12,
+                              60)
         recorder.poll()
         kept = [s["t"] for s in store.memory_history()]
     got = [s.t for s in recorder.samples]

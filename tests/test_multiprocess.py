@@ -6,14 +6,13 @@ import multiprocessing
 import os
 import sys
 import threading
-import time
 
 import pytest
 
 import shmstore
 from shmstore import Checkpoint, SharedStore
 
-from .helpers import SPAWN, reaped, run_all
+from .helpers import SPAWN, reaped, run_all, wait_until
 
 WRITERS = 4
 SAVES = 500
@@ -47,22 +46,23 @@ def test_concurrent_writers_lose_nothing_and_versions_are_unique(
 
 
 def _waiter(store: SharedStore, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    started = time.monotonic()
-    got = store.wait("handoff", after_version=0, timeout=30)
-    out.put((got.state, got.version, time.monotonic() - started))
+    got = store.wait("handoff", after_version=0, timeout=60)
+    out.put((got.state, got.version))
 
 
 def test_wait_wakes_across_processes(server: shmstore.StoreServer) -> None:
     store = server.connect()
+    waits_before = store.stats().ops.get("wait", 0)
     out = SPAWN.Queue()
     proc = SPAWN.Process(target=_waiter, args=(store, out))
     with reaped(proc, timeout=60):
-        time.sleep(1.0)
-        assert proc.is_alive()  # blocked in wait, not finished
+        # The handshake: the server counts a wait under the lock it registers the waiter
+        # with, so once the count moves the child is blocked in it.
+        assert wait_until(lambda: store.stats().ops.get("wait", 0) > waits_before, 60)
+        assert out.empty() and proc.is_alive()  # blocked in wait: nothing to wake it yet
         store.save(Checkpoint(execution_id="handoff", state="go"))
-        state, version, waited = out.get(timeout=30)
+        state, version = out.get(timeout=60)
     assert (state, version) == ("go", 1)
-    assert waited >= 0.5
     assert proc.exitcode == 0
     store.close()
 

@@ -11,12 +11,14 @@ import collections
 import logging
 import os
 import pickle
+import subprocess
 import sys
 import time
 import types
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 import shmstore
@@ -36,7 +38,7 @@ from shmstore import (
 )
 from shmstore import pipeline as pipeline_module
 
-from .helpers import SPAWN, reaped
+from .helpers import SPAWN, children, reap, reaped, wait_until
 
 CRASH_EXIT = 17
 
@@ -67,6 +69,8 @@ def double(state: dict[str, Any]) -> dict[str, Any]:
 def square(state: dict[str, Any]) -> dict[str, Any]:
     _record(state, "square")
     time.sleep(state.get("sleep", 0))
+    if state.get("until"):  # a handshake: hold this step until the test says go
+        assert wait_until(lambda: os.path.exists(state["until"]), 60)
     return {**state, "n": state["n"] ** 2}
 
 
@@ -518,9 +522,10 @@ def test_run_many_explains_a_worker_that_cannot_start(monkeypatch: pytest.Monkey
         Pipeline([ghost]).run_many({"a": 1}, processes=1)
 
 
-def _downstream(pipeline: Pipeline, execution_id: str, out: Any) -> None:
-    cp = pipeline.wait(execution_id, step="double", timeout=30)
+def _downstream(pipeline: Pipeline, execution_id: str, out: Any, seen: str) -> None:
+    cp = pipeline.wait(execution_id, step="double", timeout=60)
     out.put((cp.node_name, cp.state["n"], os.getpid()))
+    Path(seen).touch()  # lets the upstream's next step finish
     pipeline.store.close()
 
 
@@ -530,12 +535,17 @@ def test_a_stage_in_another_process_waits_for_an_upstream_checkpoint(
     store = server.connect()
     pipe = Pipeline(STEPS, config=CheckpointConfig(store=store))
     out = SPAWN.Queue()
-    child = SPAWN.Process(target=_downstream, args=(pipe, "w", out))
+    seen = str(log.parent / "downstream-has-seen-double")
+    child = SPAWN.Process(target=_downstream, args=(pipe, "w", out, seen))
+    waits_before = store.stats().ops.get("wait", 0)
     with reaped(child):
-        time.sleep(0.5)
-        assert child.is_alive()  # blocked: nothing checkpointed yet
-        pipe.run(start(log, "w", sleep=1.0), execution_id="w")
-        node, n, pid = out.get(timeout=30)
+        # The handshake: the server has counted the child's wait, so it is blocked in it.
+        assert wait_until(lambda: store.stats().ops.get("wait", 0) > waits_before, 60)
+        assert child.is_alive() and out.empty()  # blocked: nothing checkpointed yet
+        # square waits for the child to have read double's checkpoint: no race on which
+        # checkpoint is the latest when it wakes.
+        assert pipe.run(start(log, "w", until=seen), execution_id="w")["n"] == 16
+        node, n, pid = out.get(timeout=60)
     out.close()
     out.join_thread()
     assert (node, n) == ("double", 4)  # woken by double's checkpoint, before square's
@@ -585,3 +595,100 @@ def test_progress_bar_degrades_to_nothing_without_rich(
         advance()
         advance()
     assert capsys.readouterr() == ("", "")
+
+
+# -- worker lifetime ------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict[str, str]:
+    """This environment, with this checkout first on the path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+
+
+def _python(*args: str, **popen: Any) -> subprocess.Popen[str]:
+    """Start ``python *args`` in the repository, this checkout first on the path."""
+    popen.setdefault("env", _env())
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+RUN_MANY_SLOWLY = """
+import sys
+from shmstore import Pipeline
+from tests.test_pipeline import STEPS, start
+from pathlib import Path
+log = Path(sys.argv[1])
+Pipeline(STEPS).run_many({f"s{i}": start(log, f"s{i}", sleep=60) for i in range(3)},
+                         processes=3)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_run_many_workers_exit_when_their_parent_is_killed(log: Path, tmp_path: Path) -> None:
+    # The killed parent cannot remove its server's private directory: keep it in tmp_path.
+    parent = _python("-c", RUN_MANY_SLOWLY.replace("sys.argv[1]", repr(str(log))),
+                     env={**_env(), "TMPDIR": str(tmp_path)})
+    try:
+        # Each worker records its pid as it enters the slow step: then all three are busy.
+        assert wait_until(lambda: calls(log).get(("s0", "square"), 0)
+                          + calls(log).get(("s1", "square"), 0)
+                          + calls(log).get(("s2", "square"), 0) == 3, 60), parent.stderr
+        workers = {p for eid in ("s0", "s1", "s2") for p in pids(log, eid, "square")}
+        assert len(workers) == 3 and parent.pid not in workers
+        parent.kill()
+        parent.wait(10)
+        assert wait_until(lambda: all(_gone(p) for p in workers), 10), \
+            f"orphaned workers still run: {[p for p in workers if not _gone(p)]}"
+        # The workers share the parent's stderr: end of file once the last one is gone.
+        _, err = parent.communicate(timeout=30)
+    finally:
+        reap(parent)
+        for pid in workers if "workers" in locals() else ():
+            if not _gone(pid):  # only when the test failed: do not leave orphans running
+                psutil.Process(pid).kill()
+    assert err == ""
+
+
+def test_run_many_and_the_demo_return_after_every_process_they_started(log: Path) -> None:
+    pipe = Pipeline(STEPS)
+    for round_ in range(3):
+        states = {f"r{round_}-{i}": start(log, f"r{round_}-{i}", n=i) for i in range(4)}
+        assert len(pipe.run_many(states, processes=3)) == 4
+        assert children() == [], f"round {round_}: run_many returned before its children ended"
+
+
+INTERACTIVE_RUN_MANY = """
+from shmstore import ConfigError, Pipeline
+def step(state):
+    return state + 1
+try:
+    Pipeline([step]).run_many({"a": 1}, processes=1)
+except ConfigError as exc:
+    print("ConfigError:", exc)
+"""
+
+
+@pytest.mark.parametrize("how", ["-c", "stdin"])
+def test_run_many_refuses_steps_from_an_interactive_main(how: str) -> None:
+    if how == "-c":
+        proc, stdin = _python("-c", INTERACTIVE_RUN_MANY), None
+    else:
+        proc, stdin = _python("-", stdin=subprocess.PIPE), INTERACTIVE_RUN_MANY
+    try:
+        out, err = proc.communicate(stdin, timeout=60)
+    finally:
+        reap(proc)
+    assert proc.returncode == 0, err
+    assert "ConfigError: step 'step' cannot run in a worker process" in out, out + err
+    assert "interactive __main__" in out and "into a .py module" in out
+    assert "died before it started" not in out + err  # refused up front: no worker started

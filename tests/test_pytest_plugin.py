@@ -22,7 +22,7 @@ import pytest
 
 import shmstore
 
-from .helpers import PLUGIN_ARGS, reap, wait_until
+from .helpers import PLUGIN_ARGS, entry_point_installed, isolate_inner_runs, reap, wait_until
 
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.timeout(120)
@@ -60,9 +60,9 @@ class Project:
         # The inner tests find the output directory in their source, not in a fixture.
         self.pytester.makepyfile(source.replace("OUT", repr(str(self.out))))
 
-    def run(self, *args: str) -> pytest.RunResult:
+    def run(self, *args: str, plugins: list[str] = PLUGIN_ARGS) -> pytest.RunResult:
         result = self.pytester.runpytest_subprocess(
-            *PLUGIN_ARGS, "-p", "no:cacheprovider", *args, timeout=RUN_TIMEOUT)
+            *plugins, "-p", "no:cacheprovider", *args, timeout=RUN_TIMEOUT)
         self.assert_nothing_left()
         return result
 
@@ -83,6 +83,7 @@ def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Proje
         p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     for key in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_ADDOPTS"):
         monkeypatch.delenv(key, raising=False)
+    isolate_inner_runs(monkeypatch)
     return Project(pytester, tag)
 
 
@@ -142,18 +143,50 @@ def test_workers_see_each_others_checkpoints_in_one_server(
     assert_gone(servers)
 
 
+ENTRY_POINT = """
+from shmstore import Checkpoint
+
+def test_loaded_by_its_entry_point(request, checkpoint_store):
+    plugins = request.config.pluginmanager
+    assert plugins.get_plugin("shmstore") is not None  # the entry point's name ...
+    assert plugins.get_plugin("shmstore.pytest_plugin") is None  # ... not a -p
+    assert checkpoint_store.save(Checkpoint(execution_id="ep", state=1)).version == 1
+"""
+
+
+@pytest.mark.skipif(not entry_point_installed(),
+                    reason="shmstore is not installed: no pytest11 entry point to load")
+def test_an_installed_plugin_loads_by_its_entry_point(
+    project: Project, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What a user gets: every installed plugin autoloaded, ours among them, no -p.
+    monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD")
+    project.write(ENTRY_POINT)
+    result = project.run(plugins=[])
+    result.assert_outcomes(passed=1)
+
+
 # -- computing once ------------------------------------------------------------------------
 
 COMPUTE_ONCE = """
 import os, time
 
+STORE = None
+
 def expensive():
     with open(os.path.join(OUT, "computed"), "a") as fh:
         fh.write(f"{os.getpid()}\\n")
-    time.sleep(0.5)  # long enough for every other worker to arrive and wait
+    # The handshake: hold the lease until every worker has claimed (the server counts
+    # each claim), so that the others really wait for this computation.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    deadline = time.monotonic() + 30
+    while STORE.stats().ops.get("claim", 0) < workers and time.monotonic() < deadline:
+        time.sleep(0.01)
     return {"rows": list(range(100)), "by": os.getpid()}
 
 def check(store):
+    global STORE
+    STORE = store
     cp = store.load_or_compute("session", "expensive", expensive, timeout=60)
     with open(os.path.join(OUT, "got"), "a") as fh:
         fh.write(f"{cp.id} {cp.version} {cp.state['by']}\\n")
@@ -188,6 +221,8 @@ HANDOVER = """
 import os, time
 from shmstore import Checkpoint
 
+STORE = None
+
 def compute():
     path = os.path.join(OUT, "computed")
     with open(path, "a") as fh:
@@ -195,11 +230,17 @@ def compute():
     with open(path) as fh:
         first = len(fh.read().splitlines()) == 1
     if first:
-        time.sleep(0.5)  # the other worker is waiting on us now
+        # The handshake: fail only once the other worker has claimed too (the server
+        # counts each claim): it is waiting on us now.
+        deadline = time.monotonic() + 30
+        while STORE.stats().ops.get("claim", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         raise RuntimeError("the first computation fails")
     return "second try"
 
 def test_handover(checkpoint_store):
+    global STORE
+    STORE = checkpoint_store
     # Both workers arrive before either claims, so one really waits for the other.
     checkpoint_store.save(Checkpoint(execution_id="meet", state=0))
     checkpoint_store.wait("meet", after_version=1, timeout=30)

@@ -32,7 +32,7 @@ from shmstore import (
 )
 from shmstore.codec import DEFAULT_CODEC, EMPTY_MAP
 
-from .helpers import PLUGIN_ARGS, SPAWN, reaped, run_all, wait_until
+from .helpers import PLUGIN_ARGS, SPAWN, isolate_inner_runs, reaped, run_all, wait_until
 from .redis_server import ENABLE_HINT, ENV_REQUIRE, RedisServer
 
 try:
@@ -273,9 +273,11 @@ def test_every_waiter_wakes_on_one_save(rstore: RedisStore) -> None:
     got: list[int] = []
     waiters = [threading.Thread(target=lambda: got.append(rstore.wait("fan", timeout=10).version))
                for _ in range(5)]
+    waits = rstore.stats().ops.get("wait", 0)
     for t in waiters:
         t.start()
-    time.sleep(0.3)
+    # The handshake: Redis counts each wait as it begins, before it blocks.
+    assert wait_until(lambda: rstore.stats().ops.get("wait", 0) >= waits + 5, 30)
     rstore.save(cp("fan"))
     for t in waiters:
         t.join(10)
@@ -298,9 +300,10 @@ def test_a_dead_redis_is_store_unavailable_even_for_a_blocked_waiter() -> None:
             except BaseException as exc:
                 errors.append(exc)
 
+        waits = store.stats().ops.get("wait", 0)
         thread = threading.Thread(target=waiter)
         thread.start()
-        time.sleep(0.3)
+        assert wait_until(lambda: store.stats().ops.get("wait", 0) > waits, 30)  # waiting
         server.kill()
         thread.join(10)
         assert not thread.is_alive()
@@ -445,6 +448,7 @@ def test_the_pytest_plugin_takes_a_redis_url(pytester: pytest.Pytester, rstore: 
                                              redis_server: RedisServer,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", str(REPO))
+    isolate_inner_runs(monkeypatch)
     pytester.makepyfile(PLUGIN_TEST)
     result = pytester.runpytest_subprocess(*PLUGIN_ARGS, "-p",
                                            "no:cacheprovider", "-n", "2", "--dist", "each",

@@ -20,6 +20,7 @@ from shmstore import (
     VersionConflict,
 )
 from shmstore.codec import DEFAULT_CODEC
+from tests.helpers import wait_until
 
 
 def cp(execution: str = "run", node: str = "n", state: object = None, **kw: object) -> Checkpoint:
@@ -258,9 +259,11 @@ def test_wait_is_woken_by_a_save_from_another_thread(store: BaseStore) -> None:
     got: list[Checkpoint] = []
     waiter = threading.Thread(target=lambda: got.append(store.wait("run", after_version=1,
                                                                    timeout=10)))
+    waits = store.stats().ops.get("wait", 0)
     waiter.start()
-    time.sleep(0.2)
-    assert waiter.is_alive()  # really waiting
+    # The handshake: every backend counts a wait as it begins; then it is really waiting.
+    assert wait_until(lambda: store.stats().ops.get("wait", 0) > waits, 30)
+    assert waiter.is_alive()
     store.save(cp(state="second"))
     waiter.join(10)
     assert [(c.version, c.state) for c in got] == [(2, "second")]

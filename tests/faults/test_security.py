@@ -141,9 +141,9 @@ def test_nothing_is_ever_unpickled_by_the_server_or_the_client(
     assert trapped.command("report")["unpickles"] == []  # the server
 
 
-def _store_user(store: SharedStore) -> None:
+def _store_user(store: SharedStore, done: Any) -> None:
     store.save(Checkpoint(execution_id="child", state=1))
-    time.sleep(1.0)  # alive while the test reads every command line
+    done.wait(60)  # alive until the test has read every command line
 
 
 def test_the_authkey_is_never_on_any_command_line(tmp_path: Path) -> None:
@@ -157,7 +157,9 @@ def test_the_authkey_is_never_on_any_command_line(tmp_path: Path) -> None:
         assert cli.stdout is not None and "listening" in cli.stdout.readline()
         with shmstore.serve(authkey=key) as server:  # exports the key to children
             store = server.connect()
-            children = [SPAWN.Process(target=_store_user, args=(store,)) for _ in range(2)]
+            done = SPAWN.Event()
+            children = [SPAWN.Process(target=_store_user, args=(store, done))
+                        for _ in range(2)]
             with reaped(*children, timeout=30):
                 assert wait_until(lambda: len(store.list("child")) == 2, 20)
                 hexkey, pids = key.hex(), set()
@@ -167,6 +169,7 @@ def test_the_authkey_is_never_on_any_command_line(tmp_path: Path) -> None:
                     pids.add(proc.info["pid"])
                 # The scan did see the processes that know the key.
                 assert {server.pid, cli.pid, *(p.pid for p in children)} <= pids
+                done.set()
             store.close()
     finally:
         cli.terminate()

@@ -275,7 +275,6 @@ def test_sigint_in_a_child_mid_call_leaves_its_store_usable(
     with reaped(proc, timeout=30):
         # Wait until the child is blocked in the server (its wait is registered).
         assert wait_until(lambda: store.stats().ops.get("wait", 0) >= 1, 20)
-        time.sleep(0.1)
         assert proc.pid is not None
         os.kill(proc.pid, signal.SIGINT)
         assert out.get(timeout=20) == ["interrupted", "after"]
