@@ -4,7 +4,9 @@ Each is refused or dropped, the server keeps serving everyone else, no unauthent
 peer makes it allocate more than a few kilobytes, and a peer without the key learns
 nothing about the store.  The other way round, a client that reaches a peer which is not
 a shmstore server (an HTTP or SMTP server, Redis, garbage, silence) or a stopped server
-gets a `StoreUnavailable` or `StoreTimeout` that says so, soon, never a bare error.  The server is the real `run_server` in a harness child
+gets a `StoreUnavailable` or `StoreTimeout` that says so, soon, never a bare error.
+
+The server is the real `run_server` in a harness child
 (tests/faults/harness.py) whose timeouts are 0.5 s instead of 10 s and which can report
 its threads, file descriptors, traced allocations and any unpickling.
 """
@@ -27,8 +29,7 @@ from typing import Any
 import pytest
 
 import shmstore
-from shmstore import AccessDenied, Checkpoint, SharedStore, StoreTimeout, StoreUnavailable
-from shmstore import wire
+from shmstore import AccessDenied, Checkpoint, SharedStore, StoreTimeout, StoreUnavailable, wire
 from shmstore.wire import Channel, open_connection, pack, parse_url, unpack
 
 from ..helpers import wait_until
