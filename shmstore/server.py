@@ -63,6 +63,8 @@ AUTHKEY_BYTES = 32
 # After an accept() failure that may repeat at once (no spare descriptor, ENOBUFS ...):
 # how long the accepter waits before the next try, so that it never spins.
 ACCEPT_BACKOFF = 0.05
+# How long a stopping server waits for its accepter thread to return.
+ACCEPTER_JOIN = 5.0
 # accept() errors about one peer (it hung up while queued): the next accept is fine.
 _ACCEPT_TRANSIENT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EAGAIN})
 
@@ -175,6 +177,10 @@ class TableServer(managers.Server):
                                     daemon=True)
         accepter.start()
         self.stop_event.wait()
+        # Let the accepter return (and give back its reserve descriptor) instead of
+        # staying blocked in accept() on a listener about to be closed.
+        self.listener.wake()  # type: ignore[attr-defined]
+        accepter.join(ACCEPTER_JOIN)
 
     def accepter(self) -> None:
         """Accept connections and start a thread for each, until the server stops.
@@ -182,9 +188,10 @@ class TableServer(managers.Server):
         Replaces the stdlib's, whose thread dies the first time a thread cannot start
         (every later client then waits out its timeout) and which spins at the descriptor
         limit.  Here a connection that cannot be served gets a `wire.REFUSED` frame
-        naming why and is closed, one warning is logged per episode, and accepting goes
-        on.  A spare descriptor (/dev/null) is kept open so that, at the limit, it can be
-        given up to accept and refuse the waiting peer instead of leaving it hanging.
+        naming why and is closed, one warning is logged per episode (and one info line
+        when it ends), and accepting goes on.  A spare descriptor (/dev/null) is kept
+        open so that, at the limit, it can be given up to accept and refuse the waiting
+        peer instead of leaving it hanging.
         """
         listener = self.listener  # type: ignore[attr-defined]
         reserve = _open_reserve()
@@ -243,8 +250,8 @@ class TableServer(managers.Server):
         """End an episode of refusals for ``reason``, if one was going on."""
         count = self._refused.pop(reason, 0)
         if count:
-            log.warning("shmstore server %d: serving new connections again after "
-                        "refusing %d (%s)", os.getpid(), count, reason)
+            log.info("shmstore server %d: serving new connections again after "
+                     "refusing %d (%s)", os.getpid(), count, reason)
 
 
 def _open_reserve() -> int | None:

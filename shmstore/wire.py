@@ -404,6 +404,18 @@ class WireListener:
     def close(self) -> None:
         self._listener.close()
 
+    def wake(self) -> None:
+        """Make an ``accept`` blocked in another thread return (it raises `OSError`).
+
+        Closing a listener does not wake a thread blocked in ``accept`` on Linux;
+        shutting its socket down does.
+        """
+        sock = self._listener._listener._socket  # type: ignore[attr-defined]
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # not supported for listening sockets everywhere: join times out
+            pass
+
     @property
     def last_accepted(self) -> Any:
         return self._listener.last_accepted

@@ -49,21 +49,23 @@ def _highest_fd() -> int:
     return max(int(name) for name in os.listdir("/proc/self/fd"))
 
 
-class _CountWarnings(logging.Handler):
+class _LogRecords(logging.Handler):
     def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
+        super().__init__(logging.INFO)
+        self.records: list[tuple[str, str]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+        self.records.append((record.levelname, record.getMessage()))
 
 
 def _server_child(url: str, authkey: bytes, pipe: Connection) -> None:
     """Serve at ``url``; answer commands from ``pipe`` until ``stop``."""
     from shmstore import server, wire
 
-    warnings = _CountWarnings()
-    logging.getLogger("shmstore").addHandler(warnings)
+    records = _LogRecords()
+    logger = logging.getLogger("shmstore")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(records)
     stop = threading.Event()
     ready = threading.Event()
     thread = threading.Thread(
@@ -89,8 +91,8 @@ def _server_child(url: str, authkey: bytes, pipe: Connection) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (_highest_fd() + 1 + arg, nofile[1]))
         elif command == "unlimit_fds":
             resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
-        elif command == "warnings":
-            answer = list(warnings.messages)
+        elif command == "log":  # what the server logged since it was ready
+            answer = [r for r in records.records if "listening at" not in r[1]]
         elif command == "stop":
             break
         pipe.send(answer)
@@ -187,11 +189,12 @@ def test_a_server_that_cannot_start_threads_refuses_cleanly_and_serves_again(
         with shmstore.SharedStore(child_server.url, authkey=child_server.authkey,
                                   timeout=CALL_TIMEOUT) as late:
             assert [c.state for c in late.list("keep")] == [0, 1]
-    warnings = child_server.command("warnings")
-    # One warning when the refusals began, one when serving resumed: not one per peer.
-    assert len(warnings) == 2, warnings
-    assert "cannot start a thread" in warnings[0]
-    assert "again after refusing 3" in warnings[1]
+    logged = child_server.command("log")
+    # One warning when the refusals began, one info line when serving resumed: not one
+    # per refused peer.
+    assert [level for level, _ in logged] == ["WARNING", "INFO"], logged
+    assert "cannot start a thread" in logged[0][1]
+    assert "again after refusing 3" in logged[1][1]
 
 
 @pytest.mark.timeout(90)
@@ -228,10 +231,10 @@ def test_a_server_out_of_descriptors_refuses_cleanly_and_serves_again(
                 chan.close()
             child_server.command("unlimit_fds")
         assert [c.state for c in good.list("keep")] == [0, 1]
-    warnings = child_server.command("warnings")
-    assert len(warnings) == 2, warnings
-    assert "out of file descriptors" in warnings[0]
-    assert "serving new connections again" in warnings[1]
+    logged = child_server.command("log")
+    assert [level for level, _ in logged] == ["WARNING", "INFO"], logged
+    assert "out of file descriptors" in logged[0][1]
+    assert "serving new connections again" in logged[1][1]
 
 
 def _client_at_fd_limit(url: str, authkey: bytes, pipe: Connection) -> None:
@@ -279,3 +282,32 @@ def test_a_client_out_of_descriptors_gets_store_unavailable_saying_so(
     assert kind == "StoreUnavailable", (kind, message)
     assert "this process is out of file descriptors" in message
     assert "ulimit -n" in message
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_server_ends_its_accepter_and_gives_back_its_descriptors(
+    tmp_path: Path,
+) -> None:
+    from shmstore import server, wire
+
+    before = set(os.listdir("/proc/self/fd"))
+    stop, ready = threading.Event(), threading.Event()
+    url = f"unix://{tmp_path}/inproc.sock"
+    thread = threading.Thread(
+        target=server.run_server, args=(wire.parse_url(url), os.urandom(32)),
+        kwargs={"on_ready": lambda _url: ready.set(), "stop_event": stop,
+                "monitor_interval": 3600},
+        name="inproc-server", daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(30)
+        # on_ready comes just before serve_forever starts the accepter.
+        assert wait_until(
+            lambda: any(t.name == "shmstore-accepter" for t in threading.enumerate()), 10)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive()
+    assert not [t for t in threading.enumerate() if t.name == "shmstore-accepter"]
+    # The listener and the accepter's reserve descriptor are closed.
+    assert wait_until(lambda: set(os.listdir("/proc/self/fd")) <= before, 5)
