@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -47,6 +48,7 @@ from .wire import (
     Address,
     Channel,
     parse_url,
+    refuse,
     set_io_timeout,
     unpack,
 )
@@ -62,6 +64,13 @@ ENV_URL = "SHMSTORE_URL"
 ENV_AUTHKEY = "SHMSTORE_AUTHKEY"
 ENV_CONNECTION_FILE = "SHMSTORE_CONNECTION_FILE"
 AUTHKEY_BYTES = 32
+# After an accept() failure that may repeat at once (no spare descriptor, ENOBUFS ...):
+# how long the accepter waits before the next try, so that it never spins.
+ACCEPT_BACKOFF = 0.05
+# How long a stopping server waits for its accepter thread to return.
+ACCEPTER_JOIN = 5.0
+# accept() errors about one peer (it hung up while queued): the next accept is fine.
+_ACCEPT_TRANSIENT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EAGAIN})
 
 
 def _without_frames(exc: BaseException) -> BaseException:
@@ -98,6 +107,8 @@ class TableServer(managers.Server):
                         memory_history=self.monitor.history)
         self.id_to_obj[TABLE_IDENT] = (table, frozenset(self.ops), None)  # type: ignore[assignment]
         self.stop_event = threading.Event()
+        # Connections refused in the current episode, by reason (the accepter's own).
+        self._refused: dict[str, int] = {}
 
     def stats(self) -> dict[str, Any]:
         """The table's figures plus the server's memory: peak RSS and registered clients."""
@@ -189,6 +200,89 @@ class TableServer(managers.Server):
                                     daemon=True)
         accepter.start()
         self.stop_event.wait()
+        # Let the accepter return (and give back its reserve descriptor) instead of
+        # staying blocked in accept() on a listener about to be closed.
+        self.listener.wake()  # type: ignore[attr-defined]
+        accepter.join(ACCEPTER_JOIN)
+
+    def accepter(self) -> None:
+        """Accept connections and start a thread for each, until the server stops.
+
+        Replaces the stdlib's, whose thread dies the first time a thread cannot start
+        (every later client then waits out its timeout) and which spins at the descriptor
+        limit.  Here a connection that cannot be served gets a `wire.REFUSED` frame
+        naming why and is closed, one warning is logged per episode (and one info line
+        when it ends), and accepting goes on.  A spare descriptor (/dev/null) is kept
+        open so that, at the limit, it can be given up to accept and refuse the waiting
+        peer instead of leaving it hanging.
+        """
+        listener = self.listener  # type: ignore[attr-defined]
+        reserve = _open_reserve()
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    conn = listener.accept()
+                except OSError as exc:
+                    if self.stop_event.is_set():
+                        return
+                    if exc.errno in (errno.EMFILE, errno.ENFILE):
+                        reserve = self._refuse_at_descriptor_limit(listener, reserve, exc)
+                    elif exc.errno not in _ACCEPT_TRANSIENT:
+                        self._refusing("accept", f"accept() failed: {exc}")
+                        self.stop_event.wait(ACCEPT_BACKOFF)  # not a busy loop
+                    continue
+                self._served("descriptors")
+                self._served("accept")
+                try:
+                    threading.Thread(target=self.handle_request, args=(conn,),
+                                     daemon=True).start()
+                except (RuntimeError, MemoryError) as exc:  # "can't start new thread"
+                    self._refusing("threads", f"cannot start a thread for a connection: "
+                                   f"{exc}; refusing new connections until one starts")
+                    refuse(conn, b"threads")
+                    continue
+                self._served("threads")
+        finally:
+            if reserve is not None:
+                os.close(reserve)
+
+    def _refuse_at_descriptor_limit(self, listener: Any, reserve: int | None,
+                                    exc: OSError) -> int | None:
+        """At EMFILE/ENFILE: free the reserve, accept and refuse one peer, take it back."""
+        self._refusing("descriptors", f"out of file descriptors ({exc.strerror}); "
+                       "refusing new connections until some close (raise ulimit -n)")
+        if reserve is None:  # taken by another thread last time: try again, slowly
+            reserve = _open_reserve()
+            self.stop_event.wait(ACCEPT_BACKOFF)
+            return reserve
+        os.close(reserve)
+        try:
+            refuse(listener.accept(), b"descriptors")
+        except OSError:
+            self.stop_event.wait(ACCEPT_BACKOFF)
+        return _open_reserve()
+
+    def _refusing(self, reason: str, message: str) -> None:
+        """Count a refused connection; warn at the first of an episode only."""
+        count = self._refused.get(reason, 0)
+        if not count:
+            log.warning("shmstore server %d: %s", os.getpid(), message)
+        self._refused[reason] = count + 1
+
+    def _served(self, reason: str) -> None:
+        """End an episode of refusals for ``reason``, if one was going on."""
+        count = self._refused.pop(reason, 0)
+        if count:
+            log.info("shmstore server %d: serving new connections again after "
+                     "refusing %d (%s)", os.getpid(), count, reason)
+
+
+def _open_reserve() -> int | None:
+    """A descriptor to give up at the limit (see `TableServer.accepter`), or None."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 def _prepare_unix_path(path: str) -> None:

@@ -10,6 +10,11 @@ and are rebuilt only from shmstore's own exception tree.
 Connections authenticate with the stdlib's HMAC challenge (``deliver_challenge`` /
 ``answer_challenge``) before anything else is read; an unauthenticated peer can make the
 server read at most 256 bytes and must finish the handshake within `HANDSHAKE_TIMEOUT`.
+A server that cannot serve a new connection (out of file descriptors, or unable to start
+a thread for it) sends one `REFUSED` frame instead of the challenge and closes it.  A
+client checks the first frame it hears before the stdlib sees it: anything but a
+challenge or a refusal means the peer is not a shmstore server, and silence for
+`CLIENT_HANDSHAKE_TIMEOUT` means that, or a stopped or overloaded server.
 
 After authentication the server bounds what a stalled or dead peer can hold: once a
 message has begun, each further read and each write must make progress within
@@ -19,11 +24,13 @@ buffer grows with the bytes that really arrive, not with the length its header c
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import select
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from multiprocessing import AuthenticationError, connection, managers
 from typing import Any
@@ -34,10 +41,28 @@ import msgpack
 from . import errors
 from .errors import AccessDenied, ConfigError, ShmstoreError, StoreTimeout, StoreUnavailable
 
-__all__ = ["Address", "Channel", "SERIALIZER", "open_connection", "pack", "parse_url", "unpack"]
+__all__ = ["Address", "Channel", "REFUSED", "SERIALIZER", "open_connection", "pack", "parse_url",
+           "refuse", "unpack"]
 
 SERIALIZER = "shmstore"
 HANDSHAKE_TIMEOUT = 10.0
+# Client side: longest wait for each step of the handshake (never longer than the call
+# timeout).  A shmstore server greets at once; a peer silent this long is not one, or is
+# stopped (SIGSTOP) or overloaded, and the caller should not wait the whole call timeout.
+CLIENT_HANDSHAKE_TIMEOUT = 5.0
+# The frame a server sends instead of the challenge when it cannot serve a connection,
+# followed by the reason (a key of REFUSAL_REASONS).  It cannot be a challenge, which
+# starts with b"#CHALLENGE#".
+REFUSED = b"#SHMSTORE-REFUSED#"
+REFUSAL_REASONS = {
+    b"descriptors": "is out of file descriptors; close clients it no longer needs, or "
+                    "raise its limit (ulimit -n) before starting it",
+    b"threads": "cannot start a thread for a new connection (its pids.max, ulimit -u or "
+                "address-space limit); close clients it no longer needs, or raise the limit",
+}
+# The longest frame the stdlib's handshake reads (it refuses longer ones).
+_HANDSHAKE_FRAME = 256
+_CHALLENGE = b"#CHALLENGE#"
 # Server side, after authentication: longest wait for the rest of a begun message, or for
 # a client to take an answer; a peer frozen or gone mid-message loses its connection.
 FRAME_TIMEOUT = 10.0
@@ -203,15 +228,19 @@ def set_io_timeout(fd: int, seconds: float, *, send: float | None = None) -> Non
 
     ``send``, if given, bounds writes instead of ``seconds``.
     """
-    sock = socket.socket(fileno=os.dup(fd))
+    # Borrows ``fd`` (no dup): at the descriptor limit a dup would fail.
+    sock = socket.socket(fileno=fd)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                        _timeval(seconds if send is None else send))
-        if sock.family == socket.AF_INET:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _set_timeouts(sock, seconds, seconds if send is None else send)
     finally:
-        sock.close()
+        sock.detach()
+
+
+def _set_timeouts(sock: socket.socket, receive: float, send: float) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(receive))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(send))
+    if sock.family == socket.AF_INET:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _new_packer() -> msgpack.Packer:
@@ -375,6 +404,18 @@ class WireListener:
     def close(self) -> None:
         self._listener.close()
 
+    def wake(self) -> None:
+        """Make an ``accept`` blocked in another thread return (it raises `OSError`).
+
+        Closing a listener does not wake a thread blocked in ``accept`` on Linux;
+        shutting its socket down does.
+        """
+        sock = self._listener._listener._socket  # type: ignore[attr-defined]
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # not supported for listening sockets everywhere: join times out
+            pass
+
     @property
     def last_accepted(self) -> Any:
         return self._listener.last_accepted
@@ -390,57 +431,187 @@ managers.listener_client[SERIALIZER] = (  # type: ignore[attr-defined]
     WireListener, _stdlib_client)
 
 
+def refuse(conn: connection.Connection | WireConnection, reason: bytes) -> None:
+    """Server side: tell a new, unauthenticated peer why it is not served, and close it.
+
+    Sends the `REFUSED` frame with ``reason`` (a key of `REFUSAL_REASONS`) where the
+    challenge would be; a peer already gone is not an error.
+    """
+    try:
+        conn.send_bytes(REFUSED + reason)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
 # -- client connections --------------------------------------------------------------------
+
+
+def _out_of_descriptors(exc: OSError, url: str) -> StoreUnavailable:
+    where = "this system" if exc.errno == errno.ENFILE else "this process"
+    return StoreUnavailable(
+        f"cannot open a connection to {url}: {where} is out of file descriptors "
+        f"({exc.strerror or exc}); close files and connections it no longer needs, or "
+        "raise the limit (ulimit -n, resource.RLIMIT_NOFILE)",
+        address=url,
+    )
+
+
+def _not_shmstore(url: str, heard: bytes) -> StoreUnavailable:
+    return StoreUnavailable(
+        f"the peer at {url} is not a shmstore server: it answered {heard[:40]!r} instead "
+        "of the handshake; check the URL (a Redis URL starts with redis://)",
+        address=url,
+    )
+
+
+def _silent(url: str, wait: float) -> StoreTimeout:
+    return StoreTimeout(
+        f"the peer at {url} sent no shmstore handshake within {wait} s: either it is not "
+        "a shmstore server (check the URL), or the server is stopped or overloaded",
+        timeout=wait, address=url,
+    )
+
+
+def _read_greeting(sock: socket.socket, url: str, wait: float) -> bytes:
+    """Read the server's first frame (the challenge) within ``wait`` seconds and check it.
+
+    Raises:
+        StoreUnavailable: the peer is not a shmstore server, closed the connection, or
+            is a shmstore server that refused it (the message says why).
+        StoreTimeout: the peer said nothing in time.
+    """
+    deadline = time.monotonic() + wait
+    data = b""
+    need = 4
+    while len(data) < need:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _silent(url, wait)
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(_HANDSHAKE_FRAME + 4)
+        except TimeoutError:
+            raise _silent(url, wait) from None
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            if data:  # half a frame, then a hang-up
+                raise _not_shmstore(url, data)
+            raise StoreUnavailable(
+                f"the peer at {url} closed the connection before the handshake: it is not "
+                "a shmstore server, or the server is stopping",
+                address=url,
+            )
+        data += chunk
+        if need == 4 and len(data) >= 4:
+            size = _HEADER.unpack_from(data)[0]
+            if not 0 < size <= _HANDSHAKE_FRAME:
+                raise _not_shmstore(url, data)  # an HTTP reply, a banner, garbage
+            need = 4 + size
+    # A shmstore server sends its greeting and waits for the answer: nothing follows it.
+    if len(data) > need:
+        raise _not_shmstore(url, data)
+    frame = data[4:]
+    if frame.startswith(REFUSED):
+        reason = REFUSAL_REASONS.get(frame[len(REFUSED):], "refused the connection")
+        raise StoreUnavailable(f"the shmstore server at {url} {reason}", address=url)
+    if not frame.startswith(_CHALLENGE):
+        raise _not_shmstore(url, data)
+    return frame
+
+
+class _Replay:
+    """A connection whose first ``recv_bytes`` returns a frame already read."""
+
+    def __init__(self, conn: connection.Connection, first: bytes) -> None:
+        self._conn = conn
+        self._first: bytes | None = first
+
+    def send_bytes(self, data: bytes) -> None:
+        self._conn.send_bytes(data)
+
+    def recv_bytes(self, maxlength: int | None = None) -> bytes:
+        first, self._first = self._first, None
+        if first is not None:
+            return first
+        return self._conn.recv_bytes(maxlength)
 
 
 def open_connection(address: Address, authkey: bytes, *, timeout: float,
                     name: str = "client") -> Channel:
     """Connect, authenticate and enter the server's request loop.
 
-    Every blocking read and write on the returned connection is bounded by ``timeout``.
+    Every blocking read and write on the returned connection is bounded by ``timeout``;
+    each step of the handshake by `CLIENT_HANDSHAKE_TIMEOUT` (or ``timeout`` if shorter).
 
     Raises:
-        StoreUnavailable: nothing listens there, or the server went away.
+        StoreUnavailable: nothing listens there, the peer is not a shmstore server, the
+            server refused the connection (out of descriptors or threads), this process
+            is out of file descriptors, or the server went away.
         AccessDenied: the server refused the authkey.
-        StoreTimeout: the server did not answer within ``timeout``.
+        StoreTimeout: the server did not answer within ``timeout``, or no handshake came
+            (not a shmstore server, or a stopped or overloaded one).
     """
-    family = getattr(socket, address.family)
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    url = address.url
+    try:
+        sock = socket.socket(getattr(socket, address.family), socket.SOCK_STREAM)
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise _out_of_descriptors(exc, url) from None
+        raise StoreUnavailable(f"cannot open a socket to {url}: {exc.strerror or exc}",
+                               address=url) from None
+    wait = min(CLIENT_HANDSHAKE_TIMEOUT, timeout)
     try:
         sock.settimeout(timeout)
         sock.connect(address.target)
+        first = _read_greeting(sock, url, wait)
         sock.settimeout(None)
+        _set_timeouts(sock, wait, wait)  # the rest of the handshake
+    except ShmstoreError:  # from the greeting: already says what the peer is
+        sock.close()
+        raise
     except TimeoutError:
         sock.close()
-        raise StoreTimeout(f"connecting to {address.url} took longer than {timeout} s",
-                           timeout=timeout, address=address.url) from None
+        raise StoreTimeout(f"connecting to {url} took longer than {timeout} s",
+                           timeout=timeout, address=url) from None
     except OSError as exc:
         sock.close()
         raise StoreUnavailable(
-            f"no shmstore server at {address.url}: {exc.strerror or exc}", address=address.url
+            f"no shmstore server at {url}: {exc.strerror or exc}", address=url
         ) from None
     conn = connection.Connection(sock.detach())
+    step = "handshake"
     try:
-        set_io_timeout(conn.fileno(), timeout)
-        connection.answer_challenge(conn, authkey)
+        connection.answer_challenge(_Replay(conn, first), authkey)  # type: ignore[arg-type]
         connection.deliver_challenge(conn, authkey)
+        step = "call"
+        set_io_timeout(conn.fileno(), timeout)
         conn.send_bytes(pack((None, "accept_connection", (name,), {})))
         kind, result = unpack(conn.recv_bytes())
         if kind != "#RETURN":
-            raise ShmstoreError(f"the server at {address.url} refused the connection: {result}")
+            raise ShmstoreError(f"the server at {url} refused the connection: {result}")
         # Let the server's memory monitor watch this process.
         conn.send_bytes(pack(("table", "register_client", (os.getpid(), name.split("/")[0]), {})))
         unpack(conn.recv_bytes())
     except AuthenticationError:
         conn.close()
         raise AccessDenied(
-            f"the server at {address.url} refused the authkey; use the key it was started "
+            f"the server at {url} refused the authkey; use the key it was started "
             "with (SHMSTORE_AUTHKEY or its connection file)",
-            address=address.url,
+            address=url,
         ) from None
     except BaseException as exc:
         conn.close()
-        raise translate(exc, address.url, timeout) from None
+        if step == "handshake" and isinstance(exc, (BlockingIOError, TimeoutError)):
+            raise StoreTimeout(
+                f"the shmstore server at {url} stopped answering during the handshake "
+                f"for {wait} s: it is stopped or overloaded",
+                timeout=wait, address=url) from None
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise _out_of_descriptors(exc, url) from None
+        raise translate(exc, url, timeout) from None
     return Channel(conn)
 
 

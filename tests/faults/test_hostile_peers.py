@@ -2,17 +2,24 @@
 
 Each is refused or dropped, the server keeps serving everyone else, no unauthenticated
 peer makes it allocate more than a few kilobytes, and a peer without the key learns
-nothing about the store.  The server is the real `run_server` in a harness child
+nothing about the store.  The other way round, a client that reaches a peer which is not
+a shmstore server (an HTTP or SMTP server, Redis, garbage, silence) or a stopped server
+gets a `StoreUnavailable` or `StoreTimeout` that says so, soon, never a bare error.
+
+The server is the real `run_server` in a harness child
 (tests/faults/harness.py) whose timeouts are 0.5 s instead of 10 s and which can report
 its threads, file descriptors, traced allocations and any unpickling.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
+import signal
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from multiprocessing import AuthenticationError, connection
@@ -21,10 +28,12 @@ from typing import Any
 
 import pytest
 
-from shmstore import AccessDenied, Checkpoint, SharedStore
+import shmstore
+from shmstore import AccessDenied, Checkpoint, SharedStore, StoreTimeout, StoreUnavailable, wire
 from shmstore.wire import Channel, open_connection, pack, parse_url, unpack
 
 from ..helpers import wait_until
+from ..redis_server import RedisServer
 from .harness import HarnessServer
 
 # What one unauthenticated peer may make the server allocate (Python heap, traced).
@@ -311,3 +320,132 @@ def test_garbage_after_authentication_is_answered_and_the_connection_stays_in_st
         assert good.list("keep")[0].state == "x"
         assert good.stats().checkpoints == 1
     assert harness.command("report")["unpickles"] == []
+
+
+# -- peers that are not shmstore servers -------------------------------------------------
+
+
+@contextlib.contextmanager
+def _fake_server(path: Path, greeting: bytes, *, hang_up: bool = False) -> Iterator[str]:
+    """A unix-socket peer that sends ``greeting`` to its first client, then waits for it
+    to hang up (or hangs up itself); yields its URL and leaves nothing behind."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def run() -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:  # the test ended first
+            return
+        with conn:
+            conn.sendall(greeting)
+            if hang_up:
+                return
+            conn.settimeout(60)
+            with contextlib.suppress(OSError):
+                while conn.recv(4096):
+                    pass
+
+    thread = threading.Thread(target=run, name="fake-server", daemon=True)
+    thread.start()
+    try:
+        yield f"unix://{path}"
+    finally:
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes accept() on Linux
+        listener.close()
+        thread.join(10)
+        assert not thread.is_alive()
+        path.unlink(missing_ok=True)
+
+
+NOT_SHMSTORE = {
+    "an HTTP reply": (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", False),
+    "an SMTP banner": (b"220 mail.example.com ESMTP Postfix\r\n", False),
+    "a Redis error": (b"-ERR unknown command\r\n", False),
+    "a 3-byte frame": (struct.pack("!i", 3) + b"abc", False),
+    "a frame that is not a challenge": (struct.pack("!i", 51) + os.urandom(51), False),
+    "a challenge and more": (struct.pack("!i", 51) + b"#CHALLENGE#" + bytes(40) + b"x", False),
+    "half a frame, then a hang-up": (struct.pack("!i", 51) + b"#CHALL", True),
+    "half a header, then a hang-up": (b"\x00\x00", True),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("peer", list(NOT_SHMSTORE))
+def test_a_peer_that_is_not_a_shmstore_server_is_named_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, peer: str,
+) -> None:
+    # Long waits: the error must come from what the peer said, not from any timeout.
+    monkeypatch.setattr(wire, "CLIENT_HANDSHAKE_TIMEOUT", 60.0)
+    greeting, hang_up = NOT_SHMSTORE[peer]
+    with _fake_server(tmp_path / "peer.sock", greeting, hang_up=hang_up) as url:
+        started = time.monotonic()
+        with SharedStore(url, authkey=os.urandom(32), timeout=60) as store:
+            with pytest.raises(StoreUnavailable) as info:
+                store.executions()
+        assert time.monotonic() - started < 30
+    assert "is not a shmstore server" in str(info.value)
+    assert info.value.attrs == {"address": url}
+
+
+@pytest.mark.timeout(60)
+def test_a_silent_peer_fails_after_the_handshake_timeout_naming_both_causes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(wire, "CLIENT_HANDSHAKE_TIMEOUT", 0.5)
+    with _fake_server(tmp_path / "silent.sock", b"") as url:
+        started = time.monotonic()
+        with SharedStore(url, authkey=os.urandom(32), timeout=40) as store:
+            with pytest.raises(StoreTimeout) as info:
+                store.executions()
+        assert time.monotonic() - started < 20  # the handshake's wait, not the call's 40 s
+    message = str(info.value)
+    assert "not a shmstore server" in message and "stopped or overloaded" in message
+    assert info.value.timeout == 0.5
+
+
+def test_the_handshake_wait_is_never_longer_than_the_call_timeout(tmp_path: Path) -> None:
+    assert wire.CLIENT_HANDSHAKE_TIMEOUT > 0.3
+    with _fake_server(tmp_path / "silent.sock", b"") as url:
+        with SharedStore(url, authkey=os.urandom(32), timeout=0.3) as store:
+            with pytest.raises(StoreTimeout) as info:
+                store.executions()
+    assert info.value.timeout == 0.3
+
+
+@pytest.mark.timeout(60)
+def test_a_redis_server_is_named_within_the_handshake_timeout(
+    redis_server: RedisServer,
+) -> None:
+    url = f"unix://{redis_server.socket_path}"
+    started = time.monotonic()
+    with shmstore.connect(url, authkey=os.urandom(32).hex(), timeout=30) as store:
+        with pytest.raises(StoreTimeout) as info:
+            store.executions()
+    took = time.monotonic() - started
+    assert took < wire.CLIENT_HANDSHAKE_TIMEOUT + 10 < 30, took  # never the 30 s call timeout
+    message = str(info.value)
+    assert "not a shmstore server" in message and "stopped or overloaded" in message
+    assert redis_server.client().ping()  # Redis was not hurt
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_server_is_named_within_the_handshake_timeout(
+    server: shmstore.StoreServer,
+) -> None:
+    with server.connect(timeout=30) as store:
+        store.save(Checkpoint(execution_id="keep", state=1))
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with server.connect(timeout=30) as fresh:
+                with pytest.raises(StoreTimeout) as info:
+                    fresh.executions()
+            took = time.monotonic() - started
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert took < wire.CLIENT_HANDSHAKE_TIMEOUT + 10 < 30, took
+        assert "stopped or overloaded" in str(info.value)
+        assert store.executions() == ["keep"]  # it serves again once resumed
