@@ -15,13 +15,11 @@ import pytest
 import shmstore
 from shmstore import BaseStore, Limits
 
-from .helpers import children, wait_until
+from .helpers import SESSION_PIDS, children, wait_until
 from .redis_server import RedisServer
 
 BACKENDS = ["memory", "shared", "redis"]
 
-# Processes that session fixtures own; they outlive single tests on purpose.
-SESSION_PIDS: set[int] = set()
 
 
 @pytest.fixture(autouse=True)

@@ -88,14 +88,22 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
     return predicate()
 
 
-def children() -> list[psutil.Process]:
-    """Live (non-zombie) descendants of this process, less multiprocessing's own helper.
+# Processes that session fixtures own (a shared server, redis-server); they outlive
+# single tests on purpose.
+SESSION_PIDS: set[int] = set()
 
-    The spawn context starts one resource tracker per parent that lives as long as the
-    parent; it is the stdlib's, not ours.
+
+def children() -> list[psutil.Process]:
+    """Live (non-zombie) descendants of this process, less those it keeps on purpose.
+
+    Left out: the session fixtures' servers (`SESSION_PIDS`), and the resource tracker
+    the spawn context starts once per parent, which lives as long as the parent (the
+    stdlib's, not ours).
     """
     out = []
     for child in psutil.Process(os.getpid()).children(recursive=True):
+        if child.pid in SESSION_PIDS:
+            continue
         with contextlib.suppress(psutil.NoSuchProcess):
             if child.status() == psutil.STATUS_ZOMBIE:
                 continue
