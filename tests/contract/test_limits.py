@@ -386,10 +386,11 @@ def test_an_explicit_codec_bound_is_stricter_than_the_store(limited_store: Limit
 
 
 @pytest.mark.timeout(300)
+# Only Redis limits change while clients run (they belong to the data set).
+@pytest.mark.parametrize("limited_store", ["redis"], indirect=True)
 def test_a_client_follows_a_limit_another_client_raised(limited_store: LimitedStore) -> None:
     store = limited_store()
-    if not isinstance(store, shmstore.RedisStore):
-        pytest.skip("only Redis limits change while clients run (they belong to the data set)")
+    assert isinstance(store, shmstore.RedisStore)
     store.save(cp(state="small"))  # it has asked the store its limits: 64 MiB
     assert store.url is not None
     shmstore.RedisStore(store.url, prefix=store.prefix,
