@@ -271,8 +271,7 @@ class BaseStore(abc.ABC):
         state = codec.encode(cp.state, max_bytes=bound)
         size = len(state) + len(meta)
         largest = self._max_checkpoint_bytes
-        known = largest is not False
-        if largest is False or (known and largest is not None and size > largest):
+        if largest is False or (largest is not None and size > largest):
             # Asked once, and again before refusing: Redis limits belong to the data set,
             # and another client may have raised them since we asked.
             largest = self._max_checkpoint_bytes = self.limits().max_checkpoint_bytes
