@@ -74,7 +74,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -803,8 +803,6 @@ class RedisStore(BaseStore):
                 "RedisStore takes a redis:// URL or a redis.Redis client, not "
                 f"{type(url_or_client).__name__}", value=repr(url_or_client)[:80])
         self.address = _redact(self.url) if self.url else repr(self._client)
-        self._ops = {op: getattr(self, "_op_" + op, None) or _unsupported(op)
-                     for op in (*TABLE_OPS, "memory_history")}
         if limits is not None:
             self._write_limits(Limits.coerce(limits))
 
@@ -843,7 +841,7 @@ class RedisStore(BaseStore):
             raise StoreUnavailable(f"this RedisStore was closed ({self.address})",
                                    address=self.address)
         try:
-            return self._ops[op](*args)
+            return _OPS[op](self, *args)
         except ShmstoreError:
             raise
         except Exception as exc:
@@ -1276,11 +1274,12 @@ class _WakeUps:
         self._pubsub.close()
 
 
-def _unsupported(op: str) -> Any:
-    def refuse(*args: Any) -> Any:
-        raise ShmstoreError(f"RedisStore does not support the {op!r} operation yet; "
-                            "use a MemoryStore or a shared server for it")
-    return refuse
+# The operations by name, as functions of the class: an instance holding its own bound
+# methods would be a reference cycle, and a store dropped unclosed would then keep its
+# sockets open until the cyclic collector ran (which closes them in no set order, so
+# sockets could be finalized before redis-py's connections and warn).
+_OPS: dict[str, Callable[..., Any]] = {
+    op: getattr(RedisStore, "_op_" + op) for op in (*TABLE_OPS, "memory_history")}
 
 
 def _conflict(execution_id: str, expected: int | None, actual: int) -> VersionConflict:
@@ -1340,5 +1339,7 @@ def _rebuild_from_kwargs(module: str, qualname: str, kwargs: dict[str, Any], pre
         raise ConfigError(f"not a redis-py connection class: {module}.{qualname}",
                           value=qualname)
     pool = _redis.ConnectionPool(connection_class=cls, **kwargs)
-    return RedisStore(_redis.Redis(connection_pool=pool), prefix=prefix, timeout=timeout)
+    store = RedisStore(_redis.Redis(connection_pool=pool), prefix=prefix, timeout=timeout)
+    store._owns_client = True  # made here, for this copy: its close() closes it
+    return store
 

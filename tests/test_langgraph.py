@@ -41,7 +41,7 @@ def store(request: pytest.FixtureRequest) -> Iterator[BaseStore]:
         return
     if request.param == "redis":
         redis_server = request.getfixturevalue("redis_server")
-        redis_server.client().flushdb()
+        redis_server.flush()
         with shmstore.RedisStore(redis_server.url, timeout=10.0) as on_redis:
             yield on_redis
         return

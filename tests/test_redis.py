@@ -53,7 +53,7 @@ def cp(execution: str = "run", node: str = "n", state: object = None,
 
 @pytest.fixture
 def rstore(redis_server: RedisServer) -> Iterator[RedisStore]:
-    redis_server.client().flushdb()
+    redis_server.flush()
     with RedisStore(redis_server.url, timeout=10.0) as store:
         yield store
 
@@ -63,6 +63,11 @@ def raw(redis_server: RedisServer) -> Iterator[Any]:
     client = redis_server.client()
     yield client
     client.close()
+
+
+def connections(client: Any) -> int:
+    """How many connections the Redis server of ``client`` has open (its own included)."""
+    return len(client.client_list())
 
 
 def commandstats(client: Any) -> dict[str, int]:
@@ -233,8 +238,7 @@ def test_a_lease_expiry_hands_over_on_the_redis_clock(rstore: RedisStore, raw: A
 @pytest.mark.timeout(60)
 def test_a_wait_wakes_at_the_next_save_when_redis_is_at_maxmemory() -> None:
     with RedisServer(maxmemory=4 * 1024 * 1024) as server, \
-            RedisStore(server.url, timeout=10.0) as store:
-        client = server.client()
+            RedisStore(server.url, timeout=10.0) as store, server.client() as client:
         blob = os.urandom(64 * 1024)
         filler = []
         with pytest.raises(StoreFull):
@@ -261,11 +265,10 @@ def test_a_wait_wakes_at_the_next_save_when_redis_is_at_maxmemory() -> None:
         started = time.monotonic()
         waiter.join(30)
         woke_after = time.monotonic() - started
-        client.close()
         assert [c.id if isinstance(c, Checkpoint) else c for c in got] == [saved.id]
         # Woken by the save, not by the end of a 10 s wait slice.
         assert woke_after < 5
-        after = commandstats(server.client())
+        after = commandstats(client)
         assert after.get("evalsha", 0) - before.get("evalsha", 0) <= 6 + 4  # no polling
 
 
@@ -504,9 +507,32 @@ def test_a_store_made_from_a_client_pickles_and_leaves_the_client_open(
     copy = pickle.loads(pickle.dumps(store))
     assert isinstance(copy, RedisStore) and copy.prefix == "given:"
     assert [c.state for c in copy.list("run")] == ["via client"]
-    copy.close()
+    before = connections(raw)
+    copy.close()  # the copy made its own connections: it closes them
+    assert wait_until(lambda: connections(raw) == before - 1, 10), connections(raw)
     store.close()
     assert client.ping()  # not ours to close
     client.close()
     with pytest.raises(ConfigError):
         RedisStore(object())
+
+
+def test_a_store_dropped_unclosed_closes_its_connections_without_the_collector(
+    redis_server: RedisServer, raw: Any,
+) -> None:
+    import gc
+    import weakref
+
+    before = connections(raw)
+    gc.disable()  # freed by reference counting alone: the store is in no cycle
+    try:
+        store = RedisStore(redis_server.url, timeout=10.0)
+        store.save(cp(state="x"))
+        assert store.wait("run", after_version=0, timeout=5) is not None
+        assert connections(raw) == before + 1
+        gone = weakref.ref(store)
+        del store
+        assert gone() is None
+    finally:
+        gc.enable()
+    assert wait_until(lambda: connections(raw) == before, 10), connections(raw)
