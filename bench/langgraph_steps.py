@@ -50,7 +50,7 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.graph import END, START, StateGraph
 
 import shmstore
-from shmstore.langgraph import ShmstoreSaver
+from shmstore.integrations.langgraph import ShmstoreSaver
 
 NODES = 10
 MODES = ("async", "sync")

@@ -64,8 +64,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import shmstore
 from shmstore import Checkpoint
-from shmstore.checkpoint import new_id
-from shmstore.codec import DEFAULT_CODEC
+from shmstore.core.checkpoint import new_id
+from shmstore.core.codec import DEFAULT_CODEC
 
 SIZES = {"1KiB": 1024, "64KiB": 64 * 1024}
 #: Target for RSS growth per payload byte, per state size.
@@ -480,8 +480,8 @@ def record_breakdown(size: int, checkpoints: int,
     unpacked by the server (so every string and bytes object is the server's own), then
     stored by a `CheckpointTable`.  Dict costs are for dicts of the fill's size.
     """
-    from shmstore.table import CheckpointTable
-    from shmstore.wire import pack, unpack
+    from shmstore.backends.table import CheckpointTable
+    from shmstore.backends.wire import pack, unpack
 
     state = make_state(size)
     cp = Checkpoint(execution_id="writer-0", node_name=NODE, state=state)

@@ -54,7 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import shmstore
 from shmstore import Checkpoint
-from shmstore.codec import DEFAULT_CODEC
+from shmstore.core.codec import DEFAULT_CODEC
 
 SIZES = {"100B": 100, "1KiB": 1024, "64KiB": 64 * 1024, "1MiB": 1024 * 1024}
 BATCH = 100

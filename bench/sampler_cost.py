@@ -54,9 +54,9 @@ import psutil
 
 import shmstore
 from shmstore import Checkpoint
-from shmstore.codec import DEFAULT_CODEC
-from shmstore.monitor import DEFAULT_INTERVAL, MemoryMonitor
-from shmstore.table import CheckpointTable
+from shmstore.backends.table import CheckpointTable
+from shmstore.core.codec import DEFAULT_CODEC
+from shmstore.monitor.sampler import DEFAULT_INTERVAL, MemoryMonitor
 
 #: label -> monitor_interval (seconds)
 INTERVALS = {"off": 1e6, "default 0.5 s": DEFAULT_INTERVAL, "stress 0.01 s": 0.01}

@@ -21,10 +21,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
-    from .client import SharedStore, connect
-    from .codec import MsgpackCodec
-    from .errors import (
+    from .backends.memory import MemoryStore
+    from .backends.redis import RedisStore
+    from .backends.shared import SharedStore, connect
+    from .core.checkpoint import Checkpoint
+    from .core.codec import MsgpackCodec
+    from .core.errors import (
         AccessDenied,
         CheckpointNotFound,
         ConfigError,
@@ -36,40 +38,38 @@ if TYPE_CHECKING:
         StoreUnavailable,
         VersionConflict,
     )
-    from .limits import Limits
-    from .memory import MemoryStore
-    from .pipeline import CheckpointConfig, Pipeline
-    from .redis import RedisStore
-    from .server import StoreServer, serve
-    from .store import BaseStore, StoreStats
+    from .core.limits import Limits
+    from .core.store import BaseStore, StoreStats
+    from .integrations.pipeline import CheckpointConfig, Pipeline
+    from .server.manager import StoreServer, serve
 
 __version__ = "0.1.0"
 
 # Public name -> the module that defines it.
 _EXPORTS = {
-    "AccessDenied": "errors",
-    "BaseStore": "store",
-    "Checkpoint": "checkpoint",
-    "CheckpointConfig": "pipeline",
-    "CheckpointNotFound": "errors",
-    "ConfigError": "errors",
-    "DecodeError": "errors",
-    "EncodeError": "errors",
-    "Limits": "limits",
-    "MemoryStore": "memory",
-    "MsgpackCodec": "codec",
-    "Pipeline": "pipeline",
-    "RedisStore": "redis",
-    "SharedStore": "client",
-    "ShmstoreError": "errors",
-    "StoreFull": "errors",
-    "StoreServer": "server",
-    "StoreStats": "store",
-    "StoreTimeout": "errors",
-    "StoreUnavailable": "errors",
-    "VersionConflict": "errors",
-    "connect": "client",
-    "serve": "server",
+    "AccessDenied": "core.errors",
+    "BaseStore": "core.store",
+    "Checkpoint": "core.checkpoint",
+    "CheckpointConfig": "integrations.pipeline",
+    "CheckpointNotFound": "core.errors",
+    "ConfigError": "core.errors",
+    "DecodeError": "core.errors",
+    "EncodeError": "core.errors",
+    "Limits": "core.limits",
+    "MemoryStore": "backends.memory",
+    "MsgpackCodec": "core.codec",
+    "Pipeline": "integrations.pipeline",
+    "RedisStore": "backends.redis",
+    "SharedStore": "backends.shared",
+    "ShmstoreError": "core.errors",
+    "StoreFull": "core.errors",
+    "StoreServer": "server.manager",
+    "StoreStats": "core.store",
+    "StoreTimeout": "core.errors",
+    "StoreUnavailable": "core.errors",
+    "VersionConflict": "core.errors",
+    "connect": "backends.shared",
+    "serve": "server.manager",
 }
 
 __all__ = [

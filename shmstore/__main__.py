@@ -1,5 +1,5 @@
 """``python -m shmstore``: the same as the ``shmstore`` command."""
 
-from .cli import main
+from .cli.main import main
 
 raise SystemExit(main())

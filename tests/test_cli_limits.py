@@ -11,7 +11,7 @@ import pytest
 
 import shmstore
 from shmstore import Checkpoint, StoreFull
-from shmstore.cli import _size
+from shmstore.cli.main import _size
 
 from .helpers import reap
 

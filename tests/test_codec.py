@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from shmstore.codec import DEFAULT_CODEC, DEFAULT_MAX_BYTES, EMPTY_MAP, MsgpackCodec
-from shmstore.errors import ConfigError, DecodeError, EncodeError
+from shmstore.core.codec import DEFAULT_CODEC, DEFAULT_MAX_BYTES, EMPTY_MAP, MsgpackCodec
+from shmstore.core.errors import ConfigError, DecodeError, EncodeError
 
 codec = DEFAULT_CODEC
 
@@ -260,7 +260,7 @@ def test_default_codec_and_options() -> None:
 def test_numpy_is_imported_only_when_a_numpy_value_is_seen() -> None:
     script = (
         "import sys, datetime\n"
-        "from shmstore.codec import DEFAULT_CODEC as c\n"
+        "from shmstore.core.codec import DEFAULT_CODEC as c\n"
         "v = {'t': (1, {2}), 'd': datetime.datetime.now(), 'x': [1.5, b'b']}\n"
         "assert c.decode(c.encode(v)) == v\n"
         "assert 'numpy' not in sys.modules, 'numpy was imported'\n"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from shmstore import cli
-from shmstore.demo import DemoReport, DemoRow, expected_total, format_text, run_demo
-from shmstore.store import StoreStats
+from shmstore.cli import main as cli  # the module
+from shmstore.cli.demo import DemoReport, DemoRow, expected_total, format_text, run_demo
+from shmstore.core.store import StoreStats
 
 from .helpers import children, reap
 

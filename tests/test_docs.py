@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from shmstore.cli import _parser
+from shmstore.cli.main import _parser
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

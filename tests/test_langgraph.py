@@ -28,7 +28,7 @@ from langgraph.types import Command, interrupt
 
 import shmstore
 from shmstore import BaseStore, ConfigError, MemoryStore
-from shmstore.langgraph import CHECKPOINT_NODE, WRITE_NODE, ShmstoreSaver
+from shmstore.integrations.langgraph import CHECKPOINT_NODE, WRITE_NODE, ShmstoreSaver
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 
 import shmstore
 from shmstore import BaseStore
-from shmstore.langgraph import ShmstoreSaver
+from shmstore.integrations.langgraph import ShmstoreSaver
 
 EVERY_CAPABILITY = sorted(c.value for c in ALL_CAPABILITIES)
 

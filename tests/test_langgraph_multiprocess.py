@@ -20,7 +20,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
 
 import shmstore
-from shmstore.langgraph import ShmstoreSaver
+from shmstore.integrations.langgraph import ShmstoreSaver
 
 from .helpers import SPAWN, reaped
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from shmstore import ConfigError
-from shmstore.monitor import TRIM_STEP, MemoryMonitor
+from shmstore.monitor.sampler import TRIM_STEP, MemoryMonitor
 
 from .helpers import SPAWN, reaped, wait_until
 
@@ -100,7 +100,7 @@ def test_bad_options_are_config_errors(kwargs: dict[str, object]) -> None:
 def test_the_table_gives_back_its_index_after_a_clear() -> None:
     import sys
 
-    from shmstore.table import CheckpointTable
+    from shmstore.backends.table import CheckpointTable
 
     table = CheckpointTable()
     for i in range(20_000):

@@ -20,8 +20,8 @@ import pytest
 
 import shmstore
 from shmstore import Checkpoint
-from shmstore.cli import main
-from shmstore.monitor_view import (
+from shmstore.cli.main import main
+from shmstore.monitor.view import (
     CSV_COLUMNS,
     ClientSample,
     MemoryRecorder,
@@ -419,7 +419,7 @@ def test_format_bytes() -> None:
 
 
 def test_rss_per_payload_is_only_shown_once_the_payload_means_something() -> None:
-    from shmstore.monitor_view import RATIO_MIN_PAYLOAD, _ratio
+    from shmstore.monitor.view import RATIO_MIN_PAYLOAD, _ratio
 
     small = MemorySample(t=0.0, server_rss=25 * 2**20, server_uss=None, checkpoints=3,
                          payload_bytes=12, clients=())

@@ -36,7 +36,7 @@ from shmstore import (
     StoreUnavailable,
     VersionConflict,
 )
-from shmstore import pipeline as pipeline_module
+from shmstore.integrations import pipeline as pipeline_module
 
 from .helpers import SPAWN, children, reap, reaped, wait_until
 

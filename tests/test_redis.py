@@ -30,7 +30,8 @@ from shmstore import (
     StoreFull,
     StoreUnavailable,
 )
-from shmstore.codec import DEFAULT_CODEC, EMPTY_MAP
+from shmstore.core.checkpoint import timestamp_to_us
+from shmstore.core.codec import DEFAULT_CODEC, EMPTY_MAP
 
 from .helpers import PLUGIN_ARGS, SPAWN, isolate_inner_runs, reaped, run_all, wait_until
 from .redis_server import ENABLE_HINT, ENV_REQUIRE, RedisServer
@@ -93,7 +94,7 @@ def test_keys_of_an_execution_share_its_hash_tag_and_slot(rstore: RedisStore, ra
             "shmstore:stats", "shmstore:ops"} <= keys
     record = raw.hgetall(f"shmstore:{{run-1}}:r:{first.id}")
     assert record == {b"n": b"a", b"v": b"1", b"t": b"%d" % (
-        shmstore.checkpoint.timestamp_to_us(first.timestamp)), b"p": b"p",
+        timestamp_to_us(first.timestamp)), b"p": b"p",
         b"m": EMPTY_MAP,
         b"s": DEFAULT_CODEC.encode({"x": 1})}
     assert raw.zrange("shmstore:{run-1}:v", 0, -1, withscores=True) == [
@@ -104,7 +105,7 @@ def test_keys_of_an_execution_share_its_hash_tag_and_slot(rstore: RedisStore, ra
 def test_execution_ids_with_braces_keep_the_tag_whole_and_never_collide(
     rstore: RedisStore, raw: Any,
 ) -> None:
-    from shmstore.redis import execution_tag
+    from shmstore.backends.redis import execution_tag
 
     names = ["a}b", "{a}", "~61", "a", "~"]
     for name in names:

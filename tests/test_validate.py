@@ -15,9 +15,9 @@ import pytest
 
 import shmstore
 from shmstore import ConfigError
-from shmstore.monitor import MemoryMonitor
-from shmstore.pipeline import CheckpointConfig
-from shmstore.validate import MAX_SECONDS, count, duration, optional_duration
+from shmstore.core.validate import MAX_SECONDS, count, duration, optional_duration
+from shmstore.integrations.pipeline import CheckpointConfig
+from shmstore.monitor.sampler import MemoryMonitor
 
 BAD_SECONDS = [math.nan, math.inf, -math.inf, -1.0, MAX_SECONDS * 2, 1e300, "5", True, None]
 

@@ -8,7 +8,7 @@ from multiprocessing import connection
 
 import pytest
 
-from shmstore.wire import LARGE_START, Channel, unpack
+from shmstore.backends.wire import LARGE_START, Channel, unpack
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from shmstore import (
     StoreUnavailable,
     VersionConflict,
 )
-from shmstore.codec import DEFAULT_CODEC
+from shmstore.core.codec import DEFAULT_CODEC
 from tests.helpers import wait_until
 
 

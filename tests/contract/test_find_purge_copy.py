@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from shmstore import BaseStore, Checkpoint, ConfigError, EncodeError, StoreFull
-from shmstore.store import OneOf
-from shmstore.table import CheckpointTable
+from shmstore.backends.table import CheckpointTable
+from shmstore.core.store import OneOf
 
 
 def cp(execution: str, cid: str, node: str = "step", parent: str | None = None,

@@ -71,7 +71,8 @@ def child_main() -> None:
 
     import psutil
 
-    from shmstore import server, wire
+    from shmstore.backends import wire
+    from shmstore.server import manager as server
 
     for module in (server, wire):
         module.FRAME_TIMEOUT = config["frame_timeout"]  # type: ignore[attr-defined]

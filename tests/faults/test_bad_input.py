@@ -35,9 +35,9 @@ from shmstore import (
     StoreUnavailable,
     VersionConflict,
 )
-from shmstore.cli import main as cli_main
-from shmstore.codec import DEFAULT_CODEC, MsgpackCodec
-from shmstore.server import read_connection_file, write_connection_file
+from shmstore.cli.main import main as cli_main
+from shmstore.core.codec import DEFAULT_CODEC, MsgpackCodec
+from shmstore.server.manager import read_connection_file, write_connection_file
 
 
 @dataclass(frozen=True)

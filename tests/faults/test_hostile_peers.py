@@ -29,8 +29,9 @@ from typing import Any
 import pytest
 
 import shmstore
-from shmstore import AccessDenied, Checkpoint, SharedStore, StoreTimeout, StoreUnavailable, wire
-from shmstore.wire import Channel, open_connection, pack, parse_url, unpack
+from shmstore import AccessDenied, Checkpoint, SharedStore, StoreTimeout, StoreUnavailable
+from shmstore.backends import wire
+from shmstore.backends.wire import Channel, open_connection, pack, parse_url, unpack
 
 from ..helpers import wait_until
 from ..redis_server import RedisServer

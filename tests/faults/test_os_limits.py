@@ -27,7 +27,7 @@ import pytest
 
 import shmstore
 from shmstore import Checkpoint, StoreTimeout, StoreUnavailable
-from shmstore.wire import Channel, open_connection, parse_url
+from shmstore.backends.wire import Channel, open_connection, parse_url
 
 from ..helpers import SPAWN, wait_until
 
@@ -60,7 +60,8 @@ class _LogRecords(logging.Handler):
 
 def _server_child(url: str, authkey: bytes, pipe: Connection) -> None:
     """Serve at ``url``; answer commands from ``pipe`` until ``stop``."""
-    from shmstore import server, wire
+    from shmstore.backends import wire
+    from shmstore.server import manager as server
 
     records = _LogRecords()
     logger = logging.getLogger("shmstore")
@@ -288,7 +289,8 @@ def test_a_client_out_of_descriptors_gets_store_unavailable_saying_so(
 def test_a_stopped_server_ends_its_accepter_and_gives_back_its_descriptors(
     tmp_path: Path,
 ) -> None:
-    from shmstore import server, wire
+    from shmstore.backends import wire
+    from shmstore.server import manager as server
 
     before = set(os.listdir("/proc/self/fd"))
     stop, ready = threading.Event(), threading.Event()

@@ -32,8 +32,8 @@ import pytest
 
 import shmstore
 from shmstore import Checkpoint, ConfigError, SharedStore, StoreUnavailable
-from shmstore.server import read_connection_file, write_connection_file
-from shmstore.wire import open_connection, parse_url, unpack
+from shmstore.backends.wire import open_connection, parse_url, unpack
+from shmstore.server.manager import read_connection_file, write_connection_file
 
 from ..helpers import SPAWN, children, reap, reaped, wait_until
 from .harness import HarnessServer
@@ -185,7 +185,7 @@ def test_a_non_loopback_bind_is_refused_without_allow_remote(url: str) -> None:
         shmstore.serve(url, export=False)
     # Refused before any process was started.
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
-    from shmstore.cli import main
+    from shmstore.cli.main import main
 
     assert main(["serve", "--address", url]) == 2
 

@@ -12,7 +12,7 @@ import pytest
 
 import shmstore
 from shmstore import Checkpoint, Limits, StoreFull
-from shmstore.monitor import MemoryMonitor
+from shmstore.monitor.sampler import MemoryMonitor
 
 from ..helpers import SPAWN, reaped, wait_until
 

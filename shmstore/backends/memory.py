@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .codec import MsgpackCodec
-from .errors import StoreUnavailable
-from .limits import Limits
-from .monitor import MemoryMonitor
-from .store import BaseStore
+from ..core.codec import MsgpackCodec
+from ..core.errors import StoreUnavailable
+from ..core.limits import Limits
+from ..core.store import BaseStore
+from ..monitor.sampler import MemoryMonitor
 from .table import TABLE_OPS, CheckpointTable
 
 __all__ = ["MemoryStore"]

@@ -39,10 +39,10 @@ from typing import Any
 import msgpack
 import psutil
 
-from .checkpoint import new_id
-from .errors import CheckpointNotFound, ConfigError, StoreFull, VersionConflict
-from .limits import Limits
-from .monitor import peak_rss
+from ..core.checkpoint import new_id
+from ..core.errors import CheckpointNotFound, ConfigError, StoreFull, VersionConflict
+from ..core.limits import Limits
+from ..monitor.sampler import peak_rss
 
 __all__ = ["CheckpointTable", "Record", "TABLE_OPS"]
 

@@ -66,12 +66,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from multiprocessing import connection
 from typing import Any
 
-from .checkpoint import Checkpoint, new_id, validate_id
-from .errors import ConfigError, ShmstoreError, StoreTimeout, VersionConflict
-from .memory import MemoryStore
-from .server import serve
-from .store import BaseStore
-from .validate import duration, optional_duration
+from ..backends.memory import MemoryStore
+from ..core.checkpoint import Checkpoint, new_id, validate_id
+from ..core.errors import ConfigError, ShmstoreError, StoreTimeout, VersionConflict
+from ..core.store import BaseStore
+from ..core.validate import duration, optional_duration
+from ..server.manager import serve
 
 __all__ = ["CheckpointConfig", "Pipeline", "StateSnapshot"]
 

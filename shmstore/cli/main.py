@@ -16,15 +16,15 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import ConfigError, ShmstoreError
-from .validate import duration
+from ..core.errors import ConfigError, ShmstoreError
+from ..core.validate import duration
 
 __all__ = ["main"]
 
 
 def _store(args: argparse.Namespace) -> Any:
-    from .client import connect
-    from .server import ENV_CONNECTION_FILE, read_connection_file
+    from ..backends.shared import connect
+    from ..server.manager import ENV_CONNECTION_FILE, read_connection_file
 
     if args.connection_file:
         url, key = read_connection_file(args.connection_file)
@@ -36,8 +36,8 @@ def _store(args: argparse.Namespace) -> Any:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .server import ENV_AUTHKEY, _coerce_authkey, run_server, write_connection_file
-    from .wire import parse_url
+    from ..backends.wire import parse_url
+    from ..server.manager import ENV_AUTHKEY, _coerce_authkey, run_server, write_connection_file
 
     address = args.address
     private_dir = None
@@ -72,7 +72,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if conn_file is not None:
             print(f"export SHMSTORE_CONNECTION_FILE={conn_file}", flush=True)
 
-    from .limits import Limits
+    from ..core.limits import Limits
 
     limits = Limits(max_bytes=args.max_bytes, max_checkpoints=args.max_checkpoints,
                     max_per_execution=args.max_per_execution,
@@ -162,7 +162,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_monitor(args: argparse.Namespace) -> int:
-    from .monitor_view import MONITOR_NAME, require_matplotlib, run_monitor
+    from ..monitor.view import MONITOR_NAME, require_matplotlib, run_monitor
 
     if args.plot is not None:
         require_matplotlib()  # before connecting, not after a long recording

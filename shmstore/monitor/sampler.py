@@ -23,7 +23,7 @@ from typing import Any
 
 import psutil
 
-from .validate import count, duration
+from ..core.validate import count, duration
 
 __all__ = ["DEFAULT_HISTORY", "DEFAULT_INTERVAL", "MemoryMonitor"]
 

@@ -25,11 +25,11 @@ from typing import Any
 
 import psutil
 
-from .checkpoint import Checkpoint
-from .errors import StoreTimeout
-from .pipeline import CheckpointConfig, Pipeline
-from .server import serve
-from .store import BaseStore, StoreStats
+from ..core.checkpoint import Checkpoint
+from ..core.errors import StoreTimeout
+from ..core.store import BaseStore, StoreStats
+from ..integrations.pipeline import CheckpointConfig, Pipeline
+from ..server.manager import serve
 
 __all__ = ["DemoReport", "DemoRow", "format_text", "rich_renderables", "run_demo"]
 

@@ -38,8 +38,8 @@ from urllib.parse import unquote, urlsplit
 
 import msgpack
 
-from . import errors
-from .errors import AccessDenied, ConfigError, ShmstoreError, StoreTimeout, StoreUnavailable
+from ..core import errors
+from ..core.errors import AccessDenied, ConfigError, ShmstoreError, StoreTimeout, StoreUnavailable
 
 __all__ = ["Address", "Channel", "REFUSED", "SERIALIZER", "open_connection", "pack", "parse_url",
            "refuse", "unpack"]

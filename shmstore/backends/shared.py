@@ -18,9 +18,11 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from .codec import MsgpackCodec
-from .errors import ConfigError, ShmstoreError, StoreUnavailable
-from .server import (
+from ..core.codec import MsgpackCodec
+from ..core.errors import ConfigError, ShmstoreError, StoreUnavailable
+from ..core.store import BaseStore
+from ..core.validate import duration
+from ..server.manager import (
     ENV_AUTHKEY,
     ENV_CONNECTION_FILE,
     ENV_URL,
@@ -28,8 +30,6 @@ from .server import (
     _coerce_authkey,
     read_connection_file,
 )
-from .store import BaseStore
-from .validate import duration
 from .wire import Channel, open_connection, parse_url, translate, unpack
 
 if TYPE_CHECKING:

@@ -21,11 +21,11 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from ..backends.table import BUSY, DONE, GRANTED, HELD
 from .checkpoint import Checkpoint, timestamp_to_us, us_to_timestamp, validate_id
 from .codec import DEFAULT_CODEC, EMPTY_MAP, MsgpackCodec
 from .errors import ConfigError, ShmstoreError, StoreFull, StoreTimeout
 from .limits import Limits
-from .table import BUSY, DONE, GRANTED, HELD
 from .validate import count, duration, optional_duration
 
 __all__ = ["DEFAULT_LEASE_S", "RATIO_MIN_PAYLOAD", "BaseStore", "OneOf", "StoreStats",

@@ -38,11 +38,8 @@ from typing import IO, Any, cast
 
 import psutil
 
-from .errors import ConfigError, ShmstoreError, StoreUnavailable
-from .limits import Limits
-from .monitor import DEFAULT_HISTORY, DEFAULT_INTERVAL, MemoryMonitor
-from .table import TABLE_OPS, CheckpointTable
-from .wire import (
+from ..backends.table import TABLE_OPS, CheckpointTable
+from ..backends.wire import (
     FRAME_TIMEOUT,
     SERIALIZER,
     Address,
@@ -52,6 +49,9 @@ from .wire import (
     set_io_timeout,
     unpack,
 )
+from ..core.errors import ConfigError, ShmstoreError, StoreUnavailable
+from ..core.limits import Limits
+from ..monitor.sampler import DEFAULT_HISTORY, DEFAULT_INTERVAL, MemoryMonitor
 
 __all__ = ["StoreServer", "TableServer", "read_connection_file", "run_server", "serve"]
 
@@ -469,7 +469,7 @@ def _child_main() -> None:
     os._exit(0)
 
 
-_CHILD_CODE = "from shmstore.server import _child_main; _child_main()"
+_CHILD_CODE = "from shmstore.server.manager import _child_main; _child_main()"
 
 
 def _coerce_authkey(authkey: bytes | str | None) -> bytes:
@@ -614,7 +614,7 @@ class StoreServer:
 
     def connect(self, **options: Any) -> Any:
         """A `SharedStore` connected to this server (options as for `connect`)."""
-        from .client import SharedStore
+        from ..backends.shared import SharedStore
 
         return SharedStore(self.url, authkey=self.authkey, **options)
 

@@ -29,9 +29,9 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
-from . import validate
-from .errors import ConfigError, StoreTimeout, StoreUnavailable
-from .store import RATIO_MIN_PAYLOAD, format_bytes
+from ..core import validate
+from ..core.errors import ConfigError, StoreTimeout, StoreUnavailable
+from ..core.store import RATIO_MIN_PAYLOAD, format_bytes
 
 __all__ = [
     "CSV_COLUMNS",

@@ -1,0 +1,1 @@
+"""The backends behind BaseStore: in-process table, shared-server client, Redis; and the wire."""

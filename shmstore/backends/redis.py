@@ -1,0 +1,1345 @@
+"""`RedisStore`: the store contract on Redis, for work spread over several machines.
+
+Install with ``pip install shmstore[redis]`` (redis-py; hiredis where it has a wheel).
+Moving from the local server to Redis is a change of URL::
+
+    store = shmstore.connect("redis://redis.example:6379/0")     # was unix:///...
+
+Every contract operation is one Lua script (``EVALSHA``), so each is atomic in Redis and one
+round trip: versions, ``expected_version``, re-saves that move an id, retention and store-wide
+limits all happen inside the script that writes.  ``save_many`` and ``load_many`` send
+the whole batch in one script call.  The LangGraph queries are scripts too: ``find``
+filters by node, id and ``before_id`` in Redis and by metadata in the client (Python's
+equality, as the table); ``purge`` and ``copy`` read the scope with one script and write
+with another (``purge`` drops only records still there at the version it read, so a
+record saved in between survives; ``copy`` stores all or nothing under the limits).
+
+Payloads are the msgpack bytes the client encoded, kept as they came (the same bytes the
+shared server keeps), so a checkpoint moves between backends unchanged.
+
+``wait`` and the waiting part of ``load_or_compute`` sleep on a Redis channel, not in a
+client poll loop: when the script finds nothing to return, the client subscribes to the
+execution's wake-up channel (on a connection of its own), runs the script once more (so
+a save in between is not missed), then sleeps until a message, the timeout or a lease's
+expiry.  Every save and released lease ``PUBLISH``es one message, which wakes every
+waiter; a message needs no memory, so waits still wake when Redis is at ``maxmemory``
+(a stream entry, as this module first used, could not be written then).  A waiter keeps
+its execution's generation (bumped when the execution empties, see the contract's
+``wait``) in ``P{E}:g``, which lives as long as its waiters.
+
+Key layout (``P`` is the prefix, ``shmstore:`` by default; ``{E}`` is the execution id
+as a Redis Cluster hash tag, so one execution's keys share a slot)::
+
+    P{E}:v          zset   checkpoint id -> version (the execution's index)
+    P{E}:hi         string the execution's high-water version (gone when it empties,
+                           so a cleared execution starts again at 1)
+    P{E}:r:<id>     hash   one record: n node, v version, t timestamp (µs), p parent
+                           (absent for None), m metadata bytes, s state bytes
+    P{E}:l:<node>   hash   the load_or_compute lease on a node: t token, o owner; its
+                           TTL is the lease
+    P{E}:w          channel wake-ups for waiters (pub/sub: not a key, holds nothing)
+    P{E}:g          string the execution's generation while someone waits on it
+    Pids            hash   checkpoint id -> execution id (load by id, re-saves)
+    Porder          zset   checkpoint id -> store-wide save sequence (eviction order)
+    Pexecs          hash   execution id -> checkpoints
+    Pebytes         hash   execution id -> payload bytes
+    Pstats          hash   payload_bytes, seq, tokens, evictions, rejections, pruned
+    Pops            hash   operation -> calls
+    Plimits         hash   the `Limits` in force (absent: the defaults)
+
+An execution id containing ``{`` or ``}`` or starting with ``~`` appears in key names
+as ``~`` and its UTF-8 bytes in hex, so that the tag stays whole and names never
+collide.
+
+Cluster: the per-execution keys are slot-local, but ids, counters and limits are
+store-wide, and a re-save may move an id between executions, so the scripts touch keys
+of several slots.  RedisStore therefore needs one Redis primary (standalone, or with
+replicas/Sentinel); on Redis Cluster the scripts are refused with CROSSSLOT.
+
+Memory: Redis' own ``maxmemory`` refusals become `StoreFull` (limit ``"maxmemory"``);
+configure ``maxmemory-policy noeviction`` (Redis' default): a policy that evicts keys
+would drop parts of the index behind the store's back.  ``max_rss`` is compared with
+``INFO memory`` ``used_memory_rss`` inside the saving script.
+
+Limits (`Limits`) are a property of the data set, not of a client: a store made with
+``limits=`` writes them to ``Plimits``; one made without uses whatever is there.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from ..core.checkpoint import new_id
+from ..core.codec import MsgpackCodec
+from ..core.errors import (
+    AccessDenied,
+    CheckpointNotFound,
+    ConfigError,
+    ShmstoreError,
+    StoreFull,
+    StoreTimeout,
+    StoreUnavailable,
+    VersionConflict,
+)
+from ..core.limits import DEFAULT_MAX_CHECKPOINT_BYTES, Limits
+from ..core.store import BaseStore
+from ..core.validate import duration
+from .table import (
+    TABLE_OPS,
+    Record,
+    decode_where,
+    metadata_matches,
+    purge_plan,
+    with_children,
+)
+
+try:
+    import redis as _redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+except ImportError:  # pragma: no cover - the extra is not installed
+    _redis = None  # type: ignore[assignment]
+
+__all__ = ["DEFAULT_PREFIX", "REDIS_SCHEMES", "RedisStore"]
+
+DEFAULT_PREFIX = "shmstore:"
+DEFAULT_TIMEOUT = 30.0
+#: URL schemes that name a Redis server (``redis+unix:///path`` is a unix socket).
+REDIS_SCHEMES = ("redis", "rediss", "redis+unix")
+ENV_REDIS_PASSWORD = "SHMSTORE_REDIS_PASSWORD"
+WAKE_GRACE_MS = 5000  # a generation key outlives its last waiter's slice by this much
+_LIMIT_FIELDS = ("max_bytes", "max_checkpoints", "max_per_execution", "max_checkpoint_bytes",
+                 "max_rss")
+
+# -- Lua ---------------------------------------------------------------------------------
+# Every script gets the prefix as ARGV[1].  Numbers that may pass 2^53 never go through
+# Lua numbers: timestamps stay strings; counts and sizes are far below it.
+
+_PRELUDE = r"""
+local P = ARGV[1]
+local K_IDS, K_ORDER, K_STATS = P .. 'ids', P .. 'order', P .. 'stats'
+local K_EXECS, K_EBYTES, K_OPS, K_LIMITS = P .. 'execs', P .. 'ebytes', P .. 'ops', P .. 'limits'
+
+local function tag(e)
+  if string.find(e, '[{}]') or string.sub(e, 1, 1) == '~' then
+    local hex = string.gsub(e, '.', function(c) return string.format('%02x', string.byte(c)) end)
+    return '~' .. hex
+  end
+  return e
+end
+local function ekey(e, suffix) return P .. '{' .. tag(e) .. '}:' .. suffix end
+-- A counter must not turn a read into a refused write when Redis is at maxmemory.
+local function count_op(op) redis.pcall('HINCRBY', K_OPS, op, 1) end
+local function fail(t) return redis.error_reply('SHMSTORE ' .. cjson.encode(t)) end
+local function num(n) return string.format('%d', n) end
+
+local function record_of(id, e)
+  local f = redis.call('HMGET', ekey(e, 'r:' .. id), 'n', 'v', 't', 'p', 'm', 's')
+  if not f[2] then return false end
+  return {id, e, f[1], tonumber(f[2]), f[3], f[4], f[5], f[6]}
+end
+
+local function latest_version(e)
+  local top = redis.call('ZREVRANGE', ekey(e, 'v'), 0, 0, 'WITHSCORES')
+  if top[2] then return tonumber(top[2]) end
+  return 0
+end
+
+local function latest(e)
+  local top = redis.call('ZREVRANGE', ekey(e, 'v'), 0, 0)
+  if top[1] then return record_of(top[1], e) end
+  return false
+end
+
+local function latest_of_node(e, node)
+  local ids = redis.call('ZREVRANGE', ekey(e, 'v'), 0, -1)
+  for _, id in ipairs(ids) do
+    if redis.call('HGET', ekey(e, 'r:' .. id), 'n') == node then return record_of(id, e) end
+  end
+  return false
+end
+
+-- A wake-up is a message on the execution's channel: it needs no memory, so it reaches
+-- the waiters also when Redis is at maxmemory (a stream entry could not be written then).
+local function wake(e)
+  redis.call('PUBLISH', ekey(e, 'w'), '1')
+end
+
+-- The execution's generation for waiters (a store-wide unique number; P{E}:g lives as
+-- long as its waiters), made if there is none; 0 at maxmemory.
+local function generation(e, ttl)
+  local gk = ekey(e, 'g')
+  local g = redis.call('GET', gk)
+  if not g then
+    local ok = redis.pcall('HINCRBY', K_STATS, 'generations', 1)
+    if type(ok) ~= 'number' then return 0 end
+    local set = redis.pcall('SET', gk, ok, 'PX', ttl)
+    if set.err then return 0 end
+    return ok
+  end
+  if redis.call('PTTL', gk) < ttl then redis.pcall('PEXPIRE', gk, ttl) end
+  return tonumber(g)
+end
+
+-- An execution left empty restarts: versions from 1, and its waiters get a new generation.
+local function restart(e)
+  redis.call('DEL', ekey(e, 'hi'))
+  local gk = ekey(e, 'g')
+  if redis.call('EXISTS', gk) == 1 then
+    local ok = redis.pcall('HINCRBY', K_STATS, 'generations', 1)
+    if type(ok) == 'number' then redis.pcall('SET', gk, ok, 'KEEPTTL') end
+  end
+end
+
+-- Drop one record.  resave: the same id is stored in e right after, so an execution
+-- left empty keeps its high-water version (no restart).
+local function remove(id, e, resave)
+  local rk = ekey(e, 'r:' .. id)
+  local size = redis.call('HSTRLEN', rk, 's')
+  redis.call('DEL', rk)
+  redis.call('ZREM', ekey(e, 'v'), id)
+  redis.call('HDEL', K_IDS, id)
+  redis.call('ZREM', K_ORDER, id)
+  redis.call('HINCRBY', K_STATS, 'payload_bytes', -size)
+  if redis.call('HINCRBY', K_EXECS, e, -1) <= 0 then
+    redis.call('HDEL', K_EXECS, e)
+    redis.call('HDEL', K_EBYTES, e)
+    if not resave then restart(e) end
+  else
+    redis.call('HINCRBY', K_EBYTES, e, -size)
+  end
+  return size
+end
+
+local function limits()
+  local f = redis.call('HMGET', K_LIMITS, 'max_bytes', 'max_checkpoints', 'max_per_execution',
+                       'max_checkpoint_bytes', 'max_rss', 'on_full')
+  if not f[6] then
+    return {max_checkpoint_bytes = DEFAULT_MAX_CHECKPOINT_BYTES, on_full = 'reject'}
+  end
+  -- tonumber(false) is nil: an absent field is no limit.
+  return {max_bytes = tonumber(f[1]), max_checkpoints = tonumber(f[2]),
+          max_per_execution = tonumber(f[3]), max_checkpoint_bytes = tonumber(f[4]),
+          max_rss = tonumber(f[5]), on_full = f[6]}
+end
+
+local function over(L, count, nbytes)
+  if L.max_checkpoints and count > L.max_checkpoints then
+    return 'max_checkpoints', L.max_checkpoints, count
+  end
+  if L.max_bytes and nbytes > L.max_bytes then return 'max_bytes', L.max_bytes, nbytes end
+  return nil
+end
+
+local function stored_bytes()
+  return tonumber(redis.call('HGET', K_STATS, 'payload_bytes') or '0')
+end
+
+-- What storing recs would leave (count, bytes of the store; count, bytes of the batch),
+-- accounting for re-saved ids and retention exactly as put() will act.
+local function project(recs, keep)
+  local count, nbytes = redis.call('HLEN', K_IDS), stored_bytes()
+  local batch, gone, members = {}, {}, {}
+  local function ids_of(e)
+    local ids = members[e]
+    if not ids then ids = redis.call('ZRANGE', ekey(e, 'v'), 0, -1); members[e] = ids end
+    return ids
+  end
+  local function take(list, id)
+    for i = 1, #list do if list[i] == id then table.remove(list, i); return end end
+  end
+  for _, r in ipairs(recs) do
+    local id, e, size = r[1], r[2], #r[7]
+    if batch[id] then
+      local old = batch[id]
+      batch[id] = nil
+      count, nbytes = count - 1, nbytes - old[2]
+      if keep then take(ids_of(old[1]), id) end
+    elseif not gone[id] then
+      local old_e = redis.call('HGET', K_IDS, id)
+      if old_e then
+        gone[id] = true
+        count = count - 1
+        nbytes = nbytes - redis.call('HSTRLEN', ekey(old_e, 'r:' .. id), 's')
+        if keep then take(ids_of(old_e), id) end
+      end
+    end
+    batch[id] = {e, size}
+    count, nbytes = count + 1, nbytes + size
+    if keep then
+      local ids = ids_of(e)
+      ids[#ids + 1] = id
+      while #ids > keep do
+        local drop = table.remove(ids, 1)
+        local dropped
+        if batch[drop] then
+          dropped = batch[drop][2]
+          batch[drop] = nil
+        else
+          gone[drop] = true
+          dropped = redis.call('HSTRLEN', ekey(e, 'r:' .. drop), 's')
+        end
+        count, nbytes = count - 1, nbytes - dropped
+      end
+    end
+  end
+  local bn, bb = 0, 0
+  for _, v in pairs(batch) do bn, bb = bn + 1, bb + v[2] end
+  return count, nbytes, bn, bb
+end
+
+local function refuse(t)
+  redis.pcall('HINCRBY', K_STATS, 'rejections', 1)
+  t.k = 'full'
+  return t
+end
+
+-- Check recs against the limits before anything is written: nil and whether eviction
+-- must follow, or the refusal.
+local function admit(L, recs)
+  if L.max_checkpoint_bytes then
+    for _, r in ipairs(recs) do
+      local size = #r[7] + #r[6]
+      if size > L.max_checkpoint_bytes then
+        return refuse({limit = 'max_checkpoint_bytes', maximum = num(L.max_checkpoint_bytes),
+                       current = num(size), requested = num(size), id = r[1]})
+      end
+    end
+  end
+  if L.max_rss then
+    local rss = tonumber(string.match(redis.call('INFO', 'memory'), 'used_memory_rss:(%d+)'))
+    if rss > L.max_rss then
+      return refuse({limit = 'max_rss', maximum = num(L.max_rss), current = num(rss),
+                     requested = '0'})
+    end
+  end
+  if not (L.max_bytes or L.max_checkpoints) then return nil, false end
+  local count, nbytes, bn, bb = project(recs, L.max_per_execution)
+  local name, maximum, value = over(L, count, nbytes)
+  if not name then return nil, false end
+  local alone = over(L, bn, bb)
+  if L.on_full == 'evict' and not alone then return nil, true end
+  local now, requested = redis.call('HLEN', K_IDS), bn
+  if name == 'max_bytes' then now, requested = stored_bytes(), bb end
+  return refuse({limit = name, maximum = num(maximum), current = num(now),
+                 requested = num(requested), value = num(value), alone = alone and true or false})
+end
+
+local function evict(L)
+  local count, nbytes, n = redis.call('HLEN', K_IDS), stored_bytes(), 0
+  while over(L, count, nbytes) do
+    local oldest = redis.call('ZRANGE', K_ORDER, 0, 0)[1]
+    if not oldest then break end
+    nbytes = nbytes - remove(oldest, redis.call('HGET', K_IDS, oldest))
+    count, n = count - 1, n + 1
+  end
+  redis.call('HINCRBY', K_STATS, 'evictions', n)
+end
+
+-- Store one record (id, e, node, ts, parent or '', meta, state); answer its version.
+local function put(L, r)
+  local id, e, state = r[1], r[2], r[7]
+  local old_e = redis.call('HGET', K_IDS, id)
+  if old_e then remove(id, old_e, old_e == e) end
+  local version = redis.call('INCR', ekey(e, 'hi'))
+  local rk = ekey(e, 'r:' .. id)
+  if r[5] == '' then
+    redis.call('HSET', rk, 'n', r[3], 'v', version, 't', r[4], 'm', r[6], 's', state)
+  else
+    redis.call('HSET', rk, 'n', r[3], 'v', version, 't', r[4], 'p', r[5], 'm', r[6], 's', state)
+  end
+  local vk = ekey(e, 'v')
+  redis.call('ZADD', vk, version, id)
+  redis.call('HSET', K_IDS, id, e)
+  redis.call('ZADD', K_ORDER, redis.call('HINCRBY', K_STATS, 'seq', 1), id)
+  redis.call('HINCRBY', K_STATS, 'payload_bytes', #state)
+  redis.call('HINCRBY', K_EXECS, e, 1)
+  redis.call('HINCRBY', K_EBYTES, e, #state)
+  local keep = L.max_per_execution
+  if keep then
+    local pruned = 0
+    while redis.call('ZCARD', vk) > keep do
+      remove(redis.call('ZRANGE', vk, 0, 0)[1], e)
+      pruned = pruned + 1
+    end
+    if pruned > 0 then redis.call('HINCRBY', K_STATS, 'pruned', pruned) end
+  end
+  wake(e)
+  return version
+end
+
+local function records_from(first, n)
+  local recs = {}
+  for i = 0, n - 1 do
+    local b = first + 7 * i
+    recs[#recs + 1] = {ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4],
+                       ARGV[b + 5], ARGV[b + 6]}
+  end
+  return recs
+end
+
+local function drop_lease(e, node, token)
+  local lk = ekey(e, 'l:' .. node)
+  if redis.call('HGET', lk, 't') ~= token then return false end
+  redis.call('DEL', lk)
+  wake(e)
+  return true
+end
+""".replace("DEFAULT_MAX_CHECKPOINT_BYTES", str(DEFAULT_MAX_CHECKPOINT_BYTES))
+
+_SCRIPTS = {
+    # ARGV: P, expected ('' = none), one record
+    "save": r"""
+count_op('save')
+local recs = records_from(3, 1)
+if ARGV[2] ~= '' then
+  local actual = latest_version(recs[1][2])
+  if actual ~= tonumber(ARGV[2]) then return fail({k = 'conflict', actual = num(actual)}) end
+end
+local L = limits()
+local refused, must_evict = admit(L, recs)
+if refused then return fail(refused) end
+local version = put(L, recs[1])
+if must_evict then evict(L) end
+return version
+""",
+    # save_many, save_new and copy.  ARGV: P, op to count ('' = none), only new ids
+    # ('1'/'0'), n, n records -> versions (0 for a record skipped as not new)
+    "store": r"""
+if ARGV[2] ~= '' then count_op(ARGV[2]) end
+local recs = records_from(5, tonumber(ARGV[4]))
+local chosen, pos, versions = {}, {}, {}
+for i = 1, #recs do versions[i] = 0 end
+if ARGV[3] == '1' then
+  local seen = {}
+  for i, r in ipairs(recs) do
+    if not seen[r[1]] and redis.call('HEXISTS', K_IDS, r[1]) == 0 then
+      seen[r[1]] = true
+      chosen[#chosen + 1] = r
+      pos[#pos + 1] = i
+    end
+  end
+else
+  chosen = recs
+  for i = 1, #recs do pos[i] = i end
+end
+if #chosen > 0 then
+  local L = limits()
+  local refused, must_evict = admit(L, chosen)
+  if refused then return fail(refused) end
+  for j, r in ipairs(chosen) do versions[pos[j]] = put(L, r) end
+  if must_evict then evict(L) end
+end
+return versions
+""",
+    # The records of the executions in scope, for find, purge and copy.
+    # ARGV: P, op to count, prefix ('1'/'0'), node or '', has node, checkpoint id or '',
+    # before id or '', children node or '', has children, limit (-1: none), by id
+    # ('1'/'0'), names...
+    # -> {name, records newest first (version, or id with by id) that pass the filters,
+    #     children oldest first}...
+    "scan": r"""
+if ARGV[2] ~= '' then count_op(ARGV[2]) end
+local limit = tonumber(ARGV[10])
+if limit == 0 then return {} end
+-- Byte order (= code point order of UTF-8), not the server's locale (strcoll).
+local function lt(a, b)
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+local names, seen = {}, {}
+if ARGV[3] == '1' then
+  for _, name in ipairs(redis.call('HKEYS', K_EXECS)) do
+    for i = 12, #ARGV do
+      if string.sub(name, 1, #ARGV[i]) == ARGV[i] then names[#names + 1] = name; break end
+    end
+  end
+else
+  for i = 12, #ARGV do
+    local name = ARGV[i]
+    if not seen[name] and redis.call('HEXISTS', K_EXECS, name) == 1 then
+      seen[name] = true
+      names[#names + 1] = name
+    end
+  end
+end
+table.sort(names, lt)
+local node, has_node, only, before = ARGV[4], ARGV[5] == '1', ARGV[6], ARGV[7]
+local out, total = {}, 0
+for _, e in ipairs(names) do
+  local ids
+  if only ~= '' then
+    if redis.call('HGET', K_IDS, only) == e then ids = {only} else ids = {} end
+  else
+    ids = redis.call('ZREVRANGE', ekey(e, 'v'), 0, -1)
+    if ARGV[11] == '1' then table.sort(ids, function(a, b) return lt(b, a) end) end
+  end
+  local found = {}
+  for _, id in ipairs(ids) do
+    if before == '' or lt(id, before) then
+      local r = record_of(id, e)
+      if not has_node or r[3] == node then
+        found[#found + 1] = r
+        total = total + 1
+        if limit > 0 and total >= limit then break end
+      end
+    end
+  end
+  local kids = {}
+  if ARGV[9] == '1' and #found > 0 then
+    for _, id in ipairs(redis.call('ZRANGE', ekey(e, 'v'), 0, -1)) do
+      if redis.call('HGET', ekey(e, 'r:' .. id), 'n') == ARGV[8] then
+        kids[#kids + 1] = record_of(id, e)
+      end
+    end
+  end
+  out[#out + 1] = {e, found, kids}
+  if limit > 0 and total >= limit then break end
+end
+return out
+""",
+    # ARGV: P, (id, version) pairs -> how many of them were still there and dropped
+    "drop": r"""
+local n = 0
+for i = 2, #ARGV, 2 do
+  local id = ARGV[i]
+  local e = redis.call('HGET', K_IDS, id)
+  if e and redis.call('HGET', ekey(e, 'r:' .. id), 'v') == ARGV[i + 1] then
+    remove(id, e)
+    n = n + 1
+  end
+end
+return n
+""",
+    # ARGV: P, id
+    "load": r"""
+count_op('load')
+local e = redis.call('HGET', K_IDS, ARGV[2])
+if not e then return false end
+return record_of(ARGV[2], e)
+""",
+    # ARGV: P, ids...  -> {1, records} or {0, missing id}
+    "load_many": r"""
+count_op('load_many')
+local out = {}
+for i = 2, #ARGV do
+  local e = redis.call('HGET', K_IDS, ARGV[i])
+  if not e then return {0, ARGV[i]} end
+  out[#out + 1] = record_of(ARGV[i], e)
+end
+return {1, out}
+""",
+    # ARGV: P, e, limit (-1 = none), before ('' = none), newest_first ('1'/'0')
+    "list": r"""
+count_op('list')
+local e, limit, before = ARGV[2], tonumber(ARGV[3]), ARGV[4]
+if limit == 0 then return {} end
+local vk, ids = ekey(e, 'v')
+local high = '+inf'
+if before ~= '' then high = '(' .. before end
+if ARGV[5] == '1' then
+  ids = redis.call('ZREVRANGEBYSCORE', vk, high, '-inf', 'LIMIT', 0, limit)
+else
+  ids = redis.call('ZRANGEBYSCORE', vk, '-inf', high, 'LIMIT', 0, limit)
+end
+local out = {}
+for _, id in ipairs(ids) do out[#out + 1] = record_of(id, e) end
+return out
+""",
+    "latest": r"""
+count_op('latest')
+return latest(ARGV[2])
+""",
+    "delete": r"""
+count_op('delete')
+local e = redis.call('HGET', K_IDS, ARGV[2])
+if not e then return 0 end
+remove(ARGV[2], e)
+return 1
+""",
+    "clear": r"""
+count_op('clear')
+local e = ARGV[2]
+local ids = redis.call('ZRANGE', ekey(e, 'v'), 0, -1)
+for _, id in ipairs(ids) do remove(id, e) end
+return #ids
+""",
+    "executions": r"""
+count_op('executions')
+return redis.call('HKEYS', K_EXECS)
+""",
+    # ARGV: P, e, after, count ('1'/'0'), ttl ms of the generation key (0: the wait is
+    # over), the waiter's generation (0: take the present one)
+    # -> {1, record, generation} or {0, 0, generation}
+    "wait": r"""
+if ARGV[4] == '1' then count_op('wait') end
+local e, after, ttl, start = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local rec = latest(e)
+local now = tonumber(redis.call('GET', ekey(e, 'g')) or '0')
+if start == 0 then start = now end
+-- A record in a later generation than the waiter's: the execution restarted since.
+if rec and (rec[4] > after or (start ~= 0 and now ~= start)) then return {1, rec, start} end
+if ttl > 0 then
+  local g = generation(e, ttl)
+  if start == 0 then start = g end
+end
+return {0, 0, start}
+""",
+    # ARGV: P, e, node, owner, lease ms, count
+    "claim": r"""
+if ARGV[6] == '1' then count_op('claim') end
+local e, node, owner = ARGV[2], ARGV[3], ARGV[4]
+local rec = latest_of_node(e, node)
+if rec then return {'done', rec} end
+local lk = ekey(e, 'l:' .. node)
+local lease = redis.call('HMGET', lk, 't', 'o')
+if not lease[1] then
+  local token = 'redis-' .. redis.call('HINCRBY', K_STATS, 'tokens', 1)
+  redis.call('HSET', lk, 't', token, 'o', owner)
+  redis.call('PEXPIRE', lk, ARGV[5])
+  return {'granted', token}
+end
+if lease[2] == owner then return {'held', owner} end
+return {'busy', lease[2], redis.call('PTTL', lk)}
+""",
+    # ARGV: P, e, node, token, lease ms
+    "renew": r"""
+count_op('renew')
+local lk = ekey(ARGV[2], 'l:' .. ARGV[3])
+if redis.call('HGET', lk, 't') ~= ARGV[4] then return 0 end
+redis.call('PEXPIRE', lk, ARGV[5])
+return 1
+""",
+    "release": r"""
+count_op('release')
+if drop_lease(ARGV[2], ARGV[3], ARGV[4]) then return 1 end
+return 0
+""",
+    # ARGV: P, token, one record
+    "complete": r"""
+count_op('complete')
+local recs = records_from(3, 1)
+local r = recs[1]
+local existing = latest_of_node(r[2], r[3])
+if existing then
+  drop_lease(r[2], r[3], ARGV[2])
+  return {'done', existing}
+end
+local L = limits()
+local refused, must_evict = admit(L, recs)
+if refused then return fail(refused) end
+local version = put(L, r)
+if must_evict then evict(L) end
+drop_lease(r[2], r[3], ARGV[2])
+return {'saved', version}
+""",
+    # -> {checkpoints, executions, payload_bytes, ops (flat), stats (flat), largest (flat)}
+    "stats": r"""
+count_op('stats')
+local top = {}
+local flat = redis.call('HGETALL', K_EBYTES)
+for i = 1, #flat, 2 do
+  local size = tonumber(flat[i + 1])
+  local pos = #top + 1
+  while pos > 1 and top[pos - 1][2] < size do pos = pos - 1 end
+  if pos <= 5 then
+    table.insert(top, pos, {flat[i], size})
+    if #top > 5 then table.remove(top) end
+  end
+end
+local largest = {}
+for _, t in ipairs(top) do
+  largest[#largest + 1] = t[1]
+  largest[#largest + 1] = redis.call('HGET', K_EXECS, t[1])
+  largest[#largest + 1] = num(t[2])
+end
+return {redis.call('HLEN', K_IDS), redis.call('HLEN', K_EXECS), num(stored_bytes()),
+        redis.call('HGETALL', K_OPS), redis.call('HGETALL', K_STATS), largest,
+        redis.call('INFO', 'server'), redis.call('INFO', 'memory')}
+""",
+}
+
+
+# Scripts by name: (source, SHA1).  EVALSHA needs no load first; NOSCRIPT loads once.
+_SOURCES = {name: _PRELUDE + body for name, body in _SCRIPTS.items()}
+_SHAS = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in _SOURCES.items()}
+
+
+def _b(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _s(data: bytes) -> str:
+    return data.decode("utf-8", "surrogatepass")
+
+
+def execution_tag(execution_id: str) -> str:
+    """How an execution id appears inside ``{...}`` in key names (see the module doc)."""
+    if "{" in execution_id or "}" in execution_id or execution_id.startswith("~"):
+        return "~" + _b(execution_id).hex()
+    return execution_id
+
+
+def _info_field(info: bytes, name: str) -> int:
+    for line in info.split(b"\r\n"):
+        if line.startswith(name.encode() + b":"):
+            return int(line.split(b":", 1)[1])
+    return 0
+
+
+def _record(raw: Sequence[Any]) -> Record:
+    parent = raw[5]
+    return (_s(raw[0]), _s(raw[1]), _s(raw[2]), raw[3], int(raw[4]),
+            None if parent is None else _s(parent), raw[6], raw[7])
+
+
+def _record_args(record: Sequence[Any]) -> list[Any]:
+    cid, execution, node, _version, ts, parent, meta, state = record
+    return [_b(cid), _b(execution), _b(node), b"%d" % ts,
+            b"" if parent is None else _b(parent), meta, state]
+
+
+def _redis_url(url: str) -> str:
+    """The URL redis-py takes for one of ours (``redis+unix`` is its ``unix``)."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme not in REDIS_SCHEMES:
+        raise ConfigError(
+            f"a Redis URL must start with redis://, rediss:// or redis+unix://, not {url!r:.80}",
+            value=url[:80],
+        )
+    if scheme == "redis+unix":
+        return "unix" + url[len("redis+unix"):]
+    return url
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages and repr."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        netloc = (f"{parts.username}:***@" if parts.username else ":***@") + host
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+    except ValueError:  # a malformed URL: show none of it past the scheme
+        return url.split(":", 1)[0] + "://***"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class RedisStore(BaseStore):
+    """A store whose checkpoints live in Redis: the same contract across machines.
+
+    Use it from any number of threads and processes (redis-py's pool is thread-safe and
+    opens new connections in a forked child); it pickles for spawned children as its
+    URL, prefix and options.
+
+    Parameters:
+        url_or_client: ``redis://[[user]:password@]host:port/db``, ``rediss://...`` (TLS),
+            ``redis+unix:///path/to/redis.sock?db=0``, or a ready ``redis.Redis`` client.
+            Without a password in the URL, ``SHMSTORE_REDIS_PASSWORD`` is used if set
+            (keep secrets off command lines).
+        prefix: every key starts with it; stores with different prefixes share a Redis
+            without seeing each other.  No ``{`` or ``}``.
+        limits: what the data set may hold (`Limits` or a dict); written to Redis for
+            every client of this prefix.  None: keep what is configured there.
+        timeout: seconds any call may take before `StoreTimeout` (blocking waits add
+            their own length).
+        codec: encodes states and metadata.
+
+    Raises:
+        ConfigError: a bad URL, prefix, timeout or limits; redis-py is not installed.
+        StoreUnavailable, AccessDenied: only when ``limits`` must be written now.
+
+    Example:
+        >>> store = RedisStore("redis://127.0.0.1:6379/0")
+        >>> store.save(Checkpoint(execution_id="run", state={"n": 1})).version
+        1
+    """
+
+    def __init__(
+        self,
+        url_or_client: Any,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        limits: Limits | dict[str, Any] | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        codec: MsgpackCodec | None = None,
+    ) -> None:
+        super().__init__(codec=codec)
+        if _redis is None:
+            raise ConfigError("RedisStore needs redis-py: pip install 'shmstore[redis]'",
+                              value="redis")
+        if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
+            raise ConfigError(f"prefix must be a str without braces, not {prefix!r:.80}",
+                              value=repr(prefix)[:80])
+        self.prefix = prefix
+        self.timeout = duration(timeout, "timeout")
+        self._prefix = _b(prefix)
+        self._closed = False
+        if isinstance(url_or_client, str):
+            self.url: str | None = url_or_client
+            self._client = self._open(url_or_client)
+            self._owns_client = True
+        elif isinstance(url_or_client, _redis.Redis):
+            self.url = None
+            self._client = url_or_client
+            self._owns_client = False
+        else:
+            raise ConfigError(
+                "RedisStore takes a redis:// URL or a redis.Redis client, not "
+                f"{type(url_or_client).__name__}", value=repr(url_or_client)[:80])
+        self.address = _redact(self.url) if self.url else repr(self._client)
+        if limits is not None:
+            self._write_limits(Limits.coerce(limits))
+
+    def _open(self, url: str) -> Any:
+        target = _redis_url(url)
+        options: dict[str, Any] = {
+            "socket_timeout": self.timeout,
+            "socket_connect_timeout": self.timeout,
+            # A retried script could run twice (a save after a timeout): never retry.
+            "retry": Retry(NoBackoff(), 0),
+        }
+        if urlsplit(target).password is None and os.environ.get(ENV_REDIS_PASSWORD):
+            options["password"] = os.environ[ENV_REDIS_PASSWORD]
+        try:
+            return _redis.Redis.from_url(target, **options)
+        except ValueError as exc:
+            raise ConfigError(f"bad Redis URL {_redact(url)}: {exc}", value=_redact(url)) \
+                from None
+
+    def __repr__(self) -> str:
+        return f"<RedisStore {self.address} prefix={self.prefix!r}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self.url is None:
+            kwargs = {k: v for k, v in self._client.connection_pool.connection_kwargs.items()
+                      if isinstance(v, (str, int, float, bool, type(None)))}
+            cls = self._client.connection_pool.connection_class
+            return (_rebuild_from_kwargs, (cls.__module__, cls.__qualname__, kwargs,
+                                           self.prefix, self.timeout))
+        return (_rebuild, (self.url, self.prefix, self.timeout))
+
+    # -- the one call path ----------------------------------------------------------------
+
+    def _call(self, op: str, *args: Any) -> Any:
+        if self._closed:
+            raise StoreUnavailable(f"this RedisStore was closed ({self.address})",
+                                   address=self.address)
+        try:
+            return _OPS[op](self, *args)
+        except ShmstoreError:
+            raise
+        except Exception as exc:
+            raise self._translate(exc) from None
+        finally:
+            if self._closed:  # closed by another thread meanwhile: drop what we used
+                self._disconnect_idle()
+
+    def _translate(self, exc: Exception) -> ShmstoreError | Exception:
+        """Map a redis-py error to the exception tree."""
+        address = self.address
+        if _redis is None:  # pragma: no cover
+            return exc
+        errors = _redis.exceptions
+        text = str(exc)
+        if isinstance(exc, errors.AuthenticationError) or isinstance(
+                exc, (errors.AuthenticationWrongNumberOfArgsError, errors.NoPermissionError)) \
+                or text.startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
+            return AccessDenied(f"Redis at {address} refused us: {text}; check the password "
+                                f"(URL or {ENV_REDIS_PASSWORD}) and the user's ACL",
+                                address=address)
+        if isinstance(exc, errors.TimeoutError):
+            return StoreTimeout(f"Redis at {address} did not answer within {self.timeout} s",
+                                timeout=self.timeout, address=address)
+        if isinstance(exc, errors.ConnectionError):
+            return StoreUnavailable(f"cannot reach Redis at {address}: {text}", address=address)
+        if isinstance(exc, errors.OutOfMemoryError) or "OOM command not allowed" in text:
+            return self._maxmemory_full()
+        if isinstance(exc, errors.ResponseError) and text.startswith("SHMSTORE "):
+            return _shmstore_error(json.loads(text[len("SHMSTORE "):]))
+        if isinstance(exc, errors.ResponseError) and text.startswith(("LOADING", "READONLY",
+                                                                      "MASTERDOWN")):
+            return StoreUnavailable(f"Redis at {address} cannot serve writes now: {text}",
+                                    address=address)
+        if isinstance(exc, (errors.RedisError, OSError)):
+            return ShmstoreError(f"Redis at {address} failed: {text}")
+        return exc
+
+    def _maxmemory_full(self) -> StoreFull:
+        maximum = current = 0
+        try:
+            info = self._client.info("memory")
+            maximum, current = int(info["maxmemory"]), int(info["used_memory"])
+        except Exception:  # the figures are a courtesy; the error stands
+            pass
+        return StoreFull(
+            f"Redis at {self.address} is at its maxmemory ({maximum} bytes, {current} used) "
+            "and refuses writes; delete or clear executions, set shmstore limits below it, "
+            "or raise Redis' maxmemory",
+            limit="maxmemory", maximum=maximum, current=current, requested=0,
+        )
+
+    def _run(self, name: str, *args: Any) -> Any:
+        """Run one script (EVALSHA; loaded when Redis does not know it yet)."""
+        client = self._client
+        try:
+            return client.execute_command("EVALSHA", _SHAS[name], 0, self._prefix, *args)
+        except _redis.exceptions.NoScriptError:
+            client.script_load(_SOURCES[name])
+        return client.execute_command("EVALSHA", _SHAS[name], 0, self._prefix, *args)
+
+    def _subscribe(self, execution_id: str) -> _WakeUps:
+        """Listen to the execution's wake-up channel; subscribed when this returns."""
+        return _WakeUps(self._client, self._key(execution_id, "w"), self.timeout)
+
+    def _key(self, execution_id: str, suffix: str) -> bytes:
+        return self._prefix + b"{" + _b(execution_tag(execution_id)) + b"}:" + _b(suffix)
+
+    # -- table operations ---------------------------------------------------------------
+
+    def _op_save(self, record: Sequence[Any], expected_version: int | None = None) -> int:
+        expected = b"" if expected_version is None else b"%d" % expected_version
+        try:
+            return int(self._run("save", expected, *_record_args(record)))
+        except _redis.exceptions.ResponseError as exc:
+            error = self._translate(exc)
+            if isinstance(error, VersionConflict):
+                raise _conflict(record[1], expected_version, error.actual) from None
+            raise error from None
+
+    def _store(self, op: str, records: Iterable[Sequence[Any]], only_new: bool) -> list[int]:
+        records = list(records)
+        args: list[Any] = []
+        for record in records:
+            args.extend(_record_args(record))
+        return [int(v) for v in self._run("store", op, b"1" if only_new else b"0",
+                                          len(records), *args)]
+
+    def _op_save_many(self, records: Iterable[Sequence[Any]]) -> list[int]:
+        return self._store("save_many", records, False)
+
+    def _op_save_new(self, records: Iterable[Sequence[Any]]) -> list[int]:
+        return self._store("save_new", records, True)
+
+    def _scan(self, op: str, executions: Sequence[str], prefix: bool, *,
+              node_name: str | None = None, checkpoint_id: str | None = None,
+              before_id: str | None = None, children: str | None = None,
+              limit: int | None = None,
+              by_id: bool = False) -> list[tuple[str, list[Record], list[Record]]]:
+        """Per execution in scope (in id order): its records that pass the filters, newest
+        first, and its ``children`` records, oldest first (one script call)."""
+        if not executions:
+            self._run("scan", op, b"0", b"", b"0", b"", b"", b"", b"0", 0, b"0")  # counts the op
+            return []
+        answer = self._run(
+            "scan", op, b"1" if prefix else b"0",
+            b"" if node_name is None else _b(node_name), b"0" if node_name is None else b"1",
+            b"" if checkpoint_id is None else _b(checkpoint_id),
+            b"" if before_id is None else _b(before_id),
+            b"" if children is None else _b(children), b"0" if children is None else b"1",
+            -1 if limit is None else limit, b"1" if by_id else b"0",
+            *[_b(name) for name in executions])
+        return [(_s(name), [_record(r) for r in found], [_record(r) for r in kids])
+                for name, found, kids in answer]
+
+    def _op_find(self, executions: Sequence[str], prefix: bool = False,
+                 node_name: str | None = None, where: dict[str, Sequence[bytes]] | None = None,
+                 before_id: str | None = None, limit: int | None = None,
+                 checkpoint_id: str | None = None, children: str | None = None,
+                 by_id: bool = False) -> builtins.list[builtins.list[Any]]:
+        # Metadata is filtered here, with Python's equality (1 == 1.0, a tuple is not a
+        # list), exactly as the table does; Redis applies every other filter.
+        filters = decode_where(where)
+        scanned = self._scan("find", executions, prefix, node_name=node_name,
+                             checkpoint_id=checkpoint_id, before_id=before_id,
+                             children=children, by_id=by_id,
+                             limit=limit if filters is None else (0 if limit == 0 else None))
+        out: builtins.list[builtins.list[Any]] = []
+        for _name, found, kids in scanned:
+            matched = []
+            for record in found:
+                if filters is not None and not metadata_matches(record[6], filters):
+                    continue
+                matched.append(record)
+                if limit is not None and len(out) + len(matched) >= limit:
+                    break
+            out.extend(with_children(matched, kids))
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    def _op_purge(self, executions: Sequence[str], prefix: bool = False,
+                  node_name: str | None = None, where: dict[str, Sequence[bytes]] | None = None,
+                  keep: int = 0, children: str | None = None) -> int:
+        # Read the scope, decide as the table does, then drop in one script the records
+        # that are still there at the same version (a record saved in between survives).
+        filters = decode_where(where)
+        doomed: builtins.list[Record] = []
+        for _name, newest_first, _kids in self._scan("purge", executions, prefix):
+            doomed += purge_plan(newest_first[::-1], node_name, filters, keep, children)
+        if not doomed:
+            return 0
+        args: builtins.list[bytes] = []
+        for record in doomed:
+            args += [_b(record[0]), b"%d" % record[3]]
+        return int(self._run("drop", *args))
+
+    def _op_copy(self, source: str, target: str, prefix: bool = False) -> int:
+        if source == target:
+            raise ConfigError(f"cannot copy {source!r} onto itself", value=source)
+        plan = [(record, target + name[len(source):])
+                for name, newest_first, _ in self._scan("copy", [source], prefix)
+                for record in newest_first[::-1]]
+        size = len(source)
+        renamed = {record[0]: target + record[0][size:] if record[0].startswith(source)
+                   else new_id() for record, _ in plan}
+        copies = []
+        for record, name in plan:
+            parent = record[5]
+            if parent in renamed:
+                parent = renamed[parent]
+            elif parent is not None and parent.startswith(source):
+                parent = target + parent[size:]
+            copies.append((renamed[record[0]], name, record[2], 0, record[4], parent,
+                           record[6], record[7]))
+        if copies:
+            self._store("", copies, False)
+        return len(copies)
+
+    def _op_load(self, checkpoint_id: str) -> Record:
+        raw = self._run("load", _b(checkpoint_id))
+        if raw is None:
+            raise _not_found(checkpoint_id)
+        return _record(raw)
+
+    def _op_load_many(self, checkpoint_ids: Iterable[str]) -> list[Record]:
+        ok, value = self._run("load_many", *[_b(cid) for cid in checkpoint_ids])
+        if not ok:
+            raise _not_found(_s(value))
+        return [_record(raw) for raw in value]
+
+    def _op_list(self, execution_id: str, limit: int | None = None,
+                 before_version: int | None = None,
+                 newest_first: bool = False) -> builtins.list[Record]:
+        raws = self._run("list", _b(execution_id), -1 if limit is None else limit,
+                         b"" if before_version is None else b"%d" % before_version,
+                         b"1" if newest_first else b"0")
+        return [_record(raw) for raw in raws]
+
+    def _op_latest(self, execution_id: str) -> Record | None:
+        raw = self._run("latest", _b(execution_id))
+        return None if raw is None else _record(raw)
+
+    def _op_delete(self, checkpoint_id: str) -> bool:
+        return bool(self._run("delete", _b(checkpoint_id)))
+
+    def _op_clear(self, execution_id: str) -> int:
+        return int(self._run("clear", _b(execution_id)))
+
+    def _op_executions(self) -> builtins.list[str]:
+        return sorted(_s(name) for name in self._run("executions"))
+
+    def _op_wait(self, execution_id: str, after_version: int = 0,
+                 timeout: float | None = None,
+                 generation: int = 0) -> tuple[Record | None, int]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        count = b"1"
+        name = _b(execution_id)
+        wakeups: _WakeUps | None = None
+        try:
+            while True:
+                ms = 60_000 if deadline is None else int((deadline - time.monotonic()) * 1000)
+                found, value, generation = self._run("wait", name, after_version, count,
+                                                     ms + WAKE_GRACE_MS if ms >= 1 else 0,
+                                                     generation)
+                generation = int(generation)
+                count = b"0"
+                if found:
+                    return (_record(value), generation)
+                if ms < 1:
+                    return (None, generation)
+                if wakeups is None:
+                    # Subscribe, then look again: a save between the two is not missed.
+                    wakeups = self._subscribe(execution_id)
+                    continue
+                wakeups.sleep(ms / 1000)
+        finally:
+            if wakeups is not None:
+                wakeups.close()
+
+    def _op_claim(self, execution_id: str, node_name: str, owner: str, lease_s: float,
+                  timeout: float = 0.0) -> tuple[str, Any]:
+        deadline = time.monotonic() + timeout
+        lease_ms = max(1, math.ceil(lease_s * 1000))
+        count = b"1"
+        args = (_b(execution_id), _b(node_name), _b(owner), lease_ms)
+        wakeups: _WakeUps | None = None
+        try:
+            while True:
+                ms = int((deadline - time.monotonic()) * 1000)
+                answer = self._run("claim", *args, count)
+                count = b"0"
+                kind = _s(answer[0])
+                if kind == "done":
+                    return (kind, _record(answer[1]))
+                if kind == "granted" or kind == "held":
+                    return (kind, _s(answer[1]))
+                holder, pttl = _s(answer[1]), int(answer[2])
+                if ms < 1:
+                    return (kind, holder)
+                if wakeups is None:
+                    wakeups = self._subscribe(execution_id)  # then look again
+                    continue
+                # Timed to the lease's expiry: a dead owner's lease passes on then.
+                wakeups.sleep(max(1, min(ms, pttl)) / 1000)
+        finally:
+            if wakeups is not None:
+                wakeups.close()
+
+    def _op_renew(self, execution_id: str, node_name: str, token: str, lease_s: float) -> bool:
+        return bool(self._run("renew", _b(execution_id), _b(node_name), _b(token),
+                              max(1, math.ceil(lease_s * 1000))))
+
+    def _op_release(self, execution_id: str, node_name: str, token: str) -> bool:
+        return bool(self._run("release", _b(execution_id), _b(node_name), _b(token)))
+
+    def _op_complete(self, record: Sequence[Any], token: str) -> tuple[str, Any]:
+        kind, value = self._run("complete", _b(token), *_record_args(record))
+        if kind == b"done":
+            return ("done", _record(value))
+        return ("saved", int(value))
+
+    def _op_limits(self) -> dict[str, Any]:
+        return self._read_limits().to_dict()
+
+    def _read_limits(self) -> Limits:
+        stored = self._client.hgetall(self._prefix + b"limits")
+        if not stored:
+            return Limits()
+        values: dict[str, Any] = dict.fromkeys(_LIMIT_FIELDS)
+        for key, value in stored.items():
+            name = _s(key)
+            values[name] = _s(value) if name == "on_full" else int(value)
+        return Limits.from_dict(values)
+
+    def _write_limits(self, limits: Limits) -> None:
+        fields: dict[bytes, bytes] = {b"on_full": _b(limits.on_full)}
+        for name in _LIMIT_FIELDS:
+            value = getattr(limits, name)
+            if value is not None:
+                fields[_b(name)] = b"%d" % value
+        key = self._prefix + b"limits"
+        try:
+            with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(key)
+                pipe.hset(key, mapping=fields)
+                pipe.execute()
+        except Exception as exc:
+            raise self._translate(exc) from None
+
+    def _op_stats(self) -> dict[str, Any]:
+        (checkpoints, executions, payload, ops_flat, stats_flat, largest_flat,
+         info_server, info_memory) = self._run("stats")
+        ops = dict.fromkeys(TABLE_OPS, 0)
+        for i in range(0, len(ops_flat), 2):
+            ops[_s(ops_flat[i])] = int(ops_flat[i + 1])
+        counters = {_s(stats_flat[i]): int(stats_flat[i + 1])
+                    for i in range(0, len(stats_flat), 2)}
+        rss = _info_field(info_memory, "used_memory_rss")
+        return {
+            "checkpoints": int(checkpoints),
+            "executions": int(executions),
+            "payload_bytes": int(payload),
+            "ops": ops,
+            "largest_executions": [
+                [_s(largest_flat[i]), int(largest_flat[i + 1]), int(largest_flat[i + 2])]
+                for i in range(0, len(largest_flat), 3)],
+            "evictions": counters.get("evictions", 0),
+            "rejections": counters.get("rejections", 0),
+            "pruned": counters.get("pruned", 0),
+            "limits": self._read_limits().to_dict(),
+            "server_pid": _info_field(info_server, "process_id"),
+            "server_rss": rss,
+            # Redis reports no RSS high-water mark; its allocator's peak is the nearest.
+            "server_peak_rss": max(rss, _info_field(info_memory, "used_memory_peak")),
+            "uptime_s": float(_info_field(info_server, "uptime_in_seconds")),
+            "clients": [],
+        }
+
+    def _op_memory_history(self, since: float | None = None) -> builtins.list[dict[str, Any]]:
+        """Redis keeps no history: the present as one sample (a poller builds the series)."""
+        stats = self._op_stats()
+        now = time.time()
+        if since is not None and now <= since:
+            return []
+        return [{"t": now, "server_rss": stats["server_rss"], "server_uss": None,
+                 "checkpoints": stats["checkpoints"], "payload_bytes": stats["payload_bytes"],
+                 "clients": {}}]
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    def flush(self) -> int:
+        """Drop every key of this prefix (checkpoints, counters, limits); return how many.
+
+        For tests and resets; other prefixes in the same Redis are left alone.
+        """
+        if self._closed:
+            raise StoreUnavailable(f"this RedisStore was closed ({self.address})",
+                                   address=self.address)
+        dropped = 0
+        try:
+            pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", self._prefix) + b"*"
+            batch: builtins.list[bytes] = []
+            for key in self._client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    dropped += int(self._client.delete(*batch))
+                    batch = []
+            if batch:
+                dropped += int(self._client.delete(*batch))
+        except Exception as exc:
+            raise self._translate(exc) from None
+        return dropped
+
+    def close(self) -> None:
+        """Close this store's connections (a client passed in is left open).
+
+        Calls in flight in other threads finish; their connections close as they end.
+        Later calls raise `StoreUnavailable`.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._disconnect_idle()
+
+    def _disconnect_idle(self) -> None:
+        if self._owns_client:
+            try:
+                self._client.connection_pool.disconnect(inuse_connections=False)
+            except Exception:  # closing a dead connection is not an error
+                pass
+
+
+class _WakeUps:
+    """A subscription to one execution's wake-up channel, on a connection of its own.
+
+    The subscription is confirmed before the constructor returns, so a caller that
+    subscribes and then looks at the data misses no wake-up published after its look.
+    """
+
+    def __init__(self, client: Any, channel: bytes, timeout: float) -> None:
+        self._pubsub = client.pubsub()
+        try:
+            self._pubsub.subscribe(channel)
+            deadline = time.monotonic() + timeout
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _redis.exceptions.TimeoutError("no confirmation of SUBSCRIBE")
+                message = self._pubsub.get_message(timeout=remaining)
+                if message is not None and message["type"] == "subscribe":
+                    return
+        except BaseException:
+            self.close()
+            raise
+
+    def sleep(self, seconds: float) -> None:
+        """Return at the next wake-up, or after ``seconds``."""
+        end = time.monotonic() + seconds
+        while True:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return
+            message = self._pubsub.get_message(timeout=remaining)
+            if message is not None and message["type"] == "message":
+                return
+
+    def close(self) -> None:
+        """Drop the subscription and its connection."""
+        self._pubsub.close()
+
+
+# The operations by name, as functions of the class: an instance holding its own bound
+# methods would be a reference cycle, and a store dropped unclosed would then keep its
+# sockets open until the cyclic collector ran (which closes them in no set order, so
+# sockets could be finalized before redis-py's connections and warn).
+_OPS: dict[str, Callable[..., Any]] = {
+    op: getattr(RedisStore, "_op_" + op) for op in (*TABLE_OPS, "memory_history")}
+
+
+def _conflict(execution_id: str, expected: int | None, actual: int) -> VersionConflict:
+    return VersionConflict(
+        f"execution {execution_id!r} is at version {actual}, not {expected}; "
+        "load the latest and try again",
+        execution_id=execution_id, expected=expected, actual=actual,
+    )
+
+
+def _not_found(checkpoint_id: str) -> CheckpointNotFound:
+    return CheckpointNotFound(f"no checkpoint with id {checkpoint_id!r}",
+                              checkpoint_id=checkpoint_id)
+
+
+def _shmstore_error(fields: dict[str, Any]) -> ShmstoreError:
+    """Rebuild the error a script refused with (the same messages as `CheckpointTable`)."""
+    kind = fields.get("k")
+    if kind == "conflict":
+        return VersionConflict("version conflict", execution_id="", expected=None,
+                               actual=int(fields["actual"]))
+    if kind == "full":
+        limit = str(fields["limit"])
+        maximum, current = int(fields["maximum"]), int(fields["current"])
+        requested = int(fields["requested"])
+        if limit == "max_checkpoint_bytes":
+            message = (f"checkpoint {fields['id']!r} is {current} bytes encoded, over "
+                       f"max_checkpoint_bytes={maximum}; checkpoint a reference to large data "
+                       "instead, or raise the limit")
+        elif limit == "max_rss":
+            message = (f"the store's process uses {current} bytes of memory (RSS), over "
+                       f"max_rss={maximum}; delete or clear executions, or raise the limit")
+        else:
+            what = "bytes of payload" if limit == "max_bytes" else "checkpoints"
+            if fields.get("alone"):
+                message = (f"{requested} {what} in one save can never fit under "
+                           f"{limit}={maximum}; save less at once, or raise the limit")
+            else:
+                message = (f"the store is full: {limit}={maximum}, it holds {current} {what} "
+                           f"and this save would make it {fields['value']}; delete or clear "
+                           "executions, raise the limit, or use on_full='evict'")
+        return StoreFull(message, limit=limit, maximum=maximum, current=current,
+                         requested=requested)
+    return ShmstoreError(f"Redis script failed: {fields!r}")
+
+
+def _rebuild(url: str, prefix: str, timeout: float) -> RedisStore:
+    return RedisStore(url, prefix=prefix, timeout=timeout)
+
+
+def _rebuild_from_kwargs(module: str, qualname: str, kwargs: dict[str, Any], prefix: str,
+                         timeout: float) -> RedisStore:
+    import importlib
+
+    cls = getattr(importlib.import_module(module), qualname)
+    if not (isinstance(cls, type) and issubclass(cls, _redis.connection.AbstractConnection)):
+        raise ConfigError(f"not a redis-py connection class: {module}.{qualname}",
+                          value=qualname)
+    pool = _redis.ConnectionPool(connection_class=cls, **kwargs)
+    store = RedisStore(_redis.Redis(connection_pool=pool), prefix=prefix, timeout=timeout)
+    store._owns_client = True  # made here, for this copy: its close() closes it
+    return store
+

@@ -1,0 +1,1 @@
+"""The shmstore command (main) and its demo."""

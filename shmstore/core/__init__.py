@@ -1,0 +1,1 @@
+"""The store's model: records, codec, limits, errors, validation and BaseStore."""

@@ -1,0 +1,1 @@
+"""What builds on a store: pipelines, the pytest-xdist plugin, the LangGraph saver."""
