@@ -39,7 +39,8 @@ if TYPE_CHECKING:
         VersionConflict,
     )
     from .core.limits import Limits
-    from .core.store import BaseStore, StoreStats
+    from .core.stats import StoreStats
+    from .core.store import BaseStore
     from .integrations.pipeline import CheckpointConfig, Pipeline
     from .server.manager import StoreServer, serve
 
@@ -64,7 +65,7 @@ _EXPORTS = {
     "ShmstoreError": "core.errors",
     "StoreFull": "core.errors",
     "StoreServer": "server.manager",
-    "StoreStats": "core.store",
+    "StoreStats": "core.stats",
     "StoreTimeout": "core.errors",
     "StoreUnavailable": "core.errors",
     "VersionConflict": "core.errors",

@@ -14,7 +14,7 @@ import pytest
 
 from shmstore.cli import main as cli  # the module
 from shmstore.cli.demo import DemoReport, DemoRow, expected_total, format_text, run_demo
-from shmstore.core.store import StoreStats
+from shmstore.core.stats import StoreStats
 
 from .helpers import children, reap
 

@@ -27,7 +27,8 @@ import psutil
 
 from ..core.checkpoint import Checkpoint
 from ..core.errors import StoreTimeout
-from ..core.store import BaseStore, StoreStats
+from ..core.stats import StoreStats
+from ..core.store import BaseStore
 from ..integrations.pipeline import CheckpointConfig, Pipeline
 from ..server.manager import serve
 

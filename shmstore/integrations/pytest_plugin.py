@@ -51,7 +51,8 @@ import pytest
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
-    from ..core.store import BaseStore, StoreStats
+    from ..core.stats import StoreStats
+    from ..core.store import BaseStore
     from ..server.manager import StoreServer
 
 __all__ = ["SessionServer", "checkpoint_server", "checkpoint_store"]
@@ -474,7 +475,7 @@ class _XdistControllerHooks:
 
 
 def _format(value: Any, kind: str) -> str:
-    from ..core.store import format_bytes
+    from ..core.stats import format_bytes
 
     return format_bytes(value) if kind == "bytes" else str(value)
 

@@ -31,7 +31,7 @@ from typing import Any, TextIO
 
 from ..core import validate
 from ..core.errors import ConfigError, StoreTimeout, StoreUnavailable
-from ..core.store import RATIO_MIN_PAYLOAD, format_bytes
+from ..core.stats import RATIO_MIN_PAYLOAD, format_bytes
 
 __all__ = [
     "CSV_COLUMNS",

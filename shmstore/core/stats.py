@@ -1,0 +1,111 @@
+"""`StoreStats`: what a store reports about itself, and how it reads to people.
+
+The figures come from the backend as a plain dict (`StoreStats.from_dict`); this module
+only holds them and formats them (`summary`, `str`, `format_bytes`), so the store's
+calls and its reports stay apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+__all__ = ["RATIO_MIN_PAYLOAD", "StoreStats", "format_bytes"]
+
+#: RSS over payload is shown only from this much payload on: below it, RSS is mostly the
+#: interpreter's own.
+RATIO_MIN_PAYLOAD = 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreStats:
+    """What a store holds and how its server is doing.
+
+    Attributes:
+        checkpoints: number of checkpoints stored.
+        executions: number of executions with at least one checkpoint.
+        payload_bytes: exact sum of the encoded states' sizes.
+        server_pid: pid of the process that owns the checkpoints.
+        server_rss: resident set size of that process, in bytes (psutil).
+        uptime_s: seconds since the store was created.
+        ops: number of calls per operation.
+        server_peak_rss: the highest RSS that process has had, in bytes.
+        largest_executions: the largest executions by payload, as
+            ``[execution_id, checkpoints, payload_bytes]``, largest first (at most 5).
+        clients: registered client processes: dicts of ``pid``, ``name``, ``rss``,
+            ``peak_rss`` and ``alive`` (empty for an in-process store).
+        evictions: checkpoints dropped store-wide to make room (``on_full="evict"``).
+        rejections: saves refused by a limit (`StoreFull`).
+        pruned: checkpoints dropped by retention (``max_per_execution``).
+        limits: the limits in force (`Limits.to_dict`).
+    """
+
+    checkpoints: int
+    executions: int
+    payload_bytes: int
+    server_pid: int
+    server_rss: int
+    uptime_s: float
+    ops: dict[str, int]
+    server_peak_rss: int = 0
+    largest_executions: list[list[Any]] = dataclasses.field(default_factory=list)
+    clients: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    evictions: int = 0
+    rejections: int = 0
+    pruned: int = 0
+    limits: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, figures: dict[str, Any]) -> StoreStats:
+        """Build from the plain dict a table returns; unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in figures.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict of the fields (JSON-ready)."""
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        """One line: counts, payload, the server's memory and its clients."""
+        dead = sum(1 for c in self.clients if not c.get("alive"))
+        clients = f", {len(self.clients)} clients" + (f" ({dead} dead)" if dead else "") \
+            if self.clients else ""
+        return (f"{self.checkpoints} checkpoints in {self.executions} executions, "
+                f"{format_bytes(self.payload_bytes)} payload; server pid {self.server_pid}, "
+                f"RSS {format_bytes(self.server_rss)} (peak "
+                f"{format_bytes(self.server_peak_rss)}){clients}")
+
+    def __str__(self) -> str:
+        ratio = self.server_rss / self.payload_bytes \
+            if self.payload_bytes >= RATIO_MIN_PAYLOAD else 0.0
+        lines = [
+            f"{self.checkpoints} checkpoints in {self.executions} executions, "
+            f"{format_bytes(self.payload_bytes)} payload",
+            f"server pid {self.server_pid}: RSS {format_bytes(self.server_rss)} "
+            f"(peak {format_bytes(self.server_peak_rss)}"
+            + (f", {ratio:.2f}x payload" if ratio else "") + f"), up {self.uptime_s:.1f} s",
+        ]
+        if self.largest_executions:
+            lines.append("largest executions: " + ", ".join(
+                f"{name} {format_bytes(nbytes)} in {count}"
+                for name, count, nbytes in self.largest_executions))
+        for client in self.clients:
+            state = "alive" if client.get("alive") else "dead"
+            lines.append(f"client {client.get('pid')} {client.get('name', '')}: "
+                         f"RSS {format_bytes(client.get('rss', 0))} ({state})")
+        in_force = {k: v for k, v in self.limits.items() if v is not None and k != "on_full"}
+        if in_force:
+            lines.append("limits: " + ", ".join(f"{k}={v}" for k, v in in_force.items())
+                         + f", on_full={self.limits.get('on_full', 'reject')}")
+        lines.append(f"evictions {self.evictions}, rejections {self.rejections}, "
+                     f"pruned {self.pruned}")
+        return "\n".join(lines)
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``1.5 KiB``; bytes as people read them."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
