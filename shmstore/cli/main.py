@@ -162,7 +162,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_monitor(args: argparse.Namespace) -> int:
-    from ..monitor.view import MONITOR_NAME, require_matplotlib, run_monitor
+    from ..monitor.export import require_matplotlib
+    from ..monitor.view import MONITOR_NAME, run_monitor
 
     if args.plot is not None:
         require_matplotlib()  # before connecting, not after a long recording
