@@ -154,8 +154,11 @@ class StateSnapshot:
 def _enforce_max_checkpoints(store: BaseStore, execution_id: str, keep: int | None) -> int:
     """Delete all but the newest ``keep`` checkpoints of the execution; return how many.
 
-    Retention lives here alone so that it can defer to a store-side limit once stores
-    have one.
+    Not the store's ``Limits(max_per_execution=)``, which keeps the same newest N but is
+    a property of the whole data set, fixed by whoever made the store (a server's
+    ``serve(limits=)``, Redis' shared ``Plimits``) for every execution in it: a pipeline
+    given a shared store can neither set it nor give its executions a retention of their
+    own beside other pipelines' or a LangGraph saver's.  Both apply; the tighter wins.
     """
     if keep is None:
         return 0
