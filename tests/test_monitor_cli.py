@@ -21,16 +21,10 @@ import pytest
 import shmstore
 from shmstore import Checkpoint
 from shmstore.cli.main import main
-from shmstore.monitor.view import (
-    CSV_COLUMNS,
-    ClientSample,
-    MemoryRecorder,
-    MemorySample,
-    format_bytes,
-    run_monitor,
-    write_csv,
-    write_plot,
-)
+from shmstore.core.stats import format_bytes
+from shmstore.monitor.export import CSV_COLUMNS, write_csv, write_plot
+from shmstore.monitor.recorder import ClientSample, MemoryRecorder, MemorySample
+from shmstore.monitor.view import run_monitor
 
 from .helpers import SPAWN, reap, reaped, wait_until
 
@@ -419,7 +413,8 @@ def test_format_bytes() -> None:
 
 
 def test_rss_per_payload_is_only_shown_once_the_payload_means_something() -> None:
-    from shmstore.monitor.view import RATIO_MIN_PAYLOAD, _ratio
+    from shmstore.core.stats import RATIO_MIN_PAYLOAD
+    from shmstore.monitor.view import _ratio
 
     small = MemorySample(t=0.0, server_rss=25 * 2**20, server_uss=None, checkpoints=3,
                          payload_bytes=12, clients=())

@@ -7,6 +7,7 @@ or a connection file (``--connection-file`` / ``SHMSTORE_CONNECTION_FILE``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -14,10 +15,14 @@ import sys
 import tempfile
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.errors import ConfigError, ShmstoreError
 from ..core.validate import duration
+
+if TYPE_CHECKING:
+    from ..backends.wire import Address
+    from ..core.limits import Limits
 
 __all__ = ["main"]
 
@@ -36,11 +41,40 @@ def _store(args: argparse.Namespace) -> Any:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from ..backends.wire import parse_url
-    from ..server.manager import ENV_AUTHKEY, _coerce_authkey, run_server, write_connection_file
+    from ..server.manager import ENV_AUTHKEY, _coerce_authkey, run_server
 
-    address = args.address
-    private_dir = None
+    address, private_dir = _serve_address(args)
+    key = _coerce_authkey(os.environ.get(ENV_AUTHKEY))
+    conn_file = args.connection_file
+    if conn_file is None and ENV_AUTHKEY not in os.environ:
+        # The key is random and must reach clients somehow: a private file, not stdout.
+        private_dir = private_dir or tempfile.mkdtemp(prefix="shmstore-")
+        conn_file = os.path.join(private_dir, "connection.json")
+    if args.connection_file is not None:
+        _private_parents(args.connection_file)
+    ready = _Announce(conn_file, key)
+    limits = _limits(args)
+    try:
+        run_server(address, key, on_ready=ready, stop_event=ready.stop, limits=limits,
+                   monitor_interval=args.monitor_interval, history_size=args.history_size)
+    finally:
+        # A connection file the server could not write is not ours to remove.
+        _clean_up(None if ready.failed else args.connection_file, private_dir)
+    if ready.failed is not None:
+        raise ready.failed
+    print("shmstore server stopped", flush=True)
+    return 0
+
+
+def _serve_address(args: argparse.Namespace) -> tuple[Address, str | None]:
+    """Where to serve, and the private directory made for it (a socket in it by default).
+
+    Raises:
+        ConfigError: a bad URL, or a non-loopback one without ``--allow-remote``.
+    """
+    from ..backends.wire import parse_url
+
+    address, private_dir = args.address, None
     if address is None:
         private_dir = tempfile.mkdtemp(prefix="shmstore-")
         address = f"unix://{private_dir}/store.sock"
@@ -48,51 +82,53 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if not parsed.is_loopback and not args.allow_remote:
         raise ConfigError(f"{parsed.url} is not a loopback address; add --allow-remote to "
                           "serve other machines", value=parsed.url)
-    key = _coerce_authkey(os.environ.get(ENV_AUTHKEY))
-    conn_file = args.connection_file
-    if conn_file is None and ENV_AUTHKEY not in os.environ:
-        # The key is random and must reach clients somehow: a private file, not stdout.
-        private_dir = private_dir or tempfile.mkdtemp(prefix="shmstore-")
-        conn_file = os.path.join(private_dir, "connection.json")
+    return parsed, private_dir
 
-    if args.connection_file is not None:
-        _private_parents(args.connection_file)
-    stop = threading.Event()
-    failed: list[ConfigError] = []
 
-    def ready(url: str) -> None:
-        if conn_file is not None:
+class _Announce:
+    """The server's ``on_ready``: write the connection file, then say where it listens.
+
+    A connection file that cannot be written stops the server cleanly (`stop`); the error
+    is kept in `failed`, for the command to raise once the server is down.
+    """
+
+    def __init__(self, conn_file: str | None, key: bytes) -> None:
+        self.conn_file, self.key = conn_file, key
+        self.stop = threading.Event()
+        self.failed: ConfigError | None = None
+
+    def __call__(self, url: str) -> None:
+        from ..server.manager import write_connection_file
+
+        if self.conn_file is not None:
             try:
-                write_connection_file(conn_file, url, key, os.getpid())
+                write_connection_file(self.conn_file, url, self.key, os.getpid())
             except ConfigError as exc:  # stop the server cleanly, then report it
-                failed.append(exc)
-                stop.set()
+                self.failed = exc
+                self.stop.set()
                 return
         print(f"shmstore server {os.getpid()} listening at {url}", flush=True)
-        if conn_file is not None:
-            print(f"export SHMSTORE_CONNECTION_FILE={conn_file}", flush=True)
+        if self.conn_file is not None:
+            print(f"export SHMSTORE_CONNECTION_FILE={self.conn_file}", flush=True)
 
+
+def _limits(args: argparse.Namespace) -> Limits:
+    """The limits ``serve``'s flags ask for."""
     from ..core.limits import Limits
 
-    limits = Limits(max_bytes=args.max_bytes, max_checkpoints=args.max_checkpoints,
-                    max_per_execution=args.max_per_execution,
-                    max_checkpoint_bytes=args.max_checkpoint_bytes, max_rss=args.max_rss,
-                    on_full=args.on_full)
-    try:
-        run_server(parsed, key, on_ready=ready, stop_event=stop, limits=limits,
-                   monitor_interval=args.monitor_interval, history_size=args.history_size)
-    finally:
-        if args.connection_file is not None and not failed:
-            try:
-                os.unlink(args.connection_file)
-            except FileNotFoundError:
-                pass
-        if private_dir is not None:
-            shutil.rmtree(private_dir, ignore_errors=True)
-    if failed:
-        raise failed[0]
-    print("shmstore server stopped", flush=True)
-    return 0
+    return Limits(max_bytes=args.max_bytes, max_checkpoints=args.max_checkpoints,
+                  max_per_execution=args.max_per_execution,
+                  max_checkpoint_bytes=args.max_checkpoint_bytes, max_rss=args.max_rss,
+                  on_full=args.on_full)
+
+
+def _clean_up(connection_file: str | None, private_dir: str | None) -> None:
+    """Remove what ``serve`` made: the connection file it was given, its private directory."""
+    if connection_file is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(connection_file)
+    if private_dir is not None:
+        shutil.rmtree(private_dir, ignore_errors=True)
 
 
 def _private_parents(path: str) -> None:
@@ -162,7 +198,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_monitor(args: argparse.Namespace) -> int:
-    from ..monitor.view import MONITOR_NAME, require_matplotlib, run_monitor
+    from ..monitor.export import require_matplotlib
+    from ..monitor.view import MONITOR_NAME, run_monitor
 
     if args.plot is not None:
         require_matplotlib()  # before connecting, not after a long recording

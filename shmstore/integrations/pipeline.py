@@ -49,21 +49,14 @@ Example:
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import ctypes
 import dataclasses
 import logging
-import multiprocessing
 import os
 import pickle
-import signal
 import sys
-import threading
 import time
-import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from multiprocessing import connection
 from typing import Any
 
 from ..backends.memory import MemoryStore
@@ -72,6 +65,7 @@ from ..core.errors import ConfigError, ShmstoreError, StoreTimeout, VersionConfl
 from ..core.store import BaseStore
 from ..core.validate import duration, optional_duration
 from ..server.manager import serve
+from . import pool
 
 __all__ = ["CheckpointConfig", "Pipeline", "StateSnapshot"]
 
@@ -83,12 +77,6 @@ DEFAULT_PROCESSES = 4
 MAX_ATTEMPTS = 3
 #: How often a worker re-resumes an execution whose save met a `VersionConflict`.
 CONFLICT_RETRIES = 3
-#: Seconds a finished worker gets to exit before it is killed.
-WORKER_STOP_TIMEOUT = 5.0
-#: Linux's ``prctl`` option that signals a process when its parent dies.
-_PR_SET_PDEATHSIG = 1
-
-_SPAWN = multiprocessing.get_context("spawn")
 
 #: The clock of ``save_interval``; tests replace it.
 _now = time.monotonic
@@ -166,8 +154,11 @@ class StateSnapshot:
 def _enforce_max_checkpoints(store: BaseStore, execution_id: str, keep: int | None) -> int:
     """Delete all but the newest ``keep`` checkpoints of the execution; return how many.
 
-    Retention lives here alone so that it can defer to a store-side limit once stores
-    have one.
+    Not the store's ``Limits(max_per_execution=)``, which keeps the same newest N but is
+    a property of the whole data set, fixed by whoever made the store (a server's
+    ``serve(limits=)``, Redis' shared ``Plimits``) for every execution in it: a pipeline
+    given a shared store can neither set it nor give its executions a retention of their
+    own beside other pipelines' or a LangGraph saver's.  Both apply; the tighter wins.
     """
     if keep is None:
         return 0
@@ -189,20 +180,7 @@ def _normalize_steps(steps: Iterable[StepSpec]) -> tuple[tuple[str, Step], ...]:
     out: list[tuple[str, Step]] = []
     seen: set[str] = set()
     for item in steps:
-        name: object
-        fn: Any
-        if isinstance(item, tuple):
-            if len(item) != 2:
-                raise ConfigError(f"a step pair must be (name, function), not {item!r:.80}",
-                                  value=repr(item)[:80])
-            name, fn = item
-        else:
-            name, fn = getattr(item, "__name__", None), item
-        if type(name) is not str or not name:
-            raise ConfigError(f"step {fn!r:.60} has no usable name; give it as a "
-                              "(name, function) pair", value=repr(item)[:80])
-        if not callable(fn):
-            raise ConfigError(f"step {name!r} is not callable: {fn!r:.80}", value=name)
+        name, fn = _named_step(item)
         if name in seen:
             raise ConfigError(f"two steps are named {name!r}; step names must be unique "
                               "(give (name, function) pairs)", value=name)
@@ -211,6 +189,25 @@ def _normalize_steps(steps: Iterable[StepSpec]) -> tuple[tuple[str, Step], ...]:
     if not out:
         raise ConfigError("a pipeline needs at least one step", value="")
     return tuple(out)
+
+
+def _named_step(item: object) -> tuple[str, Step]:
+    """One step as ``(name, function)``: a pair as given, or a function by its name."""
+    name: object
+    fn: Any
+    if isinstance(item, tuple):
+        if len(item) != 2:
+            raise ConfigError(f"a step pair must be (name, function), not {item!r:.80}",
+                              value=repr(item)[:80])
+        name, fn = item
+    else:
+        name, fn = getattr(item, "__name__", None), item
+    if type(name) is not str or not name:
+        raise ConfigError(f"step {fn!r:.60} has no usable name; give it as a "
+                          "(name, function) pair", value=repr(item)[:80])
+    if not callable(fn):
+        raise ConfigError(f"step {name!r} is not callable: {fn!r:.80}", value=name)
+    return name, fn
 
 
 class Pipeline:
@@ -603,73 +600,19 @@ class Pipeline:
 
     def _dispatch(self, store: BaseStore, jobs: dict[str, Any], processes: int,
                   progress: bool, max_attempts: int) -> dict[str, Any]:
-        worker_pipeline = Pipeline(self.steps, config=dataclasses.replace(
-            self.config, store=store), name=self.name)
+        """Run ``jobs`` in worker processes over ``store``; return their final states."""
+        task = _Resume(Pipeline(self.steps, config=dataclasses.replace(
+            self.config, store=store), name=self.name))
         try:
-            pickle.dumps(worker_pipeline)
+            pickle.dumps(task)
         except ShmstoreError:
             raise
         except Exception as exc:
             raise ConfigError(f"the store {store!r} cannot cross to a worker process ({exc})",
                               value=repr(store)[:80]) from None
-        wanted = min(processes, len(jobs))
-        pending = collections.deque(jobs)
-        losses: collections.Counter[str] = collections.Counter()
-        finished: dict[str, str] = {}  # execution id -> its final checkpoint id
-        failure: tuple[BaseException, str] | None = None
-        workers: list[_Worker] = []
-        clean = False
         with _progress_bar(len(jobs), enabled=progress, description=self.name) as advance:
-            try:
-                workers.extend(_Worker(worker_pipeline) for _ in range(wanted))
-                while True:
-                    for worker in workers:
-                        if worker.task is None and pending and failure is None:
-                            eid = pending.popleft()
-                            worker.assign(eid, jobs[eid])
-                    if not any(w.task is not None for w in workers):
-                        break
-                    connection.wait([w.conn for w in workers]
-                                    + [w.process.sentinel for w in workers])
-                    for worker in list(workers):
-                        for kind, eid, *rest in worker.messages():
-                            worker.task = None
-                            if kind == "done":
-                                finished[eid] = rest[0]
-                                advance()
-                            elif failure is None:
-                                failure = (rest[0], rest[1])
-                        if worker.alive:
-                            continue
-                        workers.remove(worker)
-                        code = worker.reap()
-                        if not worker.started:
-                            raise ShmstoreError(
-                                f"a worker of pipeline {self.name!r} died before it started "
-                                f"(exit code {code}); its error is on stderr.  Are the steps "
-                                "importable top-level functions?", exitcode=code,
-                            )
-                        lost = worker.task
-                        if lost is not None and failure is None:
-                            losses[lost] += 1
-                            if losses[lost] >= max_attempts:
-                                raise ShmstoreError(
-                                    f"execution {lost!r} took down {losses[lost]} workers "
-                                    f"(the last exit code {code}); giving up on it",
-                                    execution_id=lost, exitcode=code,
-                                )
-                            log.warning("worker %d died (exit code %s) running execution %s; "
-                                        "it resumes from its last checkpoint", worker.pid,
-                                        code, lost)
-                            pending.appendleft(lost)
-                        if pending and failure is None and len(workers) < wanted:
-                            workers.append(_Worker(worker_pipeline))
-                clean = True
-            finally:
-                _stop_workers(workers, clean=clean)
-        if failure is not None:
-            error, remote = failure
-            raise error from _RemoteTraceback(remote)
+            finished = pool.dispatch(task, jobs, name=self.name, processes=processes,
+                                     max_attempts=max_attempts, advance=advance)
         final = store.load_many([finished[eid] for eid in jobs])
         return {eid: cp.state for eid, cp in zip(jobs, final, strict=True)}
 
@@ -702,164 +645,21 @@ def _copy_executions(source: BaseStore, target: BaseStore, execution_ids: Iterab
             target.save_many(checkpoints)
 
 
-class _RemoteTraceback(Exception):
-    """The traceback of an error raised in a worker process (the cause of the re-raise)."""
+@dataclasses.dataclass(frozen=True)
+class _Resume:
+    """A worker's task (`pool.Task`): run or resume one execution of the pipeline.
 
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
-
-    def __str__(self) -> str:
-        return f'\n"""\n{self.text}"""'
-
-
-class _Worker:
-    """One spawned worker process, its pipe, and the execution it is running.
-
-    Besides the task pipe, the worker gets the read end of a lifeline pipe whose write end
-    only this process holds: when this process dies (SIGKILL included) the worker reads
-    end of file and exits, so no orphan keeps running steps.
+    A save that meets a `VersionConflict` (a dead worker's last save landed late) resumes
+    again from the latest checkpoint.
     """
 
-    def __init__(self, pipeline: Pipeline) -> None:
-        self.conn, child_conn = _SPAWN.Pipe()
-        lifeline_read, self.lifeline = _SPAWN.Pipe(duplex=False)
-        self.process = _SPAWN.Process(
-            target=_worker_main, args=(child_conn, pipeline, lifeline_read, os.getpid()),
-            name=f"shmstore-{pipeline.name}-worker")
-        try:
-            self.process.start()
-        except BaseException:
-            self.conn.close()
-            self.lifeline.close()
-            raise
-        finally:
-            child_conn.close()
-            lifeline_read.close()
-        self.pid = self.process.pid
-        self.task: str | None = None
-        self.started = False
-        self.broken = False
+    pipeline: Pipeline
 
-    def assign(self, execution_id: str, state: Any) -> None:
-        self.conn.send((execution_id, state))
-        self.task = execution_id
+    def __call__(self, execution_id: str, state: Any) -> str:
+        return self.pipeline._run_resuming_on_conflict(execution_id, state).id
 
-    def messages(self) -> Iterator[tuple[Any, ...]]:
-        """The messages that have arrived; marks the worker broken at end of file."""
-        while not self.broken:
-            try:
-                if not self.conn.poll():
-                    return
-                message = self.conn.recv()
-            except (EOFError, OSError):
-                self.broken = True
-                return
-            if message[0] == "ready":
-                self.started = True
-                continue
-            yield message
-
-    @property
-    def alive(self) -> bool:
-        return not self.broken and self.process.is_alive()
-
-    def reap(self) -> int | None:
-        """Wait for the process to end (killing it if need be), close its pipes.
-
-        Returns its exit code.  After the kill the join has no timeout: SIGKILL cannot be
-        ignored, and returning while the process still runs is what left one behind.
-        """
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join()
-        code = self.process.exitcode
-        self.process.close()
-        self.conn.close()
-        self.lifeline.close()
-        return code
-
-
-def _stop_workers(workers: list[_Worker], *, clean: bool) -> None:
-    """Ask idle workers to exit (or kill them all if we are failing); reap every one."""
-    for worker in workers:
-        if clean and worker.alive:
-            with contextlib.suppress(OSError):
-                worker.conn.send(None)
-        else:
-            worker.process.kill()
-    deadline = time.monotonic() + WORKER_STOP_TIMEOUT
-    for worker in workers:
-        worker.process.join(max(0.0, deadline - time.monotonic()))
-        worker.reap()
-
-
-def _die_with_parent(lifeline: connection.Connection, parent_pid: int) -> None:
-    """Make this worker exit as soon as the process that started it is gone.
-
-    On Linux the kernel sends SIGKILL when the parent dies (``PR_SET_PDEATHSIG``); the
-    lifeline thread covers every platform: its read ends with end of file when the
-    parent's write end closes, however the parent died.  Either way nothing is printed.
-    """
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            # CDLL(None): this process's own symbols, libc's prctl among them (no search).
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-    def watch() -> None:
-        with contextlib.suppress(EOFError, OSError):
-            while True:
-                lifeline.recv_bytes()
-        os._exit(1)
-
-    threading.Thread(target=watch, name="shmstore-worker-lifeline", daemon=True).start()
-    if os.getppid() != parent_pid:  # the parent died before the watch began
-        os._exit(1)
-
-
-def _portable(exc: BaseException) -> BaseException:
-    """``exc`` if it survives pickling, else a `ShmstoreError` that describes it."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-    except Exception:
-        return ShmstoreError(f"{type(exc).__name__}: {exc}", type_name=type(exc).__name__)
-    return exc
-
-
-def _worker_main(conn: connection.Connection, pipeline: Pipeline,
-                 lifeline: connection.Connection, parent_pid: int) -> None:
-    """A worker: run the executions the parent sends until it sends None or goes away."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _die_with_parent(lifeline, parent_pid)
-    try:
-        try:
-            conn.send(("ready", os.getpid()))
-        except OSError:
-            return  # the parent is gone already
-        while True:
-            try:
-                task = conn.recv()
-            except (EOFError, OSError):
-                return
-            if task is None:
-                return
-            execution_id, state = task
-            try:
-                final = pipeline._run_resuming_on_conflict(execution_id, state)
-            except Exception as exc:
-                message: tuple[Any, ...] = ("error", execution_id, _portable(exc),
-                                            traceback.format_exc())
-            else:
-                message = ("done", execution_id, final.id)
-            try:
-                conn.send(message)
-            except OSError:
-                return  # the parent is gone (BrokenPipeError): nobody to tell
-    finally:
-        with contextlib.suppress(Exception):
-            pipeline.store.close()
-        conn.close()
+    def close(self) -> None:
+        self.pipeline.store.close()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,179 @@
+"""`MemoryRecorder`: follows a store's memory samples, reading only the new ones.
+
+The server samples itself and its registered clients (`shmstore.monitor.MemoryMonitor`);
+the recorder only reads those samples, with `BaseStore.memory_history`, asking each time
+for the samples taken after the last one it has (``since=last_t``).  So a slow reader
+never loses a sample, as long as it comes back before the server's ring buffer has
+turned over (``history_size`` samples: 10 minutes at the defaults).
+
+Data only: nothing here prints or draws (`export` writes files, `view` shows them).
+
+Example:
+    >>> recorder = MemoryRecorder(store, keep=True)
+    >>> recorder.poll(); time.sleep(5); recorder.poll()
+    >>> recorder.server_growth()       # bytes/s over the last `window` samples
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from ..core.errors import ConfigError
+
+__all__ = ["DEFAULT_WINDOW", "ClientSample", "MemoryHistory", "MemoryRecorder", "MemorySample"]
+
+#: Growth rates are taken over this many of the newest samples.
+DEFAULT_WINDOW = 10
+
+
+class MemoryHistory(Protocol):
+    """What the recorder reads: any store (`BaseStore.memory_history`), or a test double."""
+
+    def memory_history(self, since: float | None = None) -> list[dict[str, Any]]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientSample:
+    """One registered client in one sample: pid, name, RSS (bytes) and whether it lives."""
+
+    pid: int
+    name: str
+    rss: int
+    alive: bool
+
+    @property
+    def measured(self) -> bool:
+        """Alive with a real reading: a process on its way out can read 0 bytes of RSS."""
+        return self.alive and self.rss > 0
+
+    @property
+    def label(self) -> str:
+        """``pid/name``: the CSV's ``process`` column and the plot's legend."""
+        return f"{self.pid}/{self.name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class MemorySample:
+    """One sample of the server: its memory, the store's figures, its clients.
+
+    Attributes:
+        t: when it was taken (epoch seconds, the server's clock).
+        server_rss: the server's resident set size, bytes.
+        server_uss: its unique set size, bytes (None where the platform has no USS).
+        checkpoints: checkpoints stored.
+        payload_bytes: encoded states' bytes stored.
+        clients: registered clients, by pid.
+    """
+
+    t: float
+    server_rss: int
+    server_uss: int | None
+    checkpoints: int
+    payload_bytes: int
+    clients: tuple[ClientSample, ...]
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> MemorySample:
+        """Build from one dict of `BaseStore.memory_history`."""
+        clients = sorted(
+            (ClientSample(int(pid), str(entry[0]), int(entry[1]), bool(entry[2]))
+             for pid, entry in raw.get("clients", {}).items()),
+            key=lambda c: c.pid,
+        )
+        uss = raw.get("server_uss")
+        return cls(float(raw["t"]), int(raw["server_rss"]), None if uss is None else int(uss),
+                   int(raw["checkpoints"]), int(raw["payload_bytes"]), tuple(clients))
+
+
+def _rate(points: Sequence[tuple[float, float]]) -> float | None:
+    """Growth per second from the first to the last point, or None with under two."""
+    if len(points) < 2 or points[-1][0] <= points[0][0]:
+        return None
+    (t0, v0), (t1, v1) = points[0], points[-1]
+    return (v1 - v0) / (t1 - t0)
+
+
+class MemoryRecorder:
+    """Follows a store's memory samples, reading only those it has not seen.
+
+    Parameters:
+        store: any store with ``memory_history`` (a `SharedStore` for a server).
+        window: growth rates are taken over this many newest samples (>= 2).
+        keep: keep every sample read, in `samples`, for `write_csv` and `write_plot`.
+        backlog: with ``keep``, also keep the samples the server held before the first
+            `poll` (else only the newest of them, the state at the start).
+
+    Example:
+        >>> recorder = MemoryRecorder(store, keep=True)
+        >>> new = recorder.poll()          # every sample the server took since the last poll
+        >>> recorder.server_growth()       # bytes/s over the last `window` samples
+    """
+
+    def __init__(self, store: MemoryHistory, *, window: int = DEFAULT_WINDOW,
+                 keep: bool = False, backlog: bool = False) -> None:
+        if type(window) is not int or window < 2:
+            raise ConfigError(f"window must be an int >= 2, not {window!r}", value=repr(window))
+        self._store = store
+        self.window: collections.deque[MemorySample] = collections.deque(maxlen=window)
+        self.keep = keep
+        self.backlog = backlog
+        #: Every sample read (only with ``keep``), oldest first.
+        self.samples: list[MemorySample] = []
+        self.latest: MemorySample | None = None
+        self.peak_server_rss = 0
+        self.client_peaks: dict[int, int] = {}
+        self.polls = 0
+        self.read = 0
+        self._last_t: float | None = None
+
+    def poll(self) -> list[MemorySample]:
+        """Read the samples taken since the last poll; return them, oldest first.
+
+        Raises:
+            StoreUnavailable: the server went away.
+            StoreTimeout: the server did not answer in time.
+        """
+        raw = self._store.memory_history(since=self._last_t)
+        new = [MemorySample.from_dict(r) for r in raw]
+        first = self.polls == 0
+        self.polls += 1
+        if not new:
+            return new
+        self.read += len(new)
+        self._last_t = new[-1].t
+        self.latest = new[-1]
+        self.window.extend(new)
+        self._track_peaks(new)
+        if self.keep:
+            self.samples.extend(new if self.backlog or not first else new[-1:])
+        return new
+
+    def _track_peaks(self, new: Sequence[MemorySample]) -> None:
+        """Raise the server's and each live client's peak RSS to what ``new`` shows."""
+        for sample in new:
+            self.peak_server_rss = max(self.peak_server_rss, sample.server_rss)
+            for c in sample.clients:
+                if c.alive:
+                    self.client_peaks[c.pid] = max(self.client_peaks.get(c.pid, 0), c.rss)
+
+    def latest_uss(self) -> int | None:
+        """The newest USS reading in the window (a sampler may read USS less often)."""
+        return next((s.server_uss for s in reversed(self.window) if s.server_uss is not None),
+                    None)
+
+    def server_growth(self) -> float | None:
+        """The server's RSS growth in bytes/s over the window (None until two samples)."""
+        return _rate([(s.t, s.server_rss) for s in self.window])
+
+    def payload_growth(self) -> float | None:
+        """Payload bytes added per second over the window."""
+        return _rate([(s.t, s.payload_bytes) for s in self.window])
+
+    def client_growth(self, pid: int) -> float | None:
+        """A client's RSS growth in bytes/s over the window, while it was alive."""
+        points = [(s.t, c.rss) for s in self.window for c in s.clients
+                  if c.pid == pid and c.measured]
+        return _rate(points)
