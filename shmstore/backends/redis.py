@@ -79,11 +79,10 @@ from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from ..core.checkpoint import new_id
+from ..core import rules
 from ..core.codec import MsgpackCodec
 from ..core.errors import (
     AccessDenied,
-    CheckpointNotFound,
     ConfigError,
     ShmstoreError,
     StoreFull,
@@ -91,17 +90,10 @@ from ..core.errors import (
     StoreUnavailable,
     VersionConflict,
 )
-from ..core.limits import DEFAULT_MAX_CHECKPOINT_BYTES, Limits
+from ..core.limits import DEFAULT_MAX_CHECKPOINT_BYTES, LIMIT_FIELDS, Limits
+from ..core.rules import TABLE_OPS, Record, decode_where, not_found, purge_plan, with_children
 from ..core.store import BaseStore
 from ..core.validate import duration
-from .table import (
-    TABLE_OPS,
-    Record,
-    decode_where,
-    metadata_matches,
-    purge_plan,
-    with_children,
-)
 
 try:
     import redis as _redis
@@ -118,8 +110,6 @@ DEFAULT_TIMEOUT = 30.0
 REDIS_SCHEMES = ("redis", "rediss", "redis+unix")
 ENV_REDIS_PASSWORD = "SHMSTORE_REDIS_PASSWORD"
 WAKE_GRACE_MS = 5000  # a generation key outlives its last waiter's slice by this much
-_LIMIT_FIELDS = ("max_bytes", "max_checkpoints", "max_per_execution", "max_checkpoint_bytes",
-                 "max_rss")
 
 # -- Lua ---------------------------------------------------------------------------------
 # The scripts are files of the package (lua/<op>.lua), each run with lua/prelude.lua in
@@ -384,7 +374,7 @@ class RedisStore(BaseStore):
         except _redis.exceptions.ResponseError as exc:
             error = self._translate(exc)
             if isinstance(error, VersionConflict):
-                raise _conflict(record[1], expected_version, error.actual) from None
+                raise rules.version_conflict(record[1], expected_version, error.actual) from None
             raise error from None
 
     def _store(self, op: str, records: Iterable[Sequence[Any]], only_new: bool) -> list[int]:
@@ -436,13 +426,8 @@ class RedisStore(BaseStore):
                              limit=limit if filters is None else (0 if limit == 0 else None))
         out: builtins.list[builtins.list[Any]] = []
         for _name, found, kids in scanned:
-            matched = []
-            for record in found:
-                if filters is not None and not metadata_matches(record[6], filters):
-                    continue
-                matched.append(record)
-                if limit is not None and len(out) + len(matched) >= limit:
-                    break
+            matched = rules.first_matches(found, None, filters, None,
+                                          None if limit is None else limit - len(out))
             out.extend(with_children(matched, kids))
             if limit is not None and len(out) >= limit:
                 break
@@ -466,22 +451,11 @@ class RedisStore(BaseStore):
 
     def _op_copy(self, source: str, target: str, prefix: bool = False) -> int:
         if source == target:
-            raise ConfigError(f"cannot copy {source!r} onto itself", value=source)
-        plan = [(record, target + name[len(source):])
+            raise rules.copy_onto_itself(source)
+        plan = [(record, rules.renamed(name, source, target))
                 for name, newest_first, _ in self._scan("copy", [source], prefix)
                 for record in newest_first[::-1]]
-        size = len(source)
-        renamed = {record[0]: target + record[0][size:] if record[0].startswith(source)
-                   else new_id() for record, _ in plan}
-        copies = []
-        for record, name in plan:
-            parent = record[5]
-            if parent in renamed:
-                parent = renamed[parent]
-            elif parent is not None and parent.startswith(source):
-                parent = target + parent[size:]
-            copies.append((renamed[record[0]], name, record[2], 0, record[4], parent,
-                           record[6], record[7]))
+        copies = rules.copy_records(plan, source, target)
         if copies:
             self._store("", copies, False)
         return len(copies)
@@ -489,13 +463,13 @@ class RedisStore(BaseStore):
     def _op_load(self, checkpoint_id: str) -> Record:
         raw = self._run("load", _b(checkpoint_id))
         if raw is None:
-            raise _not_found(checkpoint_id)
+            raise not_found(checkpoint_id)
         return _record(raw)
 
     def _op_load_many(self, checkpoint_ids: Iterable[str]) -> list[Record]:
         ok, value = self._run("load_many", *[_b(cid) for cid in checkpoint_ids])
         if not ok:
-            raise _not_found(_s(value))
+            raise not_found(_s(value))
         return [_record(raw) for raw in value]
 
     def _op_list(self, execution_id: str, limit: int | None = None,
@@ -596,7 +570,7 @@ class RedisStore(BaseStore):
         stored = self._client.hgetall(self._prefix + b"limits")
         if not stored:
             return Limits()
-        values: dict[str, Any] = dict.fromkeys(_LIMIT_FIELDS)
+        values: dict[str, Any] = dict.fromkeys(LIMIT_FIELDS)
         for key, value in stored.items():
             name = _s(key)
             values[name] = _s(value) if name == "on_full" else int(value)
@@ -604,7 +578,7 @@ class RedisStore(BaseStore):
 
     def _write_limits(self, limits: Limits) -> None:
         fields: dict[bytes, bytes] = {b"on_full": _b(limits.on_full)}
-        for name in _LIMIT_FIELDS:
+        for name in LIMIT_FIELDS:
             value = getattr(limits, name)
             if value is not None:
                 fields[_b(name)] = b"%d" % value
@@ -747,19 +721,6 @@ _OPS: dict[str, Callable[..., Any]] = {
     op: getattr(RedisStore, "_op_" + op) for op in (*TABLE_OPS, "memory_history")}
 
 
-def _conflict(execution_id: str, expected: int | None, actual: int) -> VersionConflict:
-    return VersionConflict(
-        f"execution {execution_id!r} is at version {actual}, not {expected}; "
-        "load the latest and try again",
-        execution_id=execution_id, expected=expected, actual=actual,
-    )
-
-
-def _not_found(checkpoint_id: str) -> CheckpointNotFound:
-    return CheckpointNotFound(f"no checkpoint with id {checkpoint_id!r}",
-                              checkpoint_id=checkpoint_id)
-
-
 def _shmstore_error(fields: dict[str, Any]) -> ShmstoreError:
     """Rebuild the error a script refused with (the same messages as `CheckpointTable`)."""
     kind = fields.get("k")
@@ -767,27 +728,11 @@ def _shmstore_error(fields: dict[str, Any]) -> ShmstoreError:
         return VersionConflict("version conflict", execution_id="", expected=None,
                                actual=int(fields["actual"]))
     if kind == "full":
-        limit = str(fields["limit"])
-        maximum, current = int(fields["maximum"]), int(fields["current"])
-        requested = int(fields["requested"])
-        if limit == "max_checkpoint_bytes":
-            message = (f"checkpoint {fields['id']!r} is {current} bytes encoded, over "
-                       f"max_checkpoint_bytes={maximum}; checkpoint a reference to large data "
-                       "instead, or raise the limit")
-        elif limit == "max_rss":
-            message = (f"the store's process uses {current} bytes of memory (RSS), over "
-                       f"max_rss={maximum}; delete or clear executions, or raise the limit")
-        else:
-            what = "bytes of payload" if limit == "max_bytes" else "checkpoints"
-            if fields.get("alone"):
-                message = (f"{requested} {what} in one save can never fit under "
-                           f"{limit}={maximum}; save less at once, or raise the limit")
-            else:
-                message = (f"the store is full: {limit}={maximum}, it holds {current} {what} "
-                           f"and this save would make it {fields['value']}; delete or clear "
-                           "executions, raise the limit, or use on_full='evict'")
-        return StoreFull(message, limit=limit, maximum=maximum, current=current,
-                         requested=requested)
+        value = fields.get("value")
+        return rules.store_full(
+            str(fields["limit"]), int(fields["maximum"]), int(fields["current"]),
+            int(fields["requested"]), checkpoint_id=fields.get("id"),
+            value=None if value is None else int(value), alone=bool(fields.get("alone")))
     return ShmstoreError(f"Redis script failed: {fields!r}")
 
 
