@@ -70,16 +70,17 @@ _WHAT = {"max_bytes": "bytes of payload", "max_checkpoints": "checkpoints"}
 
 def store_full(limit: str, maximum: int, current: int, requested: int, *,
                checkpoint_id: str | None = None, value: int | None = None,
-               alone: bool = False) -> StoreFull:
+               alone: bool = False, unsent: bool = False) -> StoreFull:
     """The `StoreFull` a limit refuses a save with, its message saying what to do.
 
     ``checkpoint_id`` names the checkpoint over ``max_checkpoint_bytes``; ``value`` is
-    what a store-wide limit's figure would become; ``alone``: the batch by itself is over.
+    what a store-wide limit's figure would become; ``alone``: the batch by itself is over;
+    ``unsent``: the client refused it before sending anything.
     """
     if limit == "max_checkpoint_bytes":
         message = (f"checkpoint {checkpoint_id!r} is {current} bytes encoded, over "
                    f"max_checkpoint_bytes={maximum}; checkpoint a reference to large data "
-                   "instead, or raise the limit")
+                   "instead, or raise the limit" + (" (nothing was sent)" if unsent else ""))
     elif limit == "max_rss":
         message = (f"the store's process uses {current} bytes of memory (RSS), over "
                    f"max_rss={maximum}; delete or clear executions, or raise the limit")
