@@ -141,9 +141,14 @@ def test_store_wide_figures_of_max_bytes_are_bytes() -> None:
 
 def test_evictions_drop_oldest_until_within_limits() -> None:
     limits = Limits(max_checkpoints=3, max_bytes=10)
-    assert rules.evictions(limits, 3, 10, [4, 4, 2]) == 0
-    assert rules.evictions(limits, 5, 10, [1, 1, 1, 1, 6]) == 2
-    assert rules.evictions(limits, 3, 14, [1, 1, 4, 8]) == 3  # bytes still over after two
+
+    def victims(count: int, nbytes: int, sizes: list[int]) -> list[str]:
+        oldest_first = [rec(f"r{i}", size=size) for i, size in enumerate(sizes)]
+        return [r[0] for r in rules.evictions(limits, count, nbytes, oldest_first)]
+
+    assert victims(3, 10, [4, 4, 2]) == []
+    assert victims(5, 10, [1, 1, 1, 1, 6]) == ["r0", "r1"]
+    assert victims(3, 14, [1, 1, 4, 8]) == ["r0", "r1", "r2"]  # bytes still over after two
 
 
 # -- copy -------------------------------------------------------------------------------------

@@ -224,7 +224,7 @@ class CheckpointTable:
             StoreFull: a limit refuses them; nothing has been touched.
         """
         limits = self._limits
-        refusal = rules.oversized(limits, records)
+        refusal = None if self._largest is None else rules.oversized(limits, records)
         if refusal is None and limits.max_rss is not None:
             refusal = rules.rss_refusal(limits, self._current_rss())
         if refusal is not None:
@@ -252,12 +252,12 @@ class CheckpointTable:
     def _evict(self) -> None:
         """Drop the oldest records store-wide until the store is within its limits."""
         records = self._records
-        n = rules.evictions(self._limits, len(records), self._payload_bytes,
-                            (len(record[STATE]) for record in records.values()))
-        for record in list(itertools.islice(records.values(), n)):
+        victims = rules.evictions(self._limits, len(records), self._payload_bytes,
+                                  records.values())
+        for record in victims:
             self._remove(record)
-        self.evictions += n
-        self._evicted += n
+        self.evictions += len(victims)
+        self._evicted += len(victims)
         if self._evicted > 1024 + len(self._records) // 64:
             # Evictions empty the front of the dict; compact it so the next scan is short.
             self._records = dict(self._records)

@@ -231,15 +231,16 @@ def store_wide(limits: Limits, count: int, nbytes: int,
     return False, store_full(name, maximum, now, requested, value=value, alone=alone)
 
 
-def evictions(limits: Limits, count: int, nbytes: int, sizes: Iterable[int]) -> int:
-    """How many of the oldest records (their state sizes given store-wide, oldest first)
-    eviction drops so that a store of ``count`` records and ``nbytes`` fits its limits."""
-    dropped = 0
-    for size in sizes:
+def evictions(limits: Limits, count: int, nbytes: int, oldest_first: Iterable[R]) -> list[R]:
+    """The oldest records (of all the store's, given oldest first) that eviction drops so
+    that a store of ``count`` records and ``nbytes`` payload bytes fits its limits."""
+    victims: list[R] = []
+    for record in oldest_first:
         if over(limits, count, nbytes) is None:
             break
-        count, nbytes, dropped = count - 1, nbytes - size, dropped + 1
-    return dropped
+        victims.append(record)
+        count, nbytes = count - 1, nbytes - len(record[STATE])
+    return victims
 
 
 # -- copy -----------------------------------------------------------------------------------
