@@ -98,16 +98,18 @@ local function remove(id, e, resave)
   return size
 end
 
+-- The Limits in force, as RedisStore wrote them (core/limits.py names the fields; only
+-- those set are written, so an absent field is no limit).  No hash: the defaults.
 local function limits()
-  local f = redis.call('HMGET', K_LIMITS, 'max_bytes', 'max_checkpoints', 'max_per_execution',
-                       'max_checkpoint_bytes', 'max_rss', 'on_full')
-  if not f[6] then
+  local flat = redis.call('HGETALL', K_LIMITS)
+  if #flat == 0 then
     return {max_checkpoint_bytes = DEFAULT_MAX_CHECKPOINT_BYTES, on_full = 'reject'}
   end
-  -- tonumber(false) is nil: an absent field is no limit.
-  return {max_bytes = tonumber(f[1]), max_checkpoints = tonumber(f[2]),
-          max_per_execution = tonumber(f[3]), max_checkpoint_bytes = tonumber(f[4]),
-          max_rss = tonumber(f[5]), on_full = f[6]}
+  local L = {}
+  for i = 1, #flat, 2 do
+    if flat[i] == 'on_full' then L.on_full = flat[i + 1] else L[flat[i]] = tonumber(flat[i + 1]) end
+  end
+  return L
 end
 
 local function over(L, count, nbytes)
