@@ -13,6 +13,11 @@ filters by node, id and ``before_id`` in Redis and by metadata in the client (Py
 equality, as the table); ``purge`` and ``copy`` read the scope with one script and write
 with another (``purge`` drops only records still there at the version it read, so a
 record saved in between survives; ``copy`` stores all or nothing under the limits).
+The scripts are files of the package, backends/lua/<op>.lua, each run behind
+backends/lua/prelude.lua (the Lua twins of core/rules.py's admission, eviction and
+retention, which must run inside the writing script); what needs no atomicity (the
+metadata filter, the purge plan, ``copy``'s renaming, every refusal's message) is
+core/rules.py's Python, shared with the table.
 
 Payloads are the msgpack bytes the client encoded, kept as they came (the same bytes the
 shared server keeps), so a checkpoint moves between backends unchanged.

@@ -18,8 +18,9 @@ A record is a tuple (cheapest per-entry memory in CPython)::
 
 Callers send records with version 0; the table assigns the version.
 
-Limits (`Limits`, see shmstore/limits.py for the rules every backend follows) are checked
-under the same lock before anything is written, so a refused save touches nothing.  The
+Limits (`Limits`; what they mean is in core/limits.py, how they are applied in
+core/rules.py, whose functions the table calls) are checked under the same lock before
+anything is written, so a refused save touches nothing.  The
 store-wide order for eviction is save order, which is the order of ``_records`` (a dict
 keeps insertion order, and a re-saved id is removed and inserted again).
 """
@@ -614,10 +615,8 @@ class CheckpointTable:
     # -- LangGraph support ----------------------------------------------------------------
     # Queries over several executions at once, so that a LangGraph saver (shmstore/langgraph.py)
     # spends one round trip per LangGraph call; nothing in them knows about LangGraph.  A
-    # scope is a list of execution ids, or with ``prefix`` of id prefixes.  ``where`` maps a
-    # metadata key to the msgpack encodings of the values it may have (one of them); a
-    # missing key counts as None.  A record's *children* are the records of the node named
-    # ``children`` in its execution whose parent_id is its id, in version order.
+    # scope is a list of execution ids, or with ``prefix`` of id prefixes; what ``where``
+    # and *children* mean is said with their rules in core/rules.py.
 
     def _scope(self, executions: Sequence[str], prefix: bool) -> builtins.list[_Execution]:
         """The non-empty executions in scope, sorted by id (under the lock)."""
