@@ -13,6 +13,11 @@ filters by node, id and ``before_id`` in Redis and by metadata in the client (Py
 equality, as the table); ``purge`` and ``copy`` read the scope with one script and write
 with another (``purge`` drops only records still there at the version it read, so a
 record saved in between survives; ``copy`` stores all or nothing under the limits).
+The scripts are files of the package, backends/lua/<op>.lua, each run behind
+backends/lua/prelude.lua (the Lua twins of core/rules.py's admission, eviction and
+retention, which must run inside the writing script); what needs no atomicity (the
+metadata filter, the purge plan, ``copy``'s renaming, every refusal's message) is
+core/rules.py's Python, shared with the table.
 
 Payloads are the msgpack bytes the client encoded, kept as they came (the same bytes the
 shared server keeps), so a checkpoint moves between backends unchanged.
@@ -75,14 +80,14 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
+from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from ..core.checkpoint import new_id
+from ..core import rules
 from ..core.codec import MsgpackCodec
 from ..core.errors import (
     AccessDenied,
-    CheckpointNotFound,
     ConfigError,
     ShmstoreError,
     StoreFull,
@@ -90,17 +95,10 @@ from ..core.errors import (
     StoreUnavailable,
     VersionConflict,
 )
-from ..core.limits import DEFAULT_MAX_CHECKPOINT_BYTES, Limits
+from ..core.limits import DEFAULT_MAX_CHECKPOINT_BYTES, LIMIT_FIELDS, Limits
+from ..core.rules import TABLE_OPS, Record, decode_where, not_found, purge_plan, with_children
 from ..core.store import BaseStore
 from ..core.validate import duration
-from .table import (
-    TABLE_OPS,
-    Record,
-    decode_where,
-    metadata_matches,
-    purge_plan,
-    with_children,
-)
 
 try:
     import redis as _redis
@@ -117,564 +115,26 @@ DEFAULT_TIMEOUT = 30.0
 REDIS_SCHEMES = ("redis", "rediss", "redis+unix")
 ENV_REDIS_PASSWORD = "SHMSTORE_REDIS_PASSWORD"
 WAKE_GRACE_MS = 5000  # a generation key outlives its last waiter's slice by this much
-_LIMIT_FIELDS = ("max_bytes", "max_checkpoints", "max_per_execution", "max_checkpoint_bytes",
-                 "max_rss")
 
 # -- Lua ---------------------------------------------------------------------------------
-# Every script gets the prefix as ARGV[1].  Numbers that may pass 2^53 never go through
-# Lua numbers: timestamps stay strings; counts and sizes are far below it.
+# The scripts are files of the package (lua/<op>.lua), each run with lua/prelude.lua in
+# front of it; what must be atomic (admission, eviction, retention, versions) lives there.
+_LUA = resources.files("shmstore.backends") / "lua"
 
-_PRELUDE = r"""
-local P = ARGV[1]
-local K_IDS, K_ORDER, K_STATS = P .. 'ids', P .. 'order', P .. 'stats'
-local K_EXECS, K_EBYTES, K_OPS, K_LIMITS = P .. 'execs', P .. 'ebytes', P .. 'ops', P .. 'limits'
 
-local function tag(e)
-  if string.find(e, '[{}]') or string.sub(e, 1, 1) == '~' then
-    local hex = string.gsub(e, '.', function(c) return string.format('%02x', string.byte(c)) end)
-    return '~' .. hex
-  end
-  return e
-end
-local function ekey(e, suffix) return P .. '{' .. tag(e) .. '}:' .. suffix end
--- A counter must not turn a read into a refused write when Redis is at maxmemory.
-local function count_op(op) redis.pcall('HINCRBY', K_OPS, op, 1) end
-local function fail(t) return redis.error_reply('SHMSTORE ' .. cjson.encode(t)) end
-local function num(n) return string.format('%d', n) end
+def _script(name: str) -> str:
+    """The source of one script: the prelude, then the op's own file."""
+    prelude = (_LUA / "prelude.lua").read_text(encoding="utf-8")
+    return (prelude.replace("DEFAULT_MAX_CHECKPOINT_BYTES", str(DEFAULT_MAX_CHECKPOINT_BYTES))
+            + (_LUA / f"{name}.lua").read_text(encoding="utf-8"))
 
-local function record_of(id, e)
-  local f = redis.call('HMGET', ekey(e, 'r:' .. id), 'n', 'v', 't', 'p', 'm', 's')
-  if not f[2] then return false end
-  return {id, e, f[1], tonumber(f[2]), f[3], f[4], f[5], f[6]}
-end
 
-local function latest_version(e)
-  local top = redis.call('ZREVRANGE', ekey(e, 'v'), 0, 0, 'WITHSCORES')
-  if top[2] then return tonumber(top[2]) end
-  return 0
-end
-
-local function latest(e)
-  local top = redis.call('ZREVRANGE', ekey(e, 'v'), 0, 0)
-  if top[1] then return record_of(top[1], e) end
-  return false
-end
-
-local function latest_of_node(e, node)
-  local ids = redis.call('ZREVRANGE', ekey(e, 'v'), 0, -1)
-  for _, id in ipairs(ids) do
-    if redis.call('HGET', ekey(e, 'r:' .. id), 'n') == node then return record_of(id, e) end
-  end
-  return false
-end
-
--- A wake-up is a message on the execution's channel: it needs no memory, so it reaches
--- the waiters also when Redis is at maxmemory (a stream entry could not be written then).
-local function wake(e)
-  redis.call('PUBLISH', ekey(e, 'w'), '1')
-end
-
--- The execution's generation for waiters (a store-wide unique number; P{E}:g lives as
--- long as its waiters), made if there is none; 0 at maxmemory.
-local function generation(e, ttl)
-  local gk = ekey(e, 'g')
-  local g = redis.call('GET', gk)
-  if not g then
-    local ok = redis.pcall('HINCRBY', K_STATS, 'generations', 1)
-    if type(ok) ~= 'number' then return 0 end
-    local set = redis.pcall('SET', gk, ok, 'PX', ttl)
-    if set.err then return 0 end
-    return ok
-  end
-  if redis.call('PTTL', gk) < ttl then redis.pcall('PEXPIRE', gk, ttl) end
-  return tonumber(g)
-end
-
--- An execution left empty restarts: versions from 1, and its waiters get a new generation.
-local function restart(e)
-  redis.call('DEL', ekey(e, 'hi'))
-  local gk = ekey(e, 'g')
-  if redis.call('EXISTS', gk) == 1 then
-    local ok = redis.pcall('HINCRBY', K_STATS, 'generations', 1)
-    if type(ok) == 'number' then redis.pcall('SET', gk, ok, 'KEEPTTL') end
-  end
-end
-
--- Drop one record.  resave: the same id is stored in e right after, so an execution
--- left empty keeps its high-water version (no restart).
-local function remove(id, e, resave)
-  local rk = ekey(e, 'r:' .. id)
-  local size = redis.call('HSTRLEN', rk, 's')
-  redis.call('DEL', rk)
-  redis.call('ZREM', ekey(e, 'v'), id)
-  redis.call('HDEL', K_IDS, id)
-  redis.call('ZREM', K_ORDER, id)
-  redis.call('HINCRBY', K_STATS, 'payload_bytes', -size)
-  if redis.call('HINCRBY', K_EXECS, e, -1) <= 0 then
-    redis.call('HDEL', K_EXECS, e)
-    redis.call('HDEL', K_EBYTES, e)
-    if not resave then restart(e) end
-  else
-    redis.call('HINCRBY', K_EBYTES, e, -size)
-  end
-  return size
-end
-
-local function limits()
-  local f = redis.call('HMGET', K_LIMITS, 'max_bytes', 'max_checkpoints', 'max_per_execution',
-                       'max_checkpoint_bytes', 'max_rss', 'on_full')
-  if not f[6] then
-    return {max_checkpoint_bytes = DEFAULT_MAX_CHECKPOINT_BYTES, on_full = 'reject'}
-  end
-  -- tonumber(false) is nil: an absent field is no limit.
-  return {max_bytes = tonumber(f[1]), max_checkpoints = tonumber(f[2]),
-          max_per_execution = tonumber(f[3]), max_checkpoint_bytes = tonumber(f[4]),
-          max_rss = tonumber(f[5]), on_full = f[6]}
-end
-
-local function over(L, count, nbytes)
-  if L.max_checkpoints and count > L.max_checkpoints then
-    return 'max_checkpoints', L.max_checkpoints, count
-  end
-  if L.max_bytes and nbytes > L.max_bytes then return 'max_bytes', L.max_bytes, nbytes end
-  return nil
-end
-
-local function stored_bytes()
-  return tonumber(redis.call('HGET', K_STATS, 'payload_bytes') or '0')
-end
-
--- What storing recs would leave (count, bytes of the store; count, bytes of the batch),
--- accounting for re-saved ids and retention exactly as put() will act.
-local function project(recs, keep)
-  local count, nbytes = redis.call('HLEN', K_IDS), stored_bytes()
-  local batch, gone, members = {}, {}, {}
-  local function ids_of(e)
-    local ids = members[e]
-    if not ids then ids = redis.call('ZRANGE', ekey(e, 'v'), 0, -1); members[e] = ids end
-    return ids
-  end
-  local function take(list, id)
-    for i = 1, #list do if list[i] == id then table.remove(list, i); return end end
-  end
-  for _, r in ipairs(recs) do
-    local id, e, size = r[1], r[2], #r[7]
-    if batch[id] then
-      local old = batch[id]
-      batch[id] = nil
-      count, nbytes = count - 1, nbytes - old[2]
-      if keep then take(ids_of(old[1]), id) end
-    elseif not gone[id] then
-      local old_e = redis.call('HGET', K_IDS, id)
-      if old_e then
-        gone[id] = true
-        count = count - 1
-        nbytes = nbytes - redis.call('HSTRLEN', ekey(old_e, 'r:' .. id), 's')
-        if keep then take(ids_of(old_e), id) end
-      end
-    end
-    batch[id] = {e, size}
-    count, nbytes = count + 1, nbytes + size
-    if keep then
-      local ids = ids_of(e)
-      ids[#ids + 1] = id
-      while #ids > keep do
-        local drop = table.remove(ids, 1)
-        local dropped
-        if batch[drop] then
-          dropped = batch[drop][2]
-          batch[drop] = nil
-        else
-          gone[drop] = true
-          dropped = redis.call('HSTRLEN', ekey(e, 'r:' .. drop), 's')
-        end
-        count, nbytes = count - 1, nbytes - dropped
-      end
-    end
-  end
-  local bn, bb = 0, 0
-  for _, v in pairs(batch) do bn, bb = bn + 1, bb + v[2] end
-  return count, nbytes, bn, bb
-end
-
-local function refuse(t)
-  redis.pcall('HINCRBY', K_STATS, 'rejections', 1)
-  t.k = 'full'
-  return t
-end
-
--- Check recs against the limits before anything is written: nil and whether eviction
--- must follow, or the refusal.
-local function admit(L, recs)
-  if L.max_checkpoint_bytes then
-    for _, r in ipairs(recs) do
-      local size = #r[7] + #r[6]
-      if size > L.max_checkpoint_bytes then
-        return refuse({limit = 'max_checkpoint_bytes', maximum = num(L.max_checkpoint_bytes),
-                       current = num(size), requested = num(size), id = r[1]})
-      end
-    end
-  end
-  if L.max_rss then
-    local rss = tonumber(string.match(redis.call('INFO', 'memory'), 'used_memory_rss:(%d+)'))
-    if rss > L.max_rss then
-      return refuse({limit = 'max_rss', maximum = num(L.max_rss), current = num(rss),
-                     requested = '0'})
-    end
-  end
-  if not (L.max_bytes or L.max_checkpoints) then return nil, false end
-  local count, nbytes, bn, bb = project(recs, L.max_per_execution)
-  local name, maximum, value = over(L, count, nbytes)
-  if not name then return nil, false end
-  local alone = over(L, bn, bb)
-  if L.on_full == 'evict' and not alone then return nil, true end
-  local now, requested = redis.call('HLEN', K_IDS), bn
-  if name == 'max_bytes' then now, requested = stored_bytes(), bb end
-  return refuse({limit = name, maximum = num(maximum), current = num(now),
-                 requested = num(requested), value = num(value), alone = alone and true or false})
-end
-
-local function evict(L)
-  local count, nbytes, n = redis.call('HLEN', K_IDS), stored_bytes(), 0
-  while over(L, count, nbytes) do
-    local oldest = redis.call('ZRANGE', K_ORDER, 0, 0)[1]
-    if not oldest then break end
-    nbytes = nbytes - remove(oldest, redis.call('HGET', K_IDS, oldest))
-    count, n = count - 1, n + 1
-  end
-  redis.call('HINCRBY', K_STATS, 'evictions', n)
-end
-
--- Store one record (id, e, node, ts, parent or '', meta, state); answer its version.
-local function put(L, r)
-  local id, e, state = r[1], r[2], r[7]
-  local old_e = redis.call('HGET', K_IDS, id)
-  if old_e then remove(id, old_e, old_e == e) end
-  local version = redis.call('INCR', ekey(e, 'hi'))
-  local rk = ekey(e, 'r:' .. id)
-  if r[5] == '' then
-    redis.call('HSET', rk, 'n', r[3], 'v', version, 't', r[4], 'm', r[6], 's', state)
-  else
-    redis.call('HSET', rk, 'n', r[3], 'v', version, 't', r[4], 'p', r[5], 'm', r[6], 's', state)
-  end
-  local vk = ekey(e, 'v')
-  redis.call('ZADD', vk, version, id)
-  redis.call('HSET', K_IDS, id, e)
-  redis.call('ZADD', K_ORDER, redis.call('HINCRBY', K_STATS, 'seq', 1), id)
-  redis.call('HINCRBY', K_STATS, 'payload_bytes', #state)
-  redis.call('HINCRBY', K_EXECS, e, 1)
-  redis.call('HINCRBY', K_EBYTES, e, #state)
-  local keep = L.max_per_execution
-  if keep then
-    local pruned = 0
-    while redis.call('ZCARD', vk) > keep do
-      remove(redis.call('ZRANGE', vk, 0, 0)[1], e)
-      pruned = pruned + 1
-    end
-    if pruned > 0 then redis.call('HINCRBY', K_STATS, 'pruned', pruned) end
-  end
-  wake(e)
-  return version
-end
-
-local function records_from(first, n)
-  local recs = {}
-  for i = 0, n - 1 do
-    local b = first + 7 * i
-    recs[#recs + 1] = {ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4],
-                       ARGV[b + 5], ARGV[b + 6]}
-  end
-  return recs
-end
-
-local function drop_lease(e, node, token)
-  local lk = ekey(e, 'l:' .. node)
-  if redis.call('HGET', lk, 't') ~= token then return false end
-  redis.call('DEL', lk)
-  wake(e)
-  return true
-end
-""".replace("DEFAULT_MAX_CHECKPOINT_BYTES", str(DEFAULT_MAX_CHECKPOINT_BYTES))
-
-_SCRIPTS = {
-    # ARGV: P, expected ('' = none), one record
-    "save": r"""
-count_op('save')
-local recs = records_from(3, 1)
-if ARGV[2] ~= '' then
-  local actual = latest_version(recs[1][2])
-  if actual ~= tonumber(ARGV[2]) then return fail({k = 'conflict', actual = num(actual)}) end
-end
-local L = limits()
-local refused, must_evict = admit(L, recs)
-if refused then return fail(refused) end
-local version = put(L, recs[1])
-if must_evict then evict(L) end
-return version
-""",
-    # save_many, save_new and copy.  ARGV: P, op to count ('' = none), only new ids
-    # ('1'/'0'), n, n records -> versions (0 for a record skipped as not new)
-    "store": r"""
-if ARGV[2] ~= '' then count_op(ARGV[2]) end
-local recs = records_from(5, tonumber(ARGV[4]))
-local chosen, pos, versions = {}, {}, {}
-for i = 1, #recs do versions[i] = 0 end
-if ARGV[3] == '1' then
-  local seen = {}
-  for i, r in ipairs(recs) do
-    if not seen[r[1]] and redis.call('HEXISTS', K_IDS, r[1]) == 0 then
-      seen[r[1]] = true
-      chosen[#chosen + 1] = r
-      pos[#pos + 1] = i
-    end
-  end
-else
-  chosen = recs
-  for i = 1, #recs do pos[i] = i end
-end
-if #chosen > 0 then
-  local L = limits()
-  local refused, must_evict = admit(L, chosen)
-  if refused then return fail(refused) end
-  for j, r in ipairs(chosen) do versions[pos[j]] = put(L, r) end
-  if must_evict then evict(L) end
-end
-return versions
-""",
-    # The records of the executions in scope, for find, purge and copy.
-    # ARGV: P, op to count, prefix ('1'/'0'), node or '', has node, checkpoint id or '',
-    # before id or '', children node or '', has children, limit (-1: none), by id
-    # ('1'/'0'), names...
-    # -> {name, records newest first (version, or id with by id) that pass the filters,
-    #     children oldest first}...
-    "scan": r"""
-if ARGV[2] ~= '' then count_op(ARGV[2]) end
-local limit = tonumber(ARGV[10])
-if limit == 0 then return {} end
--- Byte order (= code point order of UTF-8), not the server's locale (strcoll).
-local function lt(a, b)
-  local n = math.min(#a, #b)
-  for i = 1, n do
-    local x, y = string.byte(a, i), string.byte(b, i)
-    if x ~= y then return x < y end
-  end
-  return #a < #b
-end
-local names, seen = {}, {}
-if ARGV[3] == '1' then
-  for _, name in ipairs(redis.call('HKEYS', K_EXECS)) do
-    for i = 12, #ARGV do
-      if string.sub(name, 1, #ARGV[i]) == ARGV[i] then names[#names + 1] = name; break end
-    end
-  end
-else
-  for i = 12, #ARGV do
-    local name = ARGV[i]
-    if not seen[name] and redis.call('HEXISTS', K_EXECS, name) == 1 then
-      seen[name] = true
-      names[#names + 1] = name
-    end
-  end
-end
-table.sort(names, lt)
-local node, has_node, only, before = ARGV[4], ARGV[5] == '1', ARGV[6], ARGV[7]
-local out, total = {}, 0
-for _, e in ipairs(names) do
-  local ids
-  if only ~= '' then
-    if redis.call('HGET', K_IDS, only) == e then ids = {only} else ids = {} end
-  else
-    ids = redis.call('ZREVRANGE', ekey(e, 'v'), 0, -1)
-    if ARGV[11] == '1' then table.sort(ids, function(a, b) return lt(b, a) end) end
-  end
-  local found = {}
-  for _, id in ipairs(ids) do
-    if before == '' or lt(id, before) then
-      local r = record_of(id, e)
-      if not has_node or r[3] == node then
-        found[#found + 1] = r
-        total = total + 1
-        if limit > 0 and total >= limit then break end
-      end
-    end
-  end
-  local kids = {}
-  if ARGV[9] == '1' and #found > 0 then
-    for _, id in ipairs(redis.call('ZRANGE', ekey(e, 'v'), 0, -1)) do
-      if redis.call('HGET', ekey(e, 'r:' .. id), 'n') == ARGV[8] then
-        kids[#kids + 1] = record_of(id, e)
-      end
-    end
-  end
-  out[#out + 1] = {e, found, kids}
-  if limit > 0 and total >= limit then break end
-end
-return out
-""",
-    # ARGV: P, (id, version) pairs -> how many of them were still there and dropped
-    "drop": r"""
-local n = 0
-for i = 2, #ARGV, 2 do
-  local id = ARGV[i]
-  local e = redis.call('HGET', K_IDS, id)
-  if e and redis.call('HGET', ekey(e, 'r:' .. id), 'v') == ARGV[i + 1] then
-    remove(id, e)
-    n = n + 1
-  end
-end
-return n
-""",
-    # ARGV: P, id
-    "load": r"""
-count_op('load')
-local e = redis.call('HGET', K_IDS, ARGV[2])
-if not e then return false end
-return record_of(ARGV[2], e)
-""",
-    # ARGV: P, ids...  -> {1, records} or {0, missing id}
-    "load_many": r"""
-count_op('load_many')
-local out = {}
-for i = 2, #ARGV do
-  local e = redis.call('HGET', K_IDS, ARGV[i])
-  if not e then return {0, ARGV[i]} end
-  out[#out + 1] = record_of(ARGV[i], e)
-end
-return {1, out}
-""",
-    # ARGV: P, e, limit (-1 = none), before ('' = none), newest_first ('1'/'0')
-    "list": r"""
-count_op('list')
-local e, limit, before = ARGV[2], tonumber(ARGV[3]), ARGV[4]
-if limit == 0 then return {} end
-local vk, ids = ekey(e, 'v')
-local high = '+inf'
-if before ~= '' then high = '(' .. before end
-if ARGV[5] == '1' then
-  ids = redis.call('ZREVRANGEBYSCORE', vk, high, '-inf', 'LIMIT', 0, limit)
-else
-  ids = redis.call('ZRANGEBYSCORE', vk, '-inf', high, 'LIMIT', 0, limit)
-end
-local out = {}
-for _, id in ipairs(ids) do out[#out + 1] = record_of(id, e) end
-return out
-""",
-    "latest": r"""
-count_op('latest')
-return latest(ARGV[2])
-""",
-    "delete": r"""
-count_op('delete')
-local e = redis.call('HGET', K_IDS, ARGV[2])
-if not e then return 0 end
-remove(ARGV[2], e)
-return 1
-""",
-    "clear": r"""
-count_op('clear')
-local e = ARGV[2]
-local ids = redis.call('ZRANGE', ekey(e, 'v'), 0, -1)
-for _, id in ipairs(ids) do remove(id, e) end
-return #ids
-""",
-    "executions": r"""
-count_op('executions')
-return redis.call('HKEYS', K_EXECS)
-""",
-    # ARGV: P, e, after, count ('1'/'0'), ttl ms of the generation key (0: the wait is
-    # over), the waiter's generation (0: take the present one)
-    # -> {1, record, generation} or {0, 0, generation}
-    "wait": r"""
-if ARGV[4] == '1' then count_op('wait') end
-local e, after, ttl, start = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local rec = latest(e)
-local now = tonumber(redis.call('GET', ekey(e, 'g')) or '0')
-if start == 0 then start = now end
--- A record in a later generation than the waiter's: the execution restarted since.
-if rec and (rec[4] > after or (start ~= 0 and now ~= start)) then return {1, rec, start} end
-if ttl > 0 then
-  local g = generation(e, ttl)
-  if start == 0 then start = g end
-end
-return {0, 0, start}
-""",
-    # ARGV: P, e, node, owner, lease ms, count
-    "claim": r"""
-if ARGV[6] == '1' then count_op('claim') end
-local e, node, owner = ARGV[2], ARGV[3], ARGV[4]
-local rec = latest_of_node(e, node)
-if rec then return {'done', rec} end
-local lk = ekey(e, 'l:' .. node)
-local lease = redis.call('HMGET', lk, 't', 'o')
-if not lease[1] then
-  local token = 'redis-' .. redis.call('HINCRBY', K_STATS, 'tokens', 1)
-  redis.call('HSET', lk, 't', token, 'o', owner)
-  redis.call('PEXPIRE', lk, ARGV[5])
-  return {'granted', token}
-end
-if lease[2] == owner then return {'held', owner} end
-return {'busy', lease[2], redis.call('PTTL', lk)}
-""",
-    # ARGV: P, e, node, token, lease ms
-    "renew": r"""
-count_op('renew')
-local lk = ekey(ARGV[2], 'l:' .. ARGV[3])
-if redis.call('HGET', lk, 't') ~= ARGV[4] then return 0 end
-redis.call('PEXPIRE', lk, ARGV[5])
-return 1
-""",
-    "release": r"""
-count_op('release')
-if drop_lease(ARGV[2], ARGV[3], ARGV[4]) then return 1 end
-return 0
-""",
-    # ARGV: P, token, one record
-    "complete": r"""
-count_op('complete')
-local recs = records_from(3, 1)
-local r = recs[1]
-local existing = latest_of_node(r[2], r[3])
-if existing then
-  drop_lease(r[2], r[3], ARGV[2])
-  return {'done', existing}
-end
-local L = limits()
-local refused, must_evict = admit(L, recs)
-if refused then return fail(refused) end
-local version = put(L, r)
-if must_evict then evict(L) end
-drop_lease(r[2], r[3], ARGV[2])
-return {'saved', version}
-""",
-    # -> {checkpoints, executions, payload_bytes, ops (flat), stats (flat), largest (flat)}
-    "stats": r"""
-count_op('stats')
-local top = {}
-local flat = redis.call('HGETALL', K_EBYTES)
-for i = 1, #flat, 2 do
-  local size = tonumber(flat[i + 1])
-  local pos = #top + 1
-  while pos > 1 and top[pos - 1][2] < size do pos = pos - 1 end
-  if pos <= 5 then
-    table.insert(top, pos, {flat[i], size})
-    if #top > 5 then table.remove(top) end
-  end
-end
-local largest = {}
-for _, t in ipairs(top) do
-  largest[#largest + 1] = t[1]
-  largest[#largest + 1] = redis.call('HGET', K_EXECS, t[1])
-  largest[#largest + 1] = num(t[2])
-end
-return {redis.call('HLEN', K_IDS), redis.call('HLEN', K_EXECS), num(stored_bytes()),
-        redis.call('HGETALL', K_OPS), redis.call('HGETALL', K_STATS), largest,
-        redis.call('INFO', 'server'), redis.call('INFO', 'memory')}
-""",
-}
-
+# One script per file; the prelude is no script of its own.
+SCRIPTS = tuple(sorted(entry.name[:-len(".lua")] for entry in _LUA.iterdir()
+                       if entry.name.endswith(".lua") and entry.name != "prelude.lua"))
 
 # Scripts by name: (source, SHA1).  EVALSHA needs no load first; NOSCRIPT loads once.
-_SOURCES = {name: _PRELUDE + body for name, body in _SCRIPTS.items()}
+_SOURCES = {name: _script(name) for name in SCRIPTS}
 _SHAS = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in _SOURCES.items()}
 
 
@@ -919,7 +379,7 @@ class RedisStore(BaseStore):
         except _redis.exceptions.ResponseError as exc:
             error = self._translate(exc)
             if isinstance(error, VersionConflict):
-                raise _conflict(record[1], expected_version, error.actual) from None
+                raise rules.version_conflict(record[1], expected_version, error.actual) from None
             raise error from None
 
     def _store(self, op: str, records: Iterable[Sequence[Any]], only_new: bool) -> list[int]:
@@ -971,13 +431,8 @@ class RedisStore(BaseStore):
                              limit=limit if filters is None else (0 if limit == 0 else None))
         out: builtins.list[builtins.list[Any]] = []
         for _name, found, kids in scanned:
-            matched = []
-            for record in found:
-                if filters is not None and not metadata_matches(record[6], filters):
-                    continue
-                matched.append(record)
-                if limit is not None and len(out) + len(matched) >= limit:
-                    break
+            matched = rules.first_matches(found, None, filters, None,
+                                          None if limit is None else limit - len(out))
             out.extend(with_children(matched, kids))
             if limit is not None and len(out) >= limit:
                 break
@@ -1001,22 +456,11 @@ class RedisStore(BaseStore):
 
     def _op_copy(self, source: str, target: str, prefix: bool = False) -> int:
         if source == target:
-            raise ConfigError(f"cannot copy {source!r} onto itself", value=source)
-        plan = [(record, target + name[len(source):])
+            raise rules.copy_onto_itself(source)
+        plan = [(record, rules.renamed(name, source, target))
                 for name, newest_first, _ in self._scan("copy", [source], prefix)
                 for record in newest_first[::-1]]
-        size = len(source)
-        renamed = {record[0]: target + record[0][size:] if record[0].startswith(source)
-                   else new_id() for record, _ in plan}
-        copies = []
-        for record, name in plan:
-            parent = record[5]
-            if parent in renamed:
-                parent = renamed[parent]
-            elif parent is not None and parent.startswith(source):
-                parent = target + parent[size:]
-            copies.append((renamed[record[0]], name, record[2], 0, record[4], parent,
-                           record[6], record[7]))
+        copies = rules.copy_records(plan, source, target)
         if copies:
             self._store("", copies, False)
         return len(copies)
@@ -1024,13 +468,13 @@ class RedisStore(BaseStore):
     def _op_load(self, checkpoint_id: str) -> Record:
         raw = self._run("load", _b(checkpoint_id))
         if raw is None:
-            raise _not_found(checkpoint_id)
+            raise not_found(checkpoint_id)
         return _record(raw)
 
     def _op_load_many(self, checkpoint_ids: Iterable[str]) -> list[Record]:
         ok, value = self._run("load_many", *[_b(cid) for cid in checkpoint_ids])
         if not ok:
-            raise _not_found(_s(value))
+            raise not_found(_s(value))
         return [_record(raw) for raw in value]
 
     def _op_list(self, execution_id: str, limit: int | None = None,
@@ -1131,7 +575,7 @@ class RedisStore(BaseStore):
         stored = self._client.hgetall(self._prefix + b"limits")
         if not stored:
             return Limits()
-        values: dict[str, Any] = dict.fromkeys(_LIMIT_FIELDS)
+        values: dict[str, Any] = dict.fromkeys(LIMIT_FIELDS)
         for key, value in stored.items():
             name = _s(key)
             values[name] = _s(value) if name == "on_full" else int(value)
@@ -1139,7 +583,7 @@ class RedisStore(BaseStore):
 
     def _write_limits(self, limits: Limits) -> None:
         fields: dict[bytes, bytes] = {b"on_full": _b(limits.on_full)}
-        for name in _LIMIT_FIELDS:
+        for name in LIMIT_FIELDS:
             value = getattr(limits, name)
             if value is not None:
                 fields[_b(name)] = b"%d" % value
@@ -1282,19 +726,6 @@ _OPS: dict[str, Callable[..., Any]] = {
     op: getattr(RedisStore, "_op_" + op) for op in (*TABLE_OPS, "memory_history")}
 
 
-def _conflict(execution_id: str, expected: int | None, actual: int) -> VersionConflict:
-    return VersionConflict(
-        f"execution {execution_id!r} is at version {actual}, not {expected}; "
-        "load the latest and try again",
-        execution_id=execution_id, expected=expected, actual=actual,
-    )
-
-
-def _not_found(checkpoint_id: str) -> CheckpointNotFound:
-    return CheckpointNotFound(f"no checkpoint with id {checkpoint_id!r}",
-                              checkpoint_id=checkpoint_id)
-
-
 def _shmstore_error(fields: dict[str, Any]) -> ShmstoreError:
     """Rebuild the error a script refused with (the same messages as `CheckpointTable`)."""
     kind = fields.get("k")
@@ -1302,27 +733,11 @@ def _shmstore_error(fields: dict[str, Any]) -> ShmstoreError:
         return VersionConflict("version conflict", execution_id="", expected=None,
                                actual=int(fields["actual"]))
     if kind == "full":
-        limit = str(fields["limit"])
-        maximum, current = int(fields["maximum"]), int(fields["current"])
-        requested = int(fields["requested"])
-        if limit == "max_checkpoint_bytes":
-            message = (f"checkpoint {fields['id']!r} is {current} bytes encoded, over "
-                       f"max_checkpoint_bytes={maximum}; checkpoint a reference to large data "
-                       "instead, or raise the limit")
-        elif limit == "max_rss":
-            message = (f"the store's process uses {current} bytes of memory (RSS), over "
-                       f"max_rss={maximum}; delete or clear executions, or raise the limit")
-        else:
-            what = "bytes of payload" if limit == "max_bytes" else "checkpoints"
-            if fields.get("alone"):
-                message = (f"{requested} {what} in one save can never fit under "
-                           f"{limit}={maximum}; save less at once, or raise the limit")
-            else:
-                message = (f"the store is full: {limit}={maximum}, it holds {current} {what} "
-                           f"and this save would make it {fields['value']}; delete or clear "
-                           "executions, raise the limit, or use on_full='evict'")
-        return StoreFull(message, limit=limit, maximum=maximum, current=current,
-                         requested=requested)
+        value = fields.get("value")
+        return rules.store_full(
+            str(fields["limit"]), int(fields["maximum"]), int(fields["current"]),
+            int(fields["requested"]), checkpoint_id=fields.get("id"),
+            value=None if value is None else int(value), alone=bool(fields.get("alone")))
     return ShmstoreError(f"Redis script failed: {fields!r}")
 
 

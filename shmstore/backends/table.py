@@ -18,8 +18,9 @@ A record is a tuple (cheapest per-entry memory in CPython)::
 
 Callers send records with version 0; the table assigns the version.
 
-Limits (`Limits`, see shmstore/limits.py for the rules every backend follows) are checked
-under the same lock before anything is written, so a refused save touches nothing.  The
+Limits (`Limits`; what they mean is in core/limits.py, how they are applied in
+core/rules.py, whose functions the table calls) are checked under the same lock before
+anything is written, so a refused save touches nothing.  The
 store-wide order for eviction is save order, which is the order of ``_records`` (a dict
 keeps insertion order, and a re-saved id is removed and inserted again).
 """
@@ -36,50 +37,34 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import msgpack
 import psutil
 
-from ..core.checkpoint import new_id
-from ..core.errors import CheckpointNotFound, ConfigError, StoreFull, VersionConflict
+from ..core import rules
+from ..core.errors import StoreFull
 from ..core.limits import Limits
+from ..core.rules import (
+    EXECUTION,
+    ID,
+    METADATA,
+    NODE,
+    PARENT,
+    STATE,
+    TABLE_OPS,
+    TIMESTAMP,
+    VERSION,
+    Record,
+    decode_where,
+    not_found,
+    purge_plan,
+    with_children,
+)
 from ..monitor.sampler import peak_rss
 
 __all__ = ["CheckpointTable", "Record", "TABLE_OPS"]
 
-# (id, execution_id, node_name, version, timestamp_us, parent_id, metadata, state)
-Record = tuple[Any, ...]
-
 SHRINK_MIN = 1024  # below this many records a dict's slack is not worth a rebuild
 RSS_MAX_AGE = 0.05  # seconds a measured RSS stays good enough for ``max_rss``
 LARGEST = 5  # executions listed by size in stats
-
-# Field positions in a record.
-ID, EXECUTION, NODE, VERSION, TIMESTAMP, PARENT, METADATA, STATE = range(8)
-
-# The methods a remote client may call; the server exposes exactly these.
-TABLE_OPS = (
-    "save",
-    "save_many",
-    "load",
-    "load_many",
-    "list",
-    "latest",
-    "delete",
-    "clear",
-    "executions",
-    "wait",
-    "stats",
-    "claim",
-    "renew",
-    "release",
-    "complete",
-    "limits",
-    # LangGraph support (generic queries over several executions; see the class's end)
-    "find",
-    "save_new",
-    "purge",
-    "copy",
-)
 
 # What ``claim`` and ``complete`` answer, first item of their [kind, value] pair.
 DONE = "done"          # value: the node's latest record
@@ -191,7 +176,7 @@ class CheckpointTable:
         keep = self._keep
         if keep is not None:
             versions = execution.versions
-            while len(versions) > keep:
+            for _ in range(rules.retention_excess(len(versions), keep)):
                 self._remove(self._records[next(iter(versions.values()))])
                 self.pruned += 1
                 execution.dropped += 1
@@ -229,11 +214,9 @@ class CheckpointTable:
 
     # -- limits -------------------------------------------------------------------------
 
-    def _refuse(self, limit: str, maximum: int, current: int, requested: int,
-                message: str) -> StoreFull:
+    def _refused(self, error: StoreFull) -> StoreFull:
         self.rejections += 1
-        return StoreFull(message, limit=limit, maximum=maximum, current=current,
-                         requested=requested)
+        return error
 
     def _admit(self, records: Sequence[Sequence[Any]]) -> bool:
         """Check ``records`` against the limits (under the lock); True if eviction must follow.
@@ -242,113 +225,36 @@ class CheckpointTable:
             StoreFull: a limit refuses them; nothing has been touched.
         """
         limits = self._limits
-        largest = limits.max_checkpoint_bytes
-        if largest is not None:
-            for record in records:
-                size = len(record[STATE]) + len(record[METADATA])
-                if size > largest:
-                    raise self._refuse(
-                        "max_checkpoint_bytes", largest, size, size,
-                        f"checkpoint {record[ID]!r} is {size} bytes encoded, over "
-                        f"max_checkpoint_bytes={largest}; checkpoint a reference to large data "
-                        "instead, or raise the limit",
-                    )
-        if limits.max_rss is not None:
-            rss = self._current_rss()
-            if rss > limits.max_rss:
-                raise self._refuse(
-                    "max_rss", limits.max_rss, rss, 0,
-                    f"the store's process uses {rss} bytes of memory (RSS), over "
-                    f"max_rss={limits.max_rss}; delete or clear executions, or raise the limit",
-                )
+        refusal = None if self._largest is None else rules.oversized(limits, records)
+        if refusal is None and limits.max_rss is not None:
+            refusal = rules.rss_refusal(limits, self._current_rss())
+        if refusal is not None:
+            raise self._refused(refusal)
         if not limits.store_wide:
             return False
-        count, nbytes, batch_count, batch_bytes = self._project(records)
-        over = self._over(count, nbytes)
-        if over is None:
-            return False
-        name, maximum, value = over
-        alone = self._over(batch_count, batch_bytes)
-        if limits.on_full == "evict" and alone is None:
-            return True
-        now = self._payload_bytes if name == "max_bytes" else len(self._records)
-        requested = batch_bytes if name == "max_bytes" else batch_count
-        what = "bytes of payload" if name == "max_bytes" else "checkpoints"
-        if alone is not None:
-            message = (f"{requested} {what} in one save can never fit under "
-                       f"{name}={maximum}; save less at once, or raise the limit")
-        else:
-            message = (f"the store is full: {name}={maximum}, it holds {now} {what} and "
-                       f"this save would make it {value}; delete or clear executions, "
-                       "raise the limit, or serve with on_full='evict'")
-        raise self._refuse(name, maximum, now, requested, message)
+        count, nbytes = len(self._records), self._payload_bytes
+        projection = rules.project(records, count, nbytes, self._stored, self._members,
+                                   self._keep)
+        evict, refusal = rules.store_wide(limits, count, nbytes, projection)
+        if refusal is not None:
+            raise self._refused(refusal)
+        return evict
 
-    def _over(self, count: int, nbytes: int) -> tuple[str, int, int] | None:
-        """The first store-wide limit that ``count``/``nbytes`` break, as (name, max, value)."""
-        limits = self._limits
-        if limits.max_checkpoints is not None and count > limits.max_checkpoints:
-            return ("max_checkpoints", limits.max_checkpoints, count)
-        if limits.max_bytes is not None and nbytes > limits.max_bytes:
-            return ("max_bytes", limits.max_bytes, nbytes)
-        return None
+    def _stored(self, checkpoint_id: str) -> tuple[str, int] | None:
+        """A stored id's (execution, state size), for `rules.project` (under the lock)."""
+        record = self._records.get(checkpoint_id)
+        return None if record is None else (record[EXECUTION], len(record[STATE]))
 
-    def _project(self, records: Sequence[Sequence[Any]]) -> tuple[int, int, int, int]:
-        """What storing ``records`` would leave: (count, bytes) of the store and of the batch.
-
-        Accounts for re-saved ids and for retention, exactly as `_insert` will act.
-        """
-        stored = self._records
-        keep = self._keep
-        count, nbytes = len(stored), self._payload_bytes
-        batch: dict[str, tuple[str, int]] = {}  # batch id -> (execution, size), alive
-        gone: set[str] = set()  # stored ids the batch replaces or retention drops
-        members: dict[str, builtins.list[str]] = {}  # execution -> ids, oldest first
-
-        def ids_of(name: str) -> builtins.list[str]:
-            ids = members.get(name)
-            if ids is None:
-                execution = self._executions.get(name)
-                ids = members[name] = [] if execution is None else list(
-                    execution.versions.values())
-            return ids
-
-        for record in records:
-            cid, name, size = record[ID], record[EXECUTION], len(record[STATE])
-            if cid in batch:
-                old_name, old_size = batch.pop(cid)
-                count, nbytes = count - 1, nbytes - old_size
-                if keep is not None:
-                    ids_of(old_name).remove(cid)
-            elif cid in stored and cid not in gone:
-                old = stored[cid]
-                gone.add(cid)
-                count, nbytes = count - 1, nbytes - len(old[STATE])
-                if keep is not None:
-                    ids_of(old[EXECUTION]).remove(cid)
-            batch[cid] = (name, size)
-            count, nbytes = count + 1, nbytes + size
-            if keep is not None:
-                ids = ids_of(name)
-                ids.append(cid)
-                while len(ids) > keep:
-                    drop = ids.pop(0)
-                    if drop in batch:
-                        dropped = batch.pop(drop)[1]
-                    else:
-                        gone.add(drop)
-                        dropped = len(stored[drop][STATE])
-                    count, nbytes = count - 1, nbytes - dropped
-        return count, nbytes, len(batch), sum(size for _, size in batch.values())
+    def _members(self, execution_id: str) -> Iterable[str]:
+        """An execution's stored ids, oldest first, for `rules.project` (under the lock)."""
+        execution = self._executions.get(execution_id)
+        return () if execution is None else execution.versions.values()
 
     def _evict(self) -> None:
         """Drop the oldest records store-wide until the store is within its limits."""
-        victims = []
-        count, nbytes = len(self._records), self._payload_bytes
-        for record in self._records.values():
-            if self._over(count, nbytes) is None:
-                break
-            victims.append(record)
-            count, nbytes = count - 1, nbytes - len(record[STATE])
+        records = self._records
+        victims = rules.evictions(self._limits, len(records), self._payload_bytes,
+                                  records.values())
         for record in victims:
             self._remove(record)
         self.evictions += len(victims)
@@ -392,11 +298,7 @@ class CheckpointTable:
                 execution = self._executions.get(record[EXECUTION])
                 actual = execution.latest_version() if execution is not None else 0
                 if actual != expected_version:
-                    raise VersionConflict(
-                        f"execution {record[EXECUTION]!r} is at version {actual}, "
-                        f"not {expected_version}; load the latest and try again",
-                        execution_id=record[EXECUTION], expected=expected_version, actual=actual,
-                    )
+                    raise rules.version_conflict(record[EXECUTION], expected_version, actual)
             if not self._fast:
                 return self._store((record,))[0]
             largest = self._largest
@@ -444,7 +346,7 @@ class CheckpointTable:
             self._ops["load"] += 1
             record = self._records.get(checkpoint_id)
         if record is None:
-            raise _not_found(checkpoint_id)
+            raise not_found(checkpoint_id)
         return record
 
     def load_many(self, checkpoint_ids: Iterable[str]) -> list[Record]:
@@ -460,7 +362,7 @@ class CheckpointTable:
             for cid in checkpoint_ids:
                 record = records.get(cid)
                 if record is None:
-                    raise _not_found(cid)
+                    raise not_found(cid)
                 out.append(record)
             return out
 
@@ -682,11 +584,6 @@ class CheckpointTable:
             self._drop_lease(key, token)
             return (SAVED, version)
 
-    @property
-    def limits_in_force(self) -> Limits:
-        """The `Limits` this table enforces."""
-        return self._limits
-
     def figures(self) -> tuple[int, int]:
         """``(checkpoints, payload_bytes)`` right now, without taking the lock (a sample)."""
         return len(self._records), self._payload_bytes
@@ -718,10 +615,8 @@ class CheckpointTable:
     # -- LangGraph support ----------------------------------------------------------------
     # Queries over several executions at once, so that a LangGraph saver (shmstore/langgraph.py)
     # spends one round trip per LangGraph call; nothing in them knows about LangGraph.  A
-    # scope is a list of execution ids, or with ``prefix`` of id prefixes.  ``where`` maps a
-    # metadata key to the msgpack encodings of the values it may have (one of them); a
-    # missing key counts as None.  A record's *children* are the records of the node named
-    # ``children`` in its execution whose parent_id is its id, in version order.
+    # scope is a list of execution ids, or with ``prefix`` of id prefixes; what ``where``
+    # and *children* mean is said with their rules in core/rules.py.
 
     def _scope(self, executions: Sequence[str], prefix: bool) -> builtins.list[_Execution]:
         """The non-empty executions in scope, sorted by id (under the lock)."""
@@ -786,13 +681,8 @@ class CheckpointTable:
                                                                  reverse=True))
                 else:
                     candidates = (records[cid] for cid in reversed(versions.values()))
-                matched: builtins.list[Record] = []
-                for record in candidates:
-                    if not _matches(record, node_name, filters, before_id):
-                        continue
-                    matched.append(record)
-                    if limit is not None and len(out) + len(matched) >= limit:
-                        break
+                matched = rules.first_matches(candidates, node_name, filters, before_id,
+                                              None if limit is None else limit - len(out))
                 out.extend(self._children(execution, matched, children))
                 if limit is not None and len(out) >= limit:
                     break
@@ -851,104 +741,13 @@ class CheckpointTable:
         between copied records follow them, so the copy is linked as the original.
         """
         if source == target:
-            raise ConfigError(f"cannot copy {source!r} onto itself", value=source)
+            raise rules.copy_onto_itself(source)
         with self._lock:
             self._ops["copy"] += 1
             records = self._records
-            plan = [(records[cid], target + ex.name[len(source):])
+            plan = [(records[cid], rules.renamed(ex.name, source, target))
                     for ex in self._scope((source,), prefix) for cid in ex.versions.values()]
-            size = len(source)
-            renamed = {record[ID]: target + record[ID][size:] if record[ID].startswith(source)
-                       else new_id() for record, _ in plan}
-            copies = []
-            for record, name in plan:
-                parent = record[PARENT]
-                if parent in renamed:
-                    parent = renamed[parent]
-                elif parent is not None and parent.startswith(source):
-                    parent = target + parent[size:]
-                copies.append((renamed[record[ID]], name, record[NODE], 0, record[TIMESTAMP],
-                               parent, record[METADATA], record[STATE]))
+            copies = rules.copy_records(plan, source, target)
             if copies:
                 self._store(copies)
             return len(copies)
-
-
-def _not_found(checkpoint_id: str) -> CheckpointNotFound:
-    return CheckpointNotFound(
-        f"no checkpoint with id {checkpoint_id!r}", checkpoint_id=checkpoint_id
-    )
-
-
-# ---------------------------------------------------------------- LangGraph support helpers
-
-Where = builtins.list[tuple[str, builtins.list[Any]]]
-
-
-def _unpack(data: bytes) -> Any:
-    # Plain msgpack: extension values stay msgpack.ExtType, compared by their bytes.
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
-
-
-def decode_where(where: dict[str, Sequence[bytes]] | None) -> Where | None:
-    """``where`` as (key, accepted values) pairs, values decoded once per call."""
-    if not where:
-        return None
-    try:
-        return [(key, [_unpack(value) for value in values]) for key, values in where.items()]
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"a where filter must map keys to lists of msgpack-encoded values: "
-                          f"{exc}", value=repr(where)[:80]) from None
-
-
-def _matches(record: Record, node_name: str | None, filters: Where | None,
-             before_id: str | None = None) -> bool:
-    """Whether ``record`` passes the filters of `find` and `purge`."""
-    return ((node_name is None or record[NODE] == node_name)
-            and (before_id is None or record[ID] < before_id)
-            and (filters is None or metadata_matches(record[METADATA], filters)))
-
-
-def with_children(parents: Sequence[Record],
-                  kids: Iterable[Record]) -> builtins.list[builtins.list[Any]]:
-    """``[parent, its children]`` for each parent; ``kids`` are candidates, oldest first,
-    and a kid belongs to the parent its parent_id names."""
-    found: dict[str, builtins.list[Record]] = {record[ID]: [] for record in parents}
-    for kid in kids:
-        siblings = found.get(kid[PARENT])
-        if siblings is not None:
-            siblings.append(kid)
-    return [[record, found[record[ID]]] for record in parents]
-
-
-def purge_plan(oldest_first: Sequence[Record], node_name: str | None, filters: Where | None,
-               keep: int, children: str | None) -> builtins.list[Record]:
-    """What `purge` drops of one execution's records (given oldest first), oldest first:
-    the matches but the newest ``keep``, and the ``children`` whose parent goes."""
-    if node_name is None and filters is None and not keep:
-        return builtins.list(oldest_first)
-    dropped: set[str] = set()
-    kept = 0
-    for record in reversed(oldest_first):
-        if not _matches(record, node_name, filters):
-            continue
-        if kept < keep:
-            kept += 1
-            continue
-        dropped.add(record[ID])
-    if dropped and children is not None:
-        dropped.update([record[ID] for record in oldest_first
-                        if record[NODE] == children and record[PARENT] in dropped])
-    return [record for record in oldest_first if record[ID] in dropped]
-
-
-def metadata_matches(metadata: bytes, where: Where) -> bool:
-    """True if the msgpack map ``metadata`` has, for every key of ``where``, one of its
-    values (a missing key counts as None).  Backends that filter elsewhere use it too."""
-    try:
-        meta = _unpack(metadata)
-    except (TypeError, ValueError):
-        return False
-    if not isinstance(meta, dict):
-        return False
-    return all(meta.get(key) in accepted for key, accepted in where)

@@ -33,13 +33,14 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_MAX_CHECKPOINT_BYTES", "Limits", "ON_FULL"]
+__all__ = ["DEFAULT_MAX_CHECKPOINT_BYTES", "LIMIT_FIELDS", "Limits", "ON_FULL"]
 
 DEFAULT_MAX_CHECKPOINT_BYTES = 64 * 1024 * 1024
 ON_FULL = ("reject", "evict")
 
-_INT_FIELDS = ("max_bytes", "max_checkpoints", "max_per_execution", "max_checkpoint_bytes",
-               "max_rss")
+#: The limits that are counts (an int >= 1, or None for no limit); ``on_full`` is the rest.
+LIMIT_FIELDS = ("max_bytes", "max_checkpoints", "max_per_execution", "max_checkpoint_bytes",
+                "max_rss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,7 @@ class Limits:
     on_full: str = "reject"
 
     def __post_init__(self) -> None:
-        for name in _INT_FIELDS:
+        for name in LIMIT_FIELDS:
             value = getattr(self, name)
             if value is not None and (type(value) is not int or value < 1):
                 raise ConfigError(

@@ -21,9 +21,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ..backends.table import BUSY, DONE, GRANTED, HELD
+from . import rules
 from .checkpoint import Checkpoint, timestamp_to_us, us_to_timestamp, validate_id
 from .codec import DEFAULT_CODEC, EMPTY_MAP, MsgpackCodec
-from .errors import ConfigError, ShmstoreError, StoreFull, StoreTimeout
+from .errors import ConfigError, ShmstoreError, StoreTimeout
 from .limits import Limits
 from .stats import StoreStats
 from .validate import count, duration, optional_duration
@@ -176,12 +177,8 @@ class BaseStore(abc.ABC):
             # and another client may have raised them since we asked.
             largest = self._max_checkpoint_bytes = self.limits().max_checkpoint_bytes
         if largest is not None and size > largest:
-            raise StoreFull(
-                f"checkpoint {cp.id!r} is {size} bytes encoded, over "
-                f"max_checkpoint_bytes={largest}; checkpoint a reference to large data "
-                "instead, or raise the limit (nothing was sent)",
-                limit="max_checkpoint_bytes", maximum=largest, current=size, requested=size,
-            )
+            raise rules.store_full("max_checkpoint_bytes", largest, size, size,
+                                   checkpoint_id=cp.id, unsent=True)
         return (
             cp.id, cp.execution_id, cp.node_name, 0, timestamp_to_us(cp.timestamp),
             cp.parent_id, meta, state,

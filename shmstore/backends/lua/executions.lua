@@ -1,0 +1,2 @@
+count_op('executions')
+return redis.call('HKEYS', K_EXECS)

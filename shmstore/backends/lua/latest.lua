@@ -1,0 +1,2 @@
+count_op('latest')
+return latest(ARGV[2])

@@ -1,0 +1,15 @@
+-- ARGV: P, e, limit (-1 = none), before ('' = none), newest_first ('1'/'0')
+count_op('list')
+local e, limit, before = ARGV[2], tonumber(ARGV[3]), ARGV[4]
+if limit == 0 then return {} end
+local vk, ids = ekey(e, 'v')
+local high = '+inf'
+if before ~= '' then high = '(' .. before end
+if ARGV[5] == '1' then
+  ids = redis.call('ZREVRANGEBYSCORE', vk, high, '-inf', 'LIMIT', 0, limit)
+else
+  ids = redis.call('ZRANGEBYSCORE', vk, '-inf', high, 'LIMIT', 0, limit)
+end
+local out = {}
+for _, id in ipairs(ids) do out[#out + 1] = record_of(id, e) end
+return out

@@ -1,0 +1,3 @@
+count_op('release')
+if drop_lease(ARGV[2], ARGV[3], ARGV[4]) then return 1 end
+return 0
