@@ -29,7 +29,7 @@ from ..core.checkpoint import Checkpoint
 from ..core.errors import StoreTimeout
 from ..core.store import BaseStore, StoreStats
 from ..integrations.pipeline import CheckpointConfig, Pipeline
-from ..server.manager import serve
+from ..server.process import serve
 
 __all__ = ["DemoReport", "DemoRow", "format_text", "rich_renderables", "run_demo"]
 

@@ -23,8 +23,8 @@ __all__ = ["main"]
 
 
 def _store(args: argparse.Namespace) -> Any:
-    from ..backends.shared import connect
-    from ..server.manager import ENV_CONNECTION_FILE, read_connection_file
+    from ..core.config import ENV_CONNECTION_FILE, read_connection_file
+    from ..core.factory import connect
 
     if args.connection_file:
         url, key = read_connection_file(args.connection_file)
@@ -36,8 +36,8 @@ def _store(args: argparse.Namespace) -> Any:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from ..backends.wire import parse_url
-    from ..server.manager import ENV_AUTHKEY, _coerce_authkey, run_server, write_connection_file
+    from ..core.config import ENV_AUTHKEY, coerce_authkey, parse_url, write_connection_file
+    from ..server.manager import run_server
 
     address = args.address
     private_dir = None
@@ -48,7 +48,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if not parsed.is_loopback and not args.allow_remote:
         raise ConfigError(f"{parsed.url} is not a loopback address; add --allow-remote to "
                           "serve other machines", value=parsed.url)
-    key = _coerce_authkey(os.environ.get(ENV_AUTHKEY))
+    key = coerce_authkey(os.environ.get(ENV_AUTHKEY))
     conn_file = args.connection_file
     if conn_file is None and ENV_AUTHKEY not in os.environ:
         # The key is random and must reach clients somehow: a private file, not stdout.

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
     from ..core.store import BaseStore, StoreStats
-    from ..server.manager import StoreServer
+    from ..server.process import StoreServer
 
 __all__ = ["SessionServer", "checkpoint_server", "checkpoint_store"]
 
@@ -122,7 +122,7 @@ class SessionServer:
             ConfigError: no authkey is known (``--shmstore-url`` without
                 ``SHMSTORE_AUTHKEY`` or ``SHMSTORE_CONNECTION_FILE``).
         """
-        from ..backends.shared import connect
+        from ..core.factory import connect
 
         return connect(self.url, authkey=self.authkey, **options)
 
@@ -174,7 +174,7 @@ class _Launcher:
             StoreUnavailable: it could not be started, or the run is ending.
         """
         from ..core.errors import StoreUnavailable
-        from ..server.manager import serve
+        from ..server.process import serve
 
         with self._lock:
             if self._closed:
@@ -338,7 +338,7 @@ class _RunStore:
         from ..core.errors import ConfigError
 
         if self.url is not None:
-            from ..backends.shared import connect
+            from ..core.factory import connect
 
             try:
                 store = connect(self.url)
