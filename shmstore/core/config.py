@@ -2,22 +2,18 @@
 
 Everything that names a server or proves a right to use it is read and checked here, the
 same way for every caller: `connect`, `serve`, the server child and the ``shmstore``
-command.  The module needs nothing above `core` (psutil, for a connection file's pid, is
-imported when a file is read), so a client that only connects pays for none of the
-server's code.
+command.  The module needs nothing above `core`, and what only some callers need (json
+and psutil for connection files, logging for a warning) is imported when it is used:
+``from shmstore import connect`` costs only this module.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
-import logging
 import os
-import secrets
 import stat
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 from .errors import ConfigError, StoreUnavailable
@@ -25,8 +21,6 @@ from .errors import ConfigError, StoreUnavailable
 __all__ = ["AUTHKEY_BYTES", "DEFAULT_TIMEOUT", "ENV_AUTHKEY", "ENV_CONNECTION_FILE", "ENV_URL",
            "Address", "coerce_authkey", "is_redis_url", "parse_url", "read_connection_file",
            "write_connection_file"]
-
-log = logging.getLogger("shmstore")
 
 ENV_URL = "SHMSTORE_URL"
 ENV_AUTHKEY = "SHMSTORE_AUTHKEY"
@@ -38,8 +32,7 @@ MAX_UNIX_PATH = 107
 REDIS_SCHEMES = ("redis", "rediss", "redis+unix")
 
 
-@dataclass(frozen=True)
-class Address:
+class Address(NamedTuple):
     """A server address parsed from a URL.
 
     Attributes:
@@ -130,7 +123,7 @@ def coerce_authkey(authkey: bytes | bytearray | str | None) -> bytes:
             never shows the key).
     """
     if authkey is None:
-        return secrets.token_bytes(AUTHKEY_BYTES)
+        return os.urandom(AUTHKEY_BYTES)  # what secrets.token_bytes returns
     if isinstance(authkey, str):
         try:
             key = bytes.fromhex(authkey)
@@ -159,6 +152,8 @@ def write_connection_file(path: str, url: str, authkey: bytes, pid: int) -> None
     Raises:
         ConfigError: the directory is missing or not writable.
     """
+    import json  # connection files only (see the module doc)
+
     directory = os.path.dirname(os.path.abspath(path))
     data = json.dumps({"url": url, "authkey": authkey.hex(), "pid": pid}).encode()
     tmp = ""
@@ -186,7 +181,7 @@ def _open_private_temp(directory: str, base: str) -> tuple[str, int]:
     """A new file ``.BASE.RANDOM`` in ``directory`` (mode 0600), never an existing one."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):  # a name taken by someone else: O_EXCL refuses it, try another
-        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(8)}")
+        tmp = os.path.join(directory, f".{base}.{os.urandom(8).hex()}")
         try:
             return tmp, os.open(tmp, flags, 0o600)
         except FileExistsError:
@@ -221,6 +216,8 @@ def read_connection_file(path: str) -> tuple[str, bytes]:
     except OSError as exc:
         raise _connection_file_error(path, str(exc)) from None
     _check_owner(path, st)
+    import json  # connection files only (see the module doc)
+
     try:
         data = json.loads(raw)
         url, key, pid = str(data["url"]), bytes.fromhex(data["authkey"]), data.get("pid")
@@ -246,9 +243,12 @@ def _check_owner(path: str, st: os.stat_result) -> None:
             value=path,
         )
     if st.st_mode & 0o077:
-        log.warning("connection file %r is readable by others (mode %04o): its authkey is "
-                    "not secret; `chmod 600` it, or restart the server to write a new one",
-                    path, stat.S_IMODE(st.st_mode))
+        import logging  # for this warning only (see the module doc)
+
+        logging.getLogger("shmstore").warning(
+            "connection file %r is readable by others (mode %04o): its authkey is not "
+            "secret; `chmod 600` it, or restart the server to write a new one",
+            path, stat.S_IMODE(st.st_mode))
 
 
 def _pid_exists(pid: int) -> bool:

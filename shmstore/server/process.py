@@ -6,7 +6,8 @@ once it accepts connections.  The child is started with ``subprocess`` running
 ``__main__`` (a script without a ``__main__`` guard would start itself again) and fork
 would copy the user's threads and locks.  The configuration, authkey included, goes over
 the child's stdin, never its command line.  The child imports only what it serves: this
-module, then `server.manager` and what it needs.
+module, then `server.manager` and what it needs; what only the starter uses (subprocess,
+shutil, tempfile) is imported in the functions that use it.
 
 The child watches its stdin: when the process that started it dies — even by SIGKILL —
 the pipe closes and the server stops within a fraction of a second.  A second check of
@@ -21,14 +22,10 @@ import json
 import logging
 import os
 import select
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from multiprocessing import process
 from typing import IO, TYPE_CHECKING, Any
 
 from ..core.config import (
@@ -43,6 +40,8 @@ from ..core.limits import Limits
 from ..monitor.sampler import DEFAULT_HISTORY, DEFAULT_INTERVAL, MemoryMonitor
 
 if TYPE_CHECKING:
+    import subprocess
+
     from ..backends.shared import SharedStore
 
 __all__ = ["StoreServer", "serve"]
@@ -141,6 +140,9 @@ class StoreServer:
         """Stop the server: ask, then terminate, then kill.  Calling it again does nothing."""
         if self._stopped or os.getpid() != self._owner:
             return
+        import shutil  # starter only (see the module doc), like subprocess below
+        import subprocess
+
         self._stopped = True
         atexit.unregister(self.shutdown)
         proc = self._proc
@@ -182,6 +184,8 @@ class StoreServer:
 
 def _discard(proc: subprocess.Popen[bytes]) -> None:
     """Stop a server child that failed to start (or whose start failed), close its pipes."""
+    import subprocess  # starter only (see the module doc)
+
     if proc.stdin is not None:
         with contextlib.suppress(OSError):
             proc.stdin.close()  # a ready server sees EOF and removes its socket
@@ -252,6 +256,12 @@ def serve(
         >>> with shmstore.serve() as server:
         ...     store = shmstore.connect()   # from the exported environment
     """
+    # Starter only (see the module doc): the child never calls serve().
+    import shutil
+    import subprocess
+    import tempfile
+    from multiprocessing import process
+
     if getattr(process.current_process(), "_inheriting", False):
         # What multiprocessing's spawn checks too: this process is a spawned child still
         # importing the parent's main module, so the parent's top level runs again here.
