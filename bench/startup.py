@@ -16,17 +16,26 @@ Two measurements (issue 13, point 7):
   shutdown is not timed.  Reported: medians, the spread (min..max), and the median of
   the per-pair ratio.  Target: shmstore under 100 ms.
 
+Bytecode: by default every process of the bench (the clients measured, the server
+children, SyncManager's) caches compiled modules in a private directory
+(``PYTHONPYCACHEPREFIX``), as an installed package has its ``.pyc`` files; with
+``--no-cache`` each import compiles shmstore's sources again, which is what a checkout
+run with ``PYTHONDONTWRITEBYTECODE=1`` pays at every start.
+
 Run ``python bench/startup.py`` (``--runs N``, default 15).  The table goes to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import multiprocessing
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.managers import SyncManager
@@ -101,11 +110,23 @@ def _spread(values: list[float]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--no-cache", action="store_true",
+                        help="compile the sources at every import (no .pyc files)")
     args = parser.parse_args()
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {args.runs} runs\n")
+    if args.no_cache:
+        os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
+    else:  # every child inherits it: the first run of each kind fills the cache
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        prefix = tempfile.mkdtemp(prefix="shmstore-bench-pyc-")
+        atexit.register(shutil.rmtree, prefix, ignore_errors=True)
+        os.environ["PYTHONPYCACHEPREFIX"] = prefix
+    cache = "no .pyc (compiled at each import)" if args.no_cache else ".pyc cached"
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {args.runs} runs, "
+          f"{cache}\n")
     print("| import | median ms | min..max ms | shmstore.server loaded |")
     print("|---|---:|---:|---|")
     for label, code in IMPORTS.items():
+        import_cost(code)  # fills the bytecode cache (if any)
         costs = [import_cost(code) for _ in range(args.runs)]
         ms = [c for c, _ in costs]
         loaded = "yes" if any(s for _, s in costs) else "no"
