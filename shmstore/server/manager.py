@@ -289,7 +289,7 @@ class StoreManager(managers.BaseManager):
         self._where = where
         # The key as given (or the process's), kept apart from the base's private copy.
         self._key = bytes(authkey if authkey is not None else process.current_process().authkey)
-        self._limits = Limits.coerce(limits)
+        self._limits = limits  # checked by the table, as every setting by its user
         self._monitor_interval = monitor_interval
         self._history_size = history_size
 
