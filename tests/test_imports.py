@@ -185,3 +185,12 @@ def test_no_stdlib_registry_is_patched() -> None:
     import shmstore.backends.wire  # noqa: F401
 
     assert set(managers.listener_client) == {"pickle", "xmlrpclib"}
+
+
+def test_the_server_package_exports_what_it_did() -> None:
+    import shmstore.server
+
+    before = {"StoreServer", "TableServer", "read_connection_file", "run_server", "serve"}
+    assert before <= set(shmstore.server.__all__)
+    for name in shmstore.server.__all__:
+        assert getattr(shmstore.server, name) is not None
