@@ -430,21 +430,18 @@ def _read_greeting(sock: socket.socket, url: str, wait: float) -> bytes:
     return frame
 
 
-class _Replay:
-    """A connection whose first ``recv_bytes`` returns a frame already read."""
+class _Greeted(connection.Connection):
+    """A client connection whose first ``recv_bytes`` returns the greeting already read."""
 
-    def __init__(self, conn: connection.Connection, first: bytes) -> None:
-        self._conn = conn
-        self._first: bytes | None = first
-
-    def send_bytes(self, data: bytes) -> None:
-        self._conn.send_bytes(data)
+    def __init__(self, handle: int, greeting: bytes) -> None:
+        super().__init__(handle)
+        self._greeting: bytes | None = greeting
 
     def recv_bytes(self, maxlength: int | None = None) -> bytes:
-        first, self._first = self._first, None
-        if first is not None:
-            return first
-        return self._conn.recv_bytes(maxlength)
+        greeting, self._greeting = self._greeting, None
+        if greeting is not None:
+            return greeting
+        return super().recv_bytes(maxlength)
 
 
 def open_connection(address: Address, authkey: bytes, *, timeout: float,
@@ -489,10 +486,10 @@ def open_connection(address: Address, authkey: bytes, *, timeout: float,
         raise StoreUnavailable(
             f"no shmstore server at {url}: {exc.strerror or exc}", address=url
         ) from None
-    conn = connection.Connection(sock.detach())
+    conn = _Greeted(sock.detach(), first)
     step = "handshake"
     try:
-        connection.answer_challenge(_Replay(conn, first), authkey)  # type: ignore[arg-type]
+        connection.answer_challenge(conn, authkey)
         connection.deliver_challenge(conn, authkey)
         step = "call"
         set_io_timeout(conn.fileno(), timeout)
