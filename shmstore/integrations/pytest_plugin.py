@@ -63,7 +63,7 @@ PLAN_SOCKET = "shmstore_launch"      # workerinput key: the controller's launch 
 PLAN_AUTHKEY = "shmstore_authkey"    # workerinput key: the run's authkey (hex)
 OUTPUT_KEY = "shmstore"              # workeroutput key: the worker's figures
 HANDSHAKE_TIMEOUT = 10.0
-LAUNCH_TIMEOUT = 70.0                # above server.START_TIMEOUT: the start may take that
+LAUNCH_TIMEOUT = 70.0                # above server.process.START_TIMEOUT: the start may take that
 _STATE = pytest.StashKey["_RunStore"]()
 
 # What the report shows: (figure, label, kind) where kind "bytes" is shown human-readable.
