@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .backends.memory import MemoryStore
     from .backends.redis import RedisStore
-    from .backends.shared import SharedStore, connect
+    from .backends.shared import SharedStore
     from .core.checkpoint import Checkpoint
     from .core.codec import MsgpackCodec
     from .core.errors import (
@@ -38,11 +38,12 @@ if TYPE_CHECKING:
         StoreUnavailable,
         VersionConflict,
     )
+    from .core.factory import connect
     from .core.limits import Limits
     from .core.stats import StoreStats
     from .core.store import BaseStore
     from .integrations.pipeline import CheckpointConfig, Pipeline
-    from .server.manager import StoreServer, serve
+    from .server.process import StoreServer, serve
 
 __version__ = "0.1.0"
 
@@ -64,13 +65,13 @@ _EXPORTS = {
     "SharedStore": "backends.shared",
     "ShmstoreError": "core.errors",
     "StoreFull": "core.errors",
-    "StoreServer": "server.manager",
+    "StoreServer": "server.process",
     "StoreStats": "core.stats",
     "StoreTimeout": "core.errors",
     "StoreUnavailable": "core.errors",
     "VersionConflict": "core.errors",
-    "connect": "backends.shared",
-    "serve": "server.manager",
+    "connect": "core.factory",
+    "serve": "server.process",
 }
 
 __all__ = [

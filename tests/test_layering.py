@@ -46,11 +46,11 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path) -> Iterator[str]:
-    """Every shmstore module ``path`` imports, at any depth of its code."""
+def imports(path: Path, tree: ast.AST | None = None) -> Iterator[str]:
+    """Every shmstore module ``path`` (or the part ``tree`` of it) imports, at any depth."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree or ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
@@ -113,6 +113,18 @@ def test_every_listed_upward_import_exists() -> None:
     # A stale exception would let a future upward import through unseen.
     edges = {(m, t) for m, targets in graph().items() for t in targets}
     assert allowed_upward() <= edges
+
+
+def test_upward_imports_are_made_at_call_time_only() -> None:
+    # An allowed upward import inside a function costs nothing until it is needed, and
+    # cannot make an import-time cycle.
+    at_import = set()
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        top = ast.Module(body=[n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))],
+                         type_ignores=[])
+        at_import |= {(module_name(path), t) for t in imports(path, top)}
+    assert allowed_upward() & at_import == set()
 
 
 def test_the_package_has_no_import_cycle() -> None:

@@ -1,4 +1,4 @@
-"""`SharedStore` and `connect()`: the store as seen from any process.
+"""`SharedStore`: the store as seen from any process (`core.factory.connect` builds it).
 
 Every operation goes through one path, `SharedStore._call`: encode the request, send,
 read the answer, and translate whatever went wrong into the exception tree.  A call takes
@@ -16,29 +16,17 @@ import os
 import select
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..core.codec import MsgpackCodec
-from ..core.errors import ConfigError, ShmstoreError, StoreUnavailable
+from ..core.config import DEFAULT_TIMEOUT, coerce_authkey, parse_url
+from ..core.errors import ShmstoreError, StoreUnavailable
 from ..core.store import BaseStore
 from ..core.validate import duration
-from ..server.manager import (
-    ENV_AUTHKEY,
-    ENV_CONNECTION_FILE,
-    ENV_URL,
-    TABLE_IDENT,
-    _coerce_authkey,
-    read_connection_file,
-)
-from .wire import Channel, open_connection, parse_url, translate, unpack
+from .wire import Channel, open_connection, translate, unpack
 
-if TYPE_CHECKING:
-    from .redis import RedisStore
+__all__ = ["DEFAULT_TIMEOUT", "SharedStore"]
 
-__all__ = ["SharedStore", "connect"]
-
-DEFAULT_TIMEOUT = 30.0
-_NO_KWARGS: dict[str, Any] = {}
 # Operations that block in the server, and the position of their timeout argument: the
 # answer may take that long plus the usual time bound.
 _BLOCKING_OPS = {"wait": 2, "claim": 4}
@@ -74,7 +62,7 @@ class SharedStore(BaseStore):
         super().__init__(codec=codec)
         self._address = parse_url(url)
         self.url = self._address.url
-        self._authkey = _coerce_authkey(authkey)
+        self._authkey = coerce_authkey(authkey)
         self.timeout = duration(timeout, "timeout")
         self._named = name is not None  # a default name follows the store to each process
         self.name = name or f"client-{os.getpid()}"
@@ -123,7 +111,7 @@ class SharedStore(BaseStore):
     def _call(self, op: str, *args: Any) -> Any:
         conn = self._connection()
         try:
-            conn.send_message((TABLE_IDENT, op, args, _NO_KWARGS))
+            conn.send_message((op, args))
             slot = _BLOCKING_OPS.get(op)
             if slot is not None and not conn.pending() and not select.select(
                 [conn.fd], [], [], args[slot] + self.timeout
@@ -171,66 +159,4 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _rebuild(url: str, authkey: str, timeout: float, name: str | None) -> SharedStore:
-    return SharedStore(url, authkey=authkey, timeout=timeout, name=name)
-
-
-def connect(
-    url: str | None = None,
-    *,
-    authkey: bytes | str | None = None,
-    timeout: float = DEFAULT_TIMEOUT,
-    name: str | None = None,
-) -> SharedStore | RedisStore:
-    """Connect to a shmstore server, or to Redis (``redis://``, ``rediss://``, ``redis+unix://``).
-
-    With no ``url``, it comes from ``SHMSTORE_URL`` (and the key from ``SHMSTORE_AUTHKEY``)
-    as exported by `serve`, or from the connection file named by
-    ``SHMSTORE_CONNECTION_FILE``.  No connection is opened until the first call.
-
-    Parameters:
-        url: ``unix:///path`` or ``tcp://host:port``; a Redis URL gives a `RedisStore`
-            (same contract; ``authkey`` and ``name`` do not apply).
-        authkey: bytes or hex; default from the environment.
-        timeout: seconds any call may take before `StoreTimeout`.
-        name: a name for this client, shown by the server.
-
-    Raises:
-        ConfigError: no URL or authkey could be found, or one is malformed.
-        StoreUnavailable: the connection file names a server process that is not running.
-
-    Example:
-        >>> store = shmstore.connect()          # inside a process started under serve()
-        >>> store.latest("run-1")
-    """
-    if url is None:
-        url = os.environ.get(ENV_URL)
-        if url is None:
-            path = os.environ.get(ENV_CONNECTION_FILE)
-            if path is None:
-                raise ConfigError(
-                    "no server named: pass a URL, or set SHMSTORE_URL and SHMSTORE_AUTHKEY "
-                    "(serve() does), or SHMSTORE_CONNECTION_FILE to the file written by "
-                    "`shmstore serve --connection-file PATH`",
-                    value="",
-                )
-            url, key = read_connection_file(path)
-            authkey = key if authkey is None else authkey
-    if isinstance(url, str) and url.split(":", 1)[0].lower() in ("redis", "rediss", "redis+unix"):
-        from .redis import RedisStore
-
-        return RedisStore(url, timeout=timeout)
-    parse_url(url)  # a malformed URL is the first thing to fix, before any missing key
-    if authkey is None:
-        authkey = os.environ.get(ENV_AUTHKEY)
-        if authkey is None and os.environ.get(ENV_CONNECTION_FILE):
-            file_url, key = read_connection_file(os.environ[ENV_CONNECTION_FILE])
-            if file_url == url:
-                authkey = key
-        if authkey is None:
-            raise ConfigError(
-                f"no authkey for {url}: pass authkey=, or set SHMSTORE_AUTHKEY (hex), or "
-                "SHMSTORE_CONNECTION_FILE to the file `shmstore serve --connection-file` "
-                "wrote for this URL",
-                value=url,
-            )
     return SharedStore(url, authkey=authkey, timeout=timeout, name=name)

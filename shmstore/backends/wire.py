@@ -1,11 +1,12 @@
-"""The transport between clients and the server: addresses, messages, connections.
+"""The transport between clients and the server: messages, listener, connections.
 
 The server is a ``multiprocessing.managers`` server, but its messages are msgpack, not
-pickle: the stdlib picks a connection type by serializer name, and this module registers
-one, ``"shmstore"``, whose connections encode each message with msgpack.  So no process
-ever unpickles what a peer sent — not even after authentication — and user states travel
-as the bytes the client encoded.  Exceptions cross as (type name, message, attributes)
-and are rebuilt only from shmstore's own exception tree.
+pickle: its listener (`WireListener`) hands out connections that encode each message with
+msgpack, and a request is ``(operation, arguments)``.  So no process ever unpickles what
+a peer sent — not even after authentication — and user states travel as the bytes the
+client encoded.  Exceptions cross as (type name, message, attributes) and are rebuilt
+only from shmstore's own exception tree.  (URLs and addresses are `core.config`'s;
+`Address` and `parse_url` are re-exported here.)
 
 Connections authenticate with the stdlib's HMAC challenge (``deliver_challenge`` /
 ``answer_challenge``) before anything else is read; an unauthenticated peer can make the
@@ -25,26 +26,23 @@ buffer grows with the bytes that really arrive, not with the length its header c
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import select
 import socket
 import struct
 import time
-from dataclasses import dataclass
-from multiprocessing import AuthenticationError, connection, managers
+from multiprocessing import AuthenticationError, connection
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import msgpack
 
 from ..core import errors
-from ..core.errors import AccessDenied, ConfigError, ShmstoreError, StoreTimeout, StoreUnavailable
+from ..core.config import Address, parse_url
+from ..core.errors import AccessDenied, ShmstoreError, StoreTimeout, StoreUnavailable
 
-__all__ = ["Address", "Channel", "REFUSED", "SERIALIZER", "open_connection", "pack", "parse_url",
-           "refuse", "unpack"]
+__all__ = ["Address", "Channel", "REFUSED", "WireListener", "open_connection", "pack",
+           "parse_url", "refuse", "unpack"]
 
-SERIALIZER = "shmstore"
 HANDSHAKE_TIMEOUT = 10.0
 # Client side: longest wait for each step of the handshake (never longer than the call
 # timeout).  A shmstore server greets at once; a peer silent this long is not one, or is
@@ -69,7 +67,6 @@ FRAME_TIMEOUT = 10.0
 # A large message's buffer starts at this size and doubles as its bytes arrive.
 LARGE_START = 1024 * 1024
 LISTEN_BACKLOG = 512
-MAX_UNIX_PATH = 107
 _EXC_EXT = 64  # ext code of an exception on the wire (transport only, not the state codec)
 CHANNEL_BUFFER = 64 * 1024
 # Up to this size a message is copied behind its header (one iovec is cheaper); above it,
@@ -77,82 +74,6 @@ CHANNEL_BUFFER = 64 * 1024
 SMALL_MESSAGE = 16 * 1024
 _HEADER = struct.Struct("!i")
 _BIG = struct.Struct("!Q")
-
-
-@dataclass(frozen=True)
-class Address:
-    """A server address parsed from a URL.
-
-    Attributes:
-        url: the canonical URL (``unix:///path`` or ``tcp://host:port``).
-        family: ``"AF_UNIX"`` or ``"AF_INET"``.
-        target: what ``socket.connect``/``bind`` take: a path or a (host, port) pair.
-    """
-
-    url: str
-    family: str
-    target: Any
-
-    @property
-    def is_loopback(self) -> bool:
-        """True for unix sockets and loopback TCP hosts."""
-        if self.family == "AF_UNIX":
-            return True
-        host = self.target[0]
-        if host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
-
-
-def parse_url(url: object) -> Address:
-    """Parse ``unix:///path/to.sock`` or ``tcp://127.0.0.1:PORT`` into an `Address`.
-
-    Raises:
-        ConfigError: anything else, with the forms that are accepted.
-    """
-    if not isinstance(url, str) or not url:
-        raise ConfigError(
-            f"server URL must be a non-empty str, not {url!r:.80}; "
-            "use unix:///path/to.sock or tcp://127.0.0.1:PORT",
-            value=repr(url)[:80],
-        )
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        path = unquote(parts.path)
-        if parts.netloc or not path.startswith("/"):
-            raise ConfigError(
-                f"bad unix URL {url!r}: it takes an absolute path, e.g. unix:///tmp/s/store.sock",
-                value=url,
-            )
-        if len(path.encode()) > MAX_UNIX_PATH:
-            raise ConfigError(
-                f"unix socket path is {len(path.encode())} bytes; the system allows "
-                f"{MAX_UNIX_PATH}: choose a shorter path",
-                value=url,
-            )
-        return Address(f"unix://{path}", "AF_UNIX", path)
-    if parts.scheme == "tcp":
-        try:
-            host, port = parts.hostname, parts.port
-        except ValueError as exc:
-            raise ConfigError(f"bad TCP URL {url!r}: {exc}", value=url) from None
-        if not host or port is None or parts.path not in ("", "/"):
-            raise ConfigError(
-                f"bad TCP URL {url!r}: it takes a host and a port, e.g. tcp://127.0.0.1:7700 "
-                "(port 0 picks a free one when serving)",
-                value=url,
-            )
-        if ":" in host:
-            raise ConfigError(f"IPv6 addresses are not supported: {url!r}; use 127.0.0.1",
-                              value=url)
-        return Address(f"tcp://{host}:{port}", "AF_INET", (host, port))
-    raise ConfigError(
-        f"unsupported server URL {url!r}: use unix:///path/to.sock or tcp://127.0.0.1:PORT",
-        value=url,
-    )
 
 
 # -- messages ----------------------------------------------------------------------------
@@ -189,33 +110,22 @@ def unpack(data: bytes | bytearray | memoryview) -> Any:
     return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
 
 
-class WireConnection:
-    """A ``multiprocessing.connection.Connection`` whose ``send``/``recv`` speak msgpack."""
+class WireConnection(connection.Connection):
+    """A ``multiprocessing.connection.Connection`` whose ``send``/``recv`` speak msgpack.
 
-    def __init__(self, conn: connection.Connection) -> None:
-        self._conn = conn
-        self.send_bytes = conn.send_bytes
-        self.recv_bytes = conn.recv_bytes
-        self.poll = conn.poll
-        self.fileno = conn.fileno
+    What the server's listener hands out: the stdlib's handshake runs on it as on any
+    connection, and the few messages before a connection's request loop are msgpack.
+    """
 
     def send(self, obj: object) -> None:
-        self._conn.send_bytes(pack(obj))
+        self.send_bytes(pack(obj))
 
     def recv(self) -> Any:
         try:
-            return unpack(self._conn.recv_bytes())
+            return unpack(self.recv_bytes())
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
-            # Not EOFError: the stdlib server treats any other exception as a bad request
-            # and answers it, which keeps the connection's thread alive.
+            # Not EOFError (a hang-up): the server answers a malformed first request.
             raise ShmstoreError(f"malformed message: {exc}") from None
-
-    def close(self) -> None:
-        self._conn.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._conn.closed
 
 
 def _timeval(seconds: float) -> bytes:
@@ -387,22 +297,35 @@ class Channel:
 
 
 class WireListener:
-    """The server's listener: accepts raw sockets, bounds the handshake, wraps them."""
+    """The server's listening socket: accepts peers, bounds their handshake, wraps them.
 
-    def __init__(self, address: Any, family: str | None = None, backlog: int = 1,
-                 authkey: bytes | None = None) -> None:
-        # Authentication happens in the server's request handler, not here.
-        self._listener = connection.Listener(address, family, max(backlog, LISTEN_BACKLOG))
-        self.address = self._listener.address
+    It binds its own socket rather than wrapping ``multiprocessing.connection.Listener``,
+    whose unix listener unlinks its path at close whoever's socket is there by then (the
+    server removes only its own, see ``server.manager``) and whose socket cannot be shut
+    down to wake a blocked ``accept`` without reaching into it.
+    """
+
+    def __init__(self, address: Address) -> None:
+        sock = socket.socket(getattr(socket, address.family), socket.SOCK_STREAM)
+        try:
+            if address.family == "AF_INET":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address.target)
+            sock.listen(LISTEN_BACKLOG)
+        except BaseException:
+            sock.close()
+            raise
+        self._socket = sock
+        self.address: Any = sock.getsockname()  # a path, or the bound (host, port)
 
     def accept(self) -> WireConnection:
-        conn = self._listener.accept()
+        sock, _peer = self._socket.accept()
         # Cleared once the peer has authenticated (see server.TableServer).
-        set_io_timeout(conn.fileno(), HANDSHAKE_TIMEOUT)
-        return WireConnection(conn)
+        set_io_timeout(sock.fileno(), HANDSHAKE_TIMEOUT)
+        return WireConnection(sock.detach())
 
     def close(self) -> None:
-        self._listener.close()
+        self._socket.close()
 
     def wake(self) -> None:
         """Make an ``accept`` blocked in another thread return (it raises `OSError`).
@@ -410,28 +333,13 @@ class WireListener:
         Closing a listener does not wake a thread blocked in ``accept`` on Linux;
         shutting its socket down does.
         """
-        sock = self._listener._listener._socket  # type: ignore[attr-defined]
         try:
-            sock.shutdown(socket.SHUT_RDWR)
+            self._socket.shutdown(socket.SHUT_RDWR)
         except OSError:  # not supported for listening sockets everywhere: join times out
             pass
 
-    @property
-    def last_accepted(self) -> Any:
-        return self._listener.last_accepted
 
-
-def _stdlib_client(address: Any, family: str | None = None,
-                   authkey: bytes | None = None) -> WireConnection:
-    conn = connection.Client(address, family, authkey)
-    return WireConnection(conn)
-
-
-managers.listener_client[SERIALIZER] = (  # type: ignore[attr-defined]
-    WireListener, _stdlib_client)
-
-
-def refuse(conn: connection.Connection | WireConnection, reason: bytes) -> None:
+def refuse(conn: connection.Connection, reason: bytes) -> None:
     """Server side: tell a new, unauthenticated peer why it is not served, and close it.
 
     Sends the `REFUSED` frame with ``reason`` (a key of `REFUSAL_REASONS`) where the
@@ -522,21 +430,18 @@ def _read_greeting(sock: socket.socket, url: str, wait: float) -> bytes:
     return frame
 
 
-class _Replay:
-    """A connection whose first ``recv_bytes`` returns a frame already read."""
+class _Greeted(connection.Connection):
+    """A client connection whose first ``recv_bytes`` returns the greeting already read."""
 
-    def __init__(self, conn: connection.Connection, first: bytes) -> None:
-        self._conn = conn
-        self._first: bytes | None = first
-
-    def send_bytes(self, data: bytes) -> None:
-        self._conn.send_bytes(data)
+    def __init__(self, handle: int, greeting: bytes) -> None:
+        super().__init__(handle)
+        self._greeting: bytes | None = greeting
 
     def recv_bytes(self, maxlength: int | None = None) -> bytes:
-        first, self._first = self._first, None
-        if first is not None:
-            return first
-        return self._conn.recv_bytes(maxlength)
+        greeting, self._greeting = self._greeting, None
+        if greeting is not None:
+            return greeting
+        return super().recv_bytes(maxlength)
 
 
 def open_connection(address: Address, authkey: bytes, *, timeout: float,
@@ -581,19 +486,19 @@ def open_connection(address: Address, authkey: bytes, *, timeout: float,
         raise StoreUnavailable(
             f"no shmstore server at {url}: {exc.strerror or exc}", address=url
         ) from None
-    conn = connection.Connection(sock.detach())
+    conn = _Greeted(sock.detach(), first)
     step = "handshake"
     try:
-        connection.answer_challenge(_Replay(conn, first), authkey)  # type: ignore[arg-type]
+        connection.answer_challenge(conn, authkey)
         connection.deliver_challenge(conn, authkey)
         step = "call"
         set_io_timeout(conn.fileno(), timeout)
-        conn.send_bytes(pack((None, "accept_connection", (name,), {})))
+        conn.send_bytes(pack(("accept_connection", (name,))))
         kind, result = unpack(conn.recv_bytes())
         if kind != "#RETURN":
             raise ShmstoreError(f"the server at {url} refused the connection: {result}")
         # Let the server's memory monitor watch this process.
-        conn.send_bytes(pack(("table", "register_client", (os.getpid(), name.split("/")[0]), {})))
+        conn.send_bytes(pack(("register_client", (os.getpid(), name.split("/")[0]))))
         unpack(conn.recv_bytes())
     except AuthenticationError:
         conn.close()

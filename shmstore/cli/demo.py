@@ -30,7 +30,7 @@ from ..core.errors import StoreTimeout
 from ..core.stats import StoreStats
 from ..core.store import BaseStore
 from ..integrations.pipeline import CheckpointConfig, Pipeline
-from ..server.manager import serve
+from ..server.process import serve
 
 __all__ = ["DemoReport", "DemoRow", "format_text", "rich_renderables", "run_demo"]
 

@@ -21,15 +21,15 @@ from ..core.errors import ConfigError, ShmstoreError
 from ..core.validate import duration
 
 if TYPE_CHECKING:
-    from ..backends.wire import Address
+    from ..core.config import Address
     from ..core.limits import Limits
 
 __all__ = ["main"]
 
 
 def _store(args: argparse.Namespace) -> Any:
-    from ..backends.shared import connect
-    from ..server.manager import ENV_CONNECTION_FILE, read_connection_file
+    from ..core.config import ENV_CONNECTION_FILE, read_connection_file
+    from ..core.factory import connect
 
     if args.connection_file:
         url, key = read_connection_file(args.connection_file)
@@ -41,10 +41,11 @@ def _store(args: argparse.Namespace) -> Any:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from ..server.manager import ENV_AUTHKEY, _coerce_authkey, run_server
+    from ..core.config import ENV_AUTHKEY, coerce_authkey
+    from ..server.manager import run_server
 
     address, private_dir = _serve_address(args)
-    key = _coerce_authkey(os.environ.get(ENV_AUTHKEY))
+    key = coerce_authkey(os.environ.get(ENV_AUTHKEY))
     conn_file = args.connection_file
     if conn_file is None and ENV_AUTHKEY not in os.environ:
         # The key is random and must reach clients somehow: a private file, not stdout.
@@ -72,7 +73,7 @@ def _serve_address(args: argparse.Namespace) -> tuple[Address, str | None]:
     Raises:
         ConfigError: a bad URL, or a non-loopback one without ``--allow-remote``.
     """
-    from ..backends.wire import parse_url
+    from ..core.config import parse_url
 
     address, private_dir = args.address, None
     if address is None:
@@ -98,7 +99,7 @@ class _Announce:
         self.failed: ConfigError | None = None
 
     def __call__(self, url: str) -> None:
-        from ..server.manager import write_connection_file
+        from ..core.config import write_connection_file
 
         if self.conn_file is not None:
             try:

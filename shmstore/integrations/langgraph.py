@@ -143,7 +143,7 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
                  serde: SerializerProtocol | None = None) -> None:
         super().__init__(serde=serde)
         if store is None:
-            from ..backends.shared import connect
+            from ..core.factory import connect
 
             store = connect()
             self._owns_store = True

@@ -64,7 +64,7 @@ from ..core.checkpoint import Checkpoint, new_id, validate_id
 from ..core.errors import ConfigError, ShmstoreError, StoreTimeout, VersionConflict
 from ..core.store import BaseStore
 from ..core.validate import duration, optional_duration
-from ..server.manager import serve
+from ..server.process import serve
 from . import pool
 
 __all__ = ["CheckpointConfig", "Pipeline", "StateSnapshot"]

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
     from ..core.stats import StoreStats
     from ..core.store import BaseStore
-    from ..server.manager import StoreServer
+    from ..server.process import StoreServer
 
 __all__ = ["SessionServer", "checkpoint_server", "checkpoint_store"]
 
@@ -64,7 +64,7 @@ PLAN_SOCKET = "shmstore_launch"      # workerinput key: the controller's launch 
 PLAN_AUTHKEY = "shmstore_authkey"    # workerinput key: the run's authkey (hex)
 OUTPUT_KEY = "shmstore"              # workeroutput key: the worker's figures
 HANDSHAKE_TIMEOUT = 10.0
-LAUNCH_TIMEOUT = 70.0                # above server.START_TIMEOUT: the start may take that
+LAUNCH_TIMEOUT = 70.0                # above server.process.START_TIMEOUT: the start may take that
 _STATE = pytest.StashKey["_RunStore"]()
 
 # What the report shows: (figure, label, kind) where kind "bytes" is shown human-readable.
@@ -123,7 +123,7 @@ class SessionServer:
             ConfigError: no authkey is known (``--shmstore-url`` without
                 ``SHMSTORE_AUTHKEY`` or ``SHMSTORE_CONNECTION_FILE``).
         """
-        from ..backends.shared import connect
+        from ..core.factory import connect
 
         return connect(self.url, authkey=self.authkey, **options)
 
@@ -175,7 +175,7 @@ class _Launcher:
             StoreUnavailable: it could not be started, or the run is ending.
         """
         from ..core.errors import StoreUnavailable
-        from ..server.manager import serve
+        from ..server.process import serve
 
         with self._lock:
             if self._closed:
@@ -339,7 +339,7 @@ class _RunStore:
         from ..core.errors import ConfigError
 
         if self.url is not None:
-            from ..backends.shared import connect
+            from ..core.factory import connect
 
             try:
                 store = connect(self.url)

@@ -37,7 +37,7 @@ from shmstore import (
 )
 from shmstore.cli.main import main as cli_main
 from shmstore.core.codec import DEFAULT_CODEC, MsgpackCodec
-from shmstore.server.manager import read_connection_file, write_connection_file
+from shmstore.core.config import read_connection_file, write_connection_file
 
 
 @dataclass(frozen=True)

@@ -246,7 +246,7 @@ def test_half_a_frame_from_an_authenticated_client_does_not_pin_a_thread(
     stalled = [_authenticated(harness.url, harness.authkey) for _ in range(5)]
     try:
         assert harness.command("report")["threads"] == baseline["threads"] + 5
-        request = pack(("table", "save", [["x"] * 8, None], {}))
+        request = pack(("save", [["x"] * 8, None]))
         for i, chan in enumerate(stalled):
             # Header and part of a body, or just part of a header; then silence.
             frame = struct.pack("!i", len(request)) + request
@@ -274,7 +274,7 @@ def test_a_client_that_stops_reading_answers_does_not_pin_a_thread(
     big = good.save(Checkpoint(execution_id="big", state=os.urandom(4 * 1024 * 1024)))
     baseline = harness.command("report")
     chan = _authenticated(harness.url, harness.authkey)
-    request = pack(("table", "load", [big.id], {}))
+    request = pack(("load", [big.id]))
     frame = struct.pack("!i", len(request)) + request
     try:
         for _ in range(8):  # 32 MiB of answers that are never read
@@ -295,14 +295,14 @@ def _call(chan: Channel, message: Any) -> Any:
 @pytest.mark.parametrize("message", [
     b"\xc1 not msgpack",
     pack([1, 2]),
-    pack(("table", "__class__", [], {})),
-    pack(("table", "shutdown", [], {})),
-    pack(("table", "save", [[1, 2, 3]], {})),
-    pack(("table", "load", [], {"checkpoint_id": 5, "extra": 1})),
+    pack(("__class__", [])),
+    pack(("shutdown", [])),
+    pack(("save", [[1, 2, 3]])),
+    pack(("load", [5, "extra", 1])),
     b"\xd4\x40\x00",  # an exception ext type with a broken payload
     b"\xc7\x05\x63hello",  # an unknown ext type
 ], ids=["not msgpack", "wrong shape", "dunder op", "stdlib shutdown", "bad record",
-        "bad kwargs", "broken exception ext", "unknown ext"])
+        "bad arguments", "broken exception ext", "unknown ext"])
 def test_garbage_after_authentication_is_answered_and_the_connection_stays_in_step(
     harness: HarnessServer, message: bytes,
 ) -> None:
@@ -314,7 +314,7 @@ def test_garbage_after_authentication_is_answered_and_the_connection_stays_in_st
             assert kind == "#ERROR"
             assert isinstance(error, Exception)
             # The same connection answers the next good request, and answers it right.
-            kind, record = _call(chan, ("table", "load", [saved.id], {}))
+            kind, record = _call(chan, ("load", [saved.id]))
             assert kind == "#RETURN" and record[0] == saved.id
         finally:
             chan.close()

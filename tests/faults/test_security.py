@@ -33,7 +33,7 @@ import pytest
 import shmstore
 from shmstore import Checkpoint, ConfigError, SharedStore, StoreUnavailable
 from shmstore.backends.wire import open_connection, parse_url, unpack
-from shmstore.server.manager import read_connection_file, write_connection_file
+from shmstore.core.config import read_connection_file, write_connection_file
 
 from ..helpers import SPAWN, children, reap, reaped, wait_until
 from .harness import HarnessServer
@@ -122,7 +122,7 @@ def test_nothing_is_ever_unpickled_by_the_server_or_the_client(
             def __reduce__(self) -> tuple[Any, ...]:
                 return (os.system, (f"touch {marker}",))
 
-        payload = pickle.dumps(("table", "load", ("x",), {}, Exploit()))
+        payload = pickle.dumps(("load", ("x",), Exploit()))
         chan = open_connection(parse_url(trapped.url), trapped.authkey, timeout=5)
         try:
             chan.send(payload)
