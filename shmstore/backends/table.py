@@ -12,11 +12,8 @@ caller, or sleeps on the execution's condition until a record appears, the lease
 released, or the lease expires (a timed wait on the same condition: nothing polls).
 Leases live beside the records and never count as checkpoints.
 
-A record is a tuple (cheapest per-entry memory in CPython)::
-
-    (id, execution_id, node_name, version, timestamp_us, parent_id, metadata, state)
-
-Callers send records with version 0; the table assigns the version.
+A record is a `Record` (a NamedTuple: a tuple's per-entry memory, with named fields);
+callers send records with version 0, the table assigns the version.
 
 Limits (`Limits`, see shmstore/limits.py for the rules every backend follows) are checked
 under the same lock before anything is written, so a refused save touches nothing.  The
@@ -34,60 +31,37 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Final
 
 import msgpack
 import psutil
 
+from ..core.backend import (
+    BUSY,
+    DONE,
+    GRANTED,
+    HELD,
+    SAVED,
+    TABLE_OPS,
+    ClaimAnswer,
+    CompleteAnswer,
+    EncodedWhere,
+    Found,
+    StatsDict,
+    TableOps,
+)
 from ..core.checkpoint import new_id
 from ..core.errors import CheckpointNotFound, ConfigError, StoreFull, VersionConflict
-from ..core.limits import Limits
+from ..core.limits import Limits, LimitsDict
+from ..core.record import Record
 from ..monitor.sampler import peak_rss
 
-__all__ = ["CheckpointTable", "Record", "TABLE_OPS"]
-
-# (id, execution_id, node_name, version, timestamp_us, parent_id, metadata, state)
-Record = tuple[Any, ...]
+__all__ = ["BUSY", "DONE", "GRANTED", "HELD", "SAVED", "TABLE_OPS", "CheckpointTable",
+           "Record"]
 
 SHRINK_MIN = 1024  # below this many records a dict's slack is not worth a rebuild
 RSS_MAX_AGE = 0.05  # seconds a measured RSS stays good enough for ``max_rss``
 LARGEST = 5  # executions listed by size in stats
-
-# Field positions in a record.
-ID, EXECUTION, NODE, VERSION, TIMESTAMP, PARENT, METADATA, STATE = range(8)
-
-# The methods a remote client may call; the server exposes exactly these.
-TABLE_OPS = (
-    "save",
-    "save_many",
-    "load",
-    "load_many",
-    "list",
-    "latest",
-    "delete",
-    "clear",
-    "executions",
-    "wait",
-    "stats",
-    "claim",
-    "renew",
-    "release",
-    "complete",
-    "limits",
-    # LangGraph support (generic queries over several executions; see the class's end)
-    "find",
-    "save_new",
-    "purge",
-    "copy",
-)
-
-# What ``claim`` and ``complete`` answer, first item of their [kind, value] pair.
-DONE = "done"          # value: the node's latest record
-GRANTED = "granted"    # value: the lease token
-BUSY = "busy"          # value: the owner holding the lease (the wait ran out)
-HELD = "held"          # value: the owner, who is the caller itself (a re-entrant call)
-SAVED = "saved"        # value: the version assigned to the completed record
-
 
 class _Execution:
     """Index of one execution: version -> id in version order, its high-water mark and
@@ -128,9 +102,9 @@ class CheckpointTable:
 
     Example:
         >>> t = CheckpointTable()
-        >>> t.save(("a", "run", "n", 0, 0, None, b"\\x80", b"\\xc0"))
+        >>> t.save(Record("a", "run", "n", 0, 0, None, b"\\x80", b"\\xc0"))
         1
-        >>> t.latest("run")[3]
+        >>> t.latest("run").version
         1
     """
 
@@ -163,27 +137,27 @@ class CheckpointTable:
 
     # -- writes -------------------------------------------------------------------------
 
-    def _insert(self, record: Sequence[Any]) -> int:
+    def _insert(self, record: Record) -> int:
         """Store one record under the lock; return its version."""
-        cid = record[ID]
-        name = record[EXECUTION]
+        cid = record.id
+        name = record.execution_id
         old = self._records.get(cid)
         if old is not None:
             # A re-save within its execution is no restart, even of its only record: its
             # new version is above every version the execution has had.
-            self._remove(old, resave=old[EXECUTION] == name)
+            self._remove(old, resave=old.execution_id == name)
         execution = self._executions.get(name)
         if execution is None:
             execution = self._executions[name] = _Execution(name, next(self._generations))
         execution.high += 1
         version = execution.high
         execution.versions[version] = cid
-        state = record[STATE]
+        state = record.state
         # Reuse the index's copy of the execution id: one string per execution, not per record.
-        self._records[cid] = (
-            cid, execution.name, sys.intern(record[NODE]), version, record[TIMESTAMP],
-            record[PARENT],
-            record[METADATA], state,
+        self._records[cid] = Record(
+            cid, execution.name, sys.intern(record.node_name), version, record.timestamp_us,
+            record.parent_id,
+            record.metadata, state,
         )
         self._payload_bytes += len(state)
         execution.nbytes += len(state)
@@ -210,11 +184,11 @@ class CheckpointTable:
         forgotten unless someone waits on it; not so when ``resave``: the caller stores
         the same id in the same execution right after.
         """
-        del self._records[record[ID]]
-        self._payload_bytes -= len(record[STATE])
-        execution = self._executions[record[EXECUTION]]
-        execution.nbytes -= len(record[STATE])
-        del execution.versions[record[VERSION]]
+        del self._records[record.id]
+        self._payload_bytes -= len(record.state)
+        execution = self._executions[record.execution_id]
+        execution.nbytes -= len(record.state)
+        del execution.versions[record.version]
         if not execution.versions and not resave:
             execution.high = 0
             execution.generation = next(self._generations)
@@ -235,7 +209,7 @@ class CheckpointTable:
         return StoreFull(message, limit=limit, maximum=maximum, current=current,
                          requested=requested)
 
-    def _admit(self, records: Sequence[Sequence[Any]]) -> bool:
+    def _admit(self, records: Sequence[Record]) -> bool:
         """Check ``records`` against the limits (under the lock); True if eviction must follow.
 
         Raises:
@@ -245,11 +219,11 @@ class CheckpointTable:
         largest = limits.max_checkpoint_bytes
         if largest is not None:
             for record in records:
-                size = len(record[STATE]) + len(record[METADATA])
+                size = len(record.state) + len(record.metadata)
                 if size > largest:
                     raise self._refuse(
                         "max_checkpoint_bytes", largest, size, size,
-                        f"checkpoint {record[ID]!r} is {size} bytes encoded, over "
+                        f"checkpoint {record.id!r} is {size} bytes encoded, over "
                         f"max_checkpoint_bytes={largest}; checkpoint a reference to large data "
                         "instead, or raise the limit",
                     )
@@ -292,7 +266,7 @@ class CheckpointTable:
             return ("max_bytes", limits.max_bytes, nbytes)
         return None
 
-    def _project(self, records: Sequence[Sequence[Any]]) -> tuple[int, int, int, int]:
+    def _project(self, records: Sequence[Record]) -> tuple[int, int, int, int]:
         """What storing ``records`` would leave: (count, bytes) of the store and of the batch.
 
         Accounts for re-saved ids and for retention, exactly as `_insert` will act.
@@ -313,7 +287,7 @@ class CheckpointTable:
             return ids
 
         for record in records:
-            cid, name, size = record[ID], record[EXECUTION], len(record[STATE])
+            cid, name, size = record.id, record.execution_id, len(record.state)
             if cid in batch:
                 old_name, old_size = batch.pop(cid)
                 count, nbytes = count - 1, nbytes - old_size
@@ -322,9 +296,9 @@ class CheckpointTable:
             elif cid in stored and cid not in gone:
                 old = stored[cid]
                 gone.add(cid)
-                count, nbytes = count - 1, nbytes - len(old[STATE])
+                count, nbytes = count - 1, nbytes - len(old.state)
                 if keep is not None:
-                    ids_of(old[EXECUTION]).remove(cid)
+                    ids_of(old.execution_id).remove(cid)
             batch[cid] = (name, size)
             count, nbytes = count + 1, nbytes + size
             if keep is not None:
@@ -336,7 +310,7 @@ class CheckpointTable:
                         dropped = batch.pop(drop)[1]
                     else:
                         gone.add(drop)
-                        dropped = len(stored[drop][STATE])
+                        dropped = len(stored[drop].state)
                     count, nbytes = count - 1, nbytes - dropped
         return count, nbytes, len(batch), sum(size for _, size in batch.values())
 
@@ -348,7 +322,7 @@ class CheckpointTable:
             if self._over(count, nbytes) is None:
                 break
             victims.append(record)
-            count, nbytes = count - 1, nbytes - len(record[STATE])
+            count, nbytes = count - 1, nbytes - len(record.state)
         for record in victims:
             self._remove(record)
         self.evictions += len(victims)
@@ -365,11 +339,11 @@ class CheckpointTable:
             self._rss_at = now
         return self._rss
 
-    def limits(self) -> dict[str, Any]:
+    def limits(self) -> LimitsDict:
         """The limits in force, as a plain dict (`Limits.to_dict`)."""
         return self._limits.to_dict()
 
-    def _store(self, records: Sequence[Sequence[Any]]) -> builtins.list[int]:
+    def _store(self, records: Sequence[Record]) -> builtins.list[int]:
         """Admit, insert and evict, under the lock: the one write path of every save."""
         evict = self._admit(records)
         versions = [self._insert(record) for record in records]
@@ -379,7 +353,7 @@ class CheckpointTable:
 
     # -- writes, continued ----------------------------------------------------------------
 
-    def save(self, record: Sequence[Any], expected_version: int | None = None) -> int:
+    def save(self, record: Record, expected_version: int | None = None) -> int:
         """Store ``record`` and return the version assigned to it.
 
         Raises:
@@ -389,22 +363,22 @@ class CheckpointTable:
         with self._lock:
             self._ops["save"] += 1
             if expected_version is not None:
-                execution = self._executions.get(record[EXECUTION])
+                execution = self._executions.get(record.execution_id)
                 actual = execution.latest_version() if execution is not None else 0
                 if actual != expected_version:
                     raise VersionConflict(
-                        f"execution {record[EXECUTION]!r} is at version {actual}, "
+                        f"execution {record.execution_id!r} is at version {actual}, "
                         f"not {expected_version}; load the latest and try again",
-                        execution_id=record[EXECUTION], expected=expected_version, actual=actual,
+                        execution_id=record.execution_id, expected=expected_version, actual=actual,
                     )
             if not self._fast:
                 return self._store((record,))[0]
             largest = self._largest
-            if largest is not None and len(record[STATE]) + len(record[METADATA]) > largest:
+            if largest is not None and len(record.state) + len(record.metadata) > largest:
                 self._admit((record,))  # raises, with the figures
             return self._insert(record)
 
-    def save_many(self, records: Iterable[Sequence[Any]]) -> list[int]:
+    def save_many(self, records: Sequence[Record]) -> list[int]:
         """Store every record at once; return their versions in order."""
         with self._lock:
             self._ops["save_many"] += 1
@@ -586,7 +560,7 @@ class CheckpointTable:
         records = self._records
         for version in reversed(execution.versions):
             record = records[execution.versions[version]]
-            if record[NODE] == node_name:
+            if record.node_name == node_name:
                 return record
         return None
 
@@ -604,7 +578,7 @@ class CheckpointTable:
     def claim(
         self, execution_id: str, node_name: str, owner: str, lease_s: float,
         timeout: float = 0.0,
-    ) -> tuple[str, Any]:
+    ) -> ClaimAnswer:
         """Find the node's latest record, or take the lease to compute it, or wait.
 
         Parameters:
@@ -664,14 +638,14 @@ class CheckpointTable:
             self._ops["release"] += 1
             return self._drop_lease((execution_id, node_name), token)
 
-    def complete(self, record: Sequence[Any], token: str) -> tuple[str, Any]:
+    def complete(self, record: Record, token: str) -> CompleteAnswer:
         """Store the computed ``record`` and release the lease, unless the node has one.
 
         Returns (`SAVED`, version), or (`DONE`, the existing record) when another
         computation completed first (its lease expired under it, say): a node gets one
         computed record however many computations ran.
         """
-        key = (record[EXECUTION], record[NODE])
+        key = (record.execution_id, record.node_name)
         with self._lock:
             self._ops["complete"] += 1
             existing = self._latest_of_node(*key)
@@ -691,23 +665,25 @@ class CheckpointTable:
         """``(checkpoints, payload_bytes)`` right now, without taking the lock (a sample)."""
         return len(self._records), self._payload_bytes
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> StatsDict:
         """Counts, bytes, process figures and operation counters, as a plain dict."""
         with self._lock:
             self._ops["stats"] += 1
             largest = heapq.nlargest(LARGEST, (ex for ex in self._executions.values()
                                                if ex.versions), key=lambda ex: ex.nbytes)
-            figures: dict[str, Any] = {
+            figures: StatsDict = {
                 "checkpoints": len(self._records),
                 "executions": sum(1 for ex in self._executions.values() if ex.versions),
                 "payload_bytes": self._payload_bytes,
                 "ops": dict(self._ops),
-                "largest_executions": [[ex.name, len(ex.versions), ex.nbytes]
+                "largest_executions": [(ex.name, len(ex.versions), ex.nbytes)
                                        for ex in largest],
                 "evictions": self.evictions,
                 "rejections": self.rejections,
                 "pruned": self.pruned,
                 "limits": self._limits.to_dict(),
+                # The process figures are read below, outside the lock.
+                "server_pid": 0, "server_rss": 0, "server_peak_rss": 0, "uptime_s": 0.0,
             }
         figures["server_pid"] = self._process.pid
         rss = figures["server_rss"] = self._process.memory_info().rss
@@ -736,15 +712,15 @@ class CheckpointTable:
         return scope
 
     def _children(self, execution: _Execution, parents: builtins.list[Record],
-                  children: str | None) -> builtins.list[builtins.list[Any]]:
+                  children: str | None) -> builtins.list[Found]:
         """``[record, its children oldest first]`` for each of ``parents`` (under the lock)."""
         if children is None or not parents:
-            return [[record, []] for record in parents]
+            return [(record, []) for record in parents]
         records = self._records
         # The whole execution: a child may be saved before its parent (LangGraph saves a
         # checkpoint in the background while the next step's writes arrive).
         kids = [records[cid] for cid in execution.versions.values()
-                if records[cid][NODE] == children]
+                if records[cid].node_name == children]
         return with_children(parents, kids)
 
     def find(
@@ -752,13 +728,13 @@ class CheckpointTable:
         executions: Sequence[str],
         prefix: bool = False,
         node_name: str | None = None,
-        where: dict[str, Sequence[bytes]] | None = None,
+        where: EncodedWhere | None = None,
         before_id: str | None = None,
         limit: int | None = None,
         checkpoint_id: str | None = None,
         children: str | None = None,
         by_id: bool = False,
-    ) -> builtins.list[builtins.list[Any]]:
+    ) -> builtins.list[Found]:
         """Records in scope that match, each as ``[record, children]``, newest first.
 
         Executions are taken in id order, the records of each newest version first (with
@@ -775,8 +751,9 @@ class CheckpointTable:
             scope = self._scope(executions, prefix)
             if checkpoint_id is not None:
                 record = records.get(checkpoint_id)
-                scope = [ex for ex in scope if record is not None and ex.name == record[EXECUTION]]
-            out: builtins.list[builtins.list[Any]] = []
+                scope = [ex for ex in scope
+                         if record is not None and ex.name == record.execution_id]
+            out: builtins.list[Found] = []
             for execution in scope:
                 versions = execution.versions
                 if checkpoint_id is not None:
@@ -798,7 +775,7 @@ class CheckpointTable:
                     break
             return out
 
-    def save_new(self, records: Iterable[Sequence[Any]]) -> builtins.list[int]:
+    def save_new(self, records: Sequence[Record]) -> builtins.list[int]:
         """Store the records whose ids are not stored yet; versions, 0 for those skipped.
 
         Within one call the first record with an id wins.  All or nothing under the limits.
@@ -809,8 +786,8 @@ class CheckpointTable:
             batch = builtins.list(records)
             fresh: dict[str, int] = {}  # id -> position in batch
             for i, record in enumerate(batch):
-                if record[ID] not in stored and record[ID] not in fresh:
-                    fresh[record[ID]] = i
+                if record.id not in stored and record.id not in fresh:
+                    fresh[record.id] = i
             versions = [0] * len(batch)
             if fresh:
                 positions = builtins.list(fresh.values())
@@ -824,7 +801,7 @@ class CheckpointTable:
         executions: Sequence[str],
         prefix: bool = False,
         node_name: str | None = None,
-        where: dict[str, Sequence[bytes]] | None = None,
+        where: EncodedWhere | None = None,
         keep: int = 0,
         children: str | None = None,
     ) -> int:
@@ -858,17 +835,17 @@ class CheckpointTable:
             plan = [(records[cid], target + ex.name[len(source):])
                     for ex in self._scope((source,), prefix) for cid in ex.versions.values()]
             size = len(source)
-            renamed = {record[ID]: target + record[ID][size:] if record[ID].startswith(source)
+            renamed = {record.id: target + record.id[size:] if record.id.startswith(source)
                        else new_id() for record, _ in plan}
             copies = []
             for record, name in plan:
-                parent = record[PARENT]
+                parent = record.parent_id
                 if parent in renamed:
                     parent = renamed[parent]
                 elif parent is not None and parent.startswith(source):
                     parent = target + parent[size:]
-                copies.append((renamed[record[ID]], name, record[NODE], 0, record[TIMESTAMP],
-                               parent, record[METADATA], record[STATE]))
+                copies.append(Record(renamed[record.id], name, record.node_name, 0,
+                                     record.timestamp_us, parent, record.metadata, record.state))
             if copies:
                 self._store(copies)
             return len(copies)
@@ -890,7 +867,7 @@ def _unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
-def decode_where(where: dict[str, Sequence[bytes]] | None) -> Where | None:
+def decode_where(where: EncodedWhere | None) -> Where | None:
     """``where`` as (key, accepted values) pairs, values decoded once per call."""
     if not where:
         return None
@@ -904,21 +881,22 @@ def decode_where(where: dict[str, Sequence[bytes]] | None) -> Where | None:
 def _matches(record: Record, node_name: str | None, filters: Where | None,
              before_id: str | None = None) -> bool:
     """Whether ``record`` passes the filters of `find` and `purge`."""
-    return ((node_name is None or record[NODE] == node_name)
-            and (before_id is None or record[ID] < before_id)
-            and (filters is None or metadata_matches(record[METADATA], filters)))
+    return ((node_name is None or record.node_name == node_name)
+            and (before_id is None or record.id < before_id)
+            and (filters is None or metadata_matches(record.metadata, filters)))
 
 
 def with_children(parents: Sequence[Record],
-                  kids: Iterable[Record]) -> builtins.list[builtins.list[Any]]:
+                  kids: Iterable[Record]) -> builtins.list[Found]:
     """``[parent, its children]`` for each parent; ``kids`` are candidates, oldest first,
     and a kid belongs to the parent its parent_id names."""
-    found: dict[str, builtins.list[Record]] = {record[ID]: [] for record in parents}
+    # Keyed by str | None: a kid without a parent looks up None and finds nothing.
+    found: dict[str | None, builtins.list[Record]] = {record.id: [] for record in parents}
     for kid in kids:
-        siblings = found.get(kid[PARENT])
+        siblings = found.get(kid.parent_id)
         if siblings is not None:
             siblings.append(kid)
-    return [[record, found[record[ID]]] for record in parents]
+    return [(record, found[record.id]) for record in parents]
 
 
 def purge_plan(oldest_first: Sequence[Record], node_name: str | None, filters: Where | None,
@@ -935,11 +913,11 @@ def purge_plan(oldest_first: Sequence[Record], node_name: str | None, filters: W
         if kept < keep:
             kept += 1
             continue
-        dropped.add(record[ID])
+        dropped.add(record.id)
     if dropped and children is not None:
-        dropped.update([record[ID] for record in oldest_first
-                        if record[NODE] == children and record[PARENT] in dropped])
-    return [record for record in oldest_first if record[ID] in dropped]
+        dropped.update([record.id for record in oldest_first
+                        if record.node_name == children and record.parent_id in dropped])
+    return [record for record in oldest_first if record.id in dropped]
 
 
 def metadata_matches(metadata: bytes, where: Where) -> bool:
@@ -952,3 +930,8 @@ def metadata_matches(metadata: bytes, where: Where) -> bool:
     if not isinstance(meta, dict):
         return False
     return all(meta.get(key) in accepted for key, accepted in where)
+
+
+# mypy checks here that the table is a complete `TableOps`; the server adds the rest of
+# `Backend` (memory history, clients) around it.
+_TABLE: Final[type[TableOps]] = CheckpointTable

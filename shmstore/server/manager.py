@@ -33,12 +33,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from multiprocessing import connection, managers, process, util
 from typing import IO, Any, cast
 
 import psutil
 
-from ..backends.table import TABLE_OPS, CheckpointTable
+from ..backends.table import CheckpointTable
 from ..backends.wire import (
     FRAME_TIMEOUT,
     SERIALIZER,
@@ -49,8 +50,10 @@ from ..backends.wire import (
     set_io_timeout,
     unpack,
 )
+from ..core.backend import BACKEND_OPS, CompleteAnswer, StatsDict
 from ..core.errors import ConfigError, ShmstoreError, StoreUnavailable
 from ..core.limits import Limits
+from ..core.record import Record
 from ..monitor.sampler import DEFAULT_HISTORY, DEFAULT_INTERVAL, MemoryMonitor
 
 __all__ = ["StoreServer", "TableServer", "read_connection_file", "run_server", "serve"]
@@ -84,10 +87,33 @@ def _without_frames(exc: BaseException) -> BaseException:
     return exc
 
 
+def _taking_records(table: CheckpointTable) -> dict[str, Callable[..., object]]:
+    """The table's operations that take records, taking them as msgpack gave them.
+
+    A record arrives as an array (a list); the table reads its fields by name, so each
+    becomes a `Record` here (a wrong length is a TypeError, answered as an error).
+    """
+    make = Record._make
+
+    def save(record: Sequence[object], expected_version: int | None = None) -> int:
+        return table.save(make(record), expected_version)
+
+    def save_many(records: Sequence[Sequence[object]]) -> list[int]:
+        return table.save_many([make(r) for r in records])
+
+    def save_new(records: Sequence[Sequence[object]]) -> list[int]:
+        return table.save_new([make(r) for r in records])
+
+    def complete(record: Sequence[object], token: str) -> CompleteAnswer:
+        return table.complete(make(record), token)
+
+    return {"save": save, "save_many": save_many, "save_new": save_new, "complete": complete}
+
+
 class TableServer(managers.Server):
     """A stdlib manager server that serves one `CheckpointTable` under a fixed ident.
 
-    Clients call the table's methods (exactly `TABLE_OPS`) with the stdlib's request
+    Clients call the `Backend` operations (exactly `BACKEND_OPS`) with the stdlib's request
     format ``(ident, method, args, kwargs)``; the fixed ident saves the ``create`` round
     trip and the reference counting that a proxy per connection would need.
     """
@@ -101,16 +127,19 @@ class TableServer(managers.Server):
             table.figures,
             interval=interval, history_size=history_size, trim=True,
         )
-        # What a client may call: the table's operations and the server's own.
-        self.ops: dict[str, Any] = {op: getattr(table, op) for op in TABLE_OPS}
-        self.ops.update(stats=self.stats, register_client=self.monitor.register,
-                        memory_history=self.monitor.history)
+        # What a client may call: every `Backend` operation, the server's own where it
+        # has one, else the table's (records rebuilt from the wire's arrays first).
+        own: dict[str, Callable[..., object]] = {
+            **_taking_records(table), "stats": self.stats,
+            "register_client": self.monitor.register, "memory_history": self.monitor.history}
+        self.ops: dict[str, Callable[..., object]] = {
+            op: own[op] if op in own else getattr(table, op) for op in BACKEND_OPS}
         self.id_to_obj[TABLE_IDENT] = (table, frozenset(self.ops), None)  # type: ignore[assignment]
         self.stop_event = threading.Event()
         # Connections refused in the current episode, by reason (the accepter's own).
         self._refused: dict[str, int] = {}
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> StatsDict:
         """The table's figures plus the server's memory: peak RSS and registered clients."""
         figures = self.table.stats()
         self.monitor.peak_rss = max(self.monitor.peak_rss, figures["server_peak_rss"])
@@ -158,7 +187,7 @@ class TableServer(managers.Server):
         """Answer one authenticated client's table calls until it hangs up.
 
         Replaces the stdlib loop for speed, same request format: one read per request
-        (`Channel`), a direct dispatch to the table's methods, nothing but `TABLE_OPS`.
+        (`Channel`), a direct dispatch to the table's methods, nothing but `BACKEND_OPS`.
         A client that stops mid-message, or stops taking answers, for `FRAME_TIMEOUT`
         loses its connection and this thread ends: a frozen peer cannot pin it.
         """
