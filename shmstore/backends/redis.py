@@ -68,6 +68,7 @@ Limits (`Limits`) are a property of the data set, not of a client: a store made 
 from __future__ import annotations
 
 import builtins
+import functools
 import hashlib
 import json
 import math
@@ -879,6 +880,7 @@ def _guarded(op: Callable[..., _R]) -> Callable[..., _R]:
     """``op`` with the one call path around it: refused once closed, redis-py's errors
     translated into the exception tree, idle connections dropped if closed meanwhile."""
 
+    @functools.wraps(op)
     def call(self: RedisBackend, *args: object) -> _R:
         if self._closed:
             raise StoreUnavailable(f"this RedisStore was closed ({self.address})",
@@ -893,7 +895,6 @@ def _guarded(op: Callable[..., _R]) -> Callable[..., _R]:
             if self._closed:  # closed by another thread meanwhile: drop what we used
                 self._disconnect_idle()
 
-    call.__name__, call.__qualname__, call.__doc__ = op.__name__, op.__qualname__, op.__doc__
     return call
 
 
