@@ -283,10 +283,11 @@ class BaseStore(abc.ABC):
                 "instead, or raise the limit (nothing was sent)",
                 limit="max_checkpoint_bytes", maximum=largest, current=size, requested=size,
             )
-        return Record(
+        # tuple.__new__: a fifth of the cost of Record(...), on every save.
+        return tuple.__new__(Record, (
             cp.id, cp.execution_id, cp.node_name, 0, timestamp_to_us(cp.timestamp),
             cp.parent_id, meta, state,
-        )
+        ))
 
     def limits(self) -> Limits:
         """The `Limits` the store enforces."""

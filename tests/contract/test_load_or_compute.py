@@ -324,7 +324,7 @@ def test_claim_renew_release_and_complete_keep_one_result_per_node(store: BaseSt
     assert (kind, version) == ("saved", 1)
     record_b = store._record(cp("run", "n", "from b"))
     kind, existing = store._backend.complete(record_b, fresh)
-    assert kind == "done" and existing[0] == record[0]
+    assert kind == "done" and existing.id == record.id
     assert [c.state for c in store.list("run")] == ["from a"]
     assert store._backend.release("run", "n", fresh) is False  # complete released it
 
