@@ -66,6 +66,7 @@ import shmstore
 from shmstore import Checkpoint
 from shmstore.core.checkpoint import new_id
 from shmstore.core.codec import DEFAULT_CODEC
+from shmstore.core.record import Record
 
 SIZES = {"1KiB": 1024, "64KiB": 64 * 1024}
 #: Target for RSS growth per payload byte, per state size.
@@ -488,7 +489,7 @@ def record_breakdown(size: int, checkpoints: int,
     record = shmstore.MemoryStore()._record(cp)
     _ident, _op, args, _kw = unpack(pack(("table", "save", (record, None), {})))
     table = CheckpointTable()
-    table.save(args[0])
+    table.save(Record._make(args[0]))  # as the server rebuilds it from the wire
     stored = table._records[args[0][0]]
     per_exec = max(1, checkpoints // max(1, executions))
     big_version = 1000 + per_exec  # a fill's versions are past the cached small ints

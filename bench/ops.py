@@ -285,7 +285,7 @@ def main() -> None:
         for label in args.sizes.split(","):
             size = SIZES[label]
             state = make_state(size)
-            payload = os.urandom(len(shmstore.codec.DEFAULT_CODEC.encode(state)))
+            payload = os.urandom(len(DEFAULT_CODEC.encode(state)))
             per_round = max(4, min(2000, 40_000_000 // size // rounds))
             chunk = min(10, per_round)
             saved_shared = shared.save(Checkpoint(execution_id=f"e-{label}", state=state))

@@ -56,6 +56,7 @@ import shmstore
 from shmstore import Checkpoint
 from shmstore.backends.table import CheckpointTable
 from shmstore.core.codec import DEFAULT_CODEC
+from shmstore.core.record import Record
 from shmstore.monitor.sampler import DEFAULT_INTERVAL, MemoryMonitor
 
 #: label -> monitor_interval (seconds)
@@ -175,7 +176,7 @@ def time_sample(prefill: int, state: dict[str, Any], pids: list[int], n: int) ->
     table = CheckpointTable()
     payload = DEFAULT_CODEC.encode(state)
     for i in range(prefill):
-        table.save((f"id-{i}", f"fill-{i % 50}", "node", 0, 0, None, b"\x80", payload))
+        table.save(Record(f"id-{i}", f"fill-{i % 50}", "node", 0, 0, None, b"\x80", payload))
     monitor = MemoryMonitor(table.figures)
     for pid in pids:
         monitor.register(pid, "idle")

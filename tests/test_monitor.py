@@ -101,14 +101,15 @@ def test_the_table_gives_back_its_index_after_a_clear() -> None:
     import sys
 
     from shmstore.backends.table import CheckpointTable
+    from shmstore.core.record import Record
 
     table = CheckpointTable()
     for i in range(20_000):
-        table.save((f"id-{i}", "run", "node", 0, 0, None, b"\x80", b"x" * 10))
+        table.save(Record(f"id-{i}", "run", "node", 0, 0, None, b"\x80", b"x" * 10))
     full = sys.getsizeof(table._records)
     assert table.clear("run") == 20_000
     assert sys.getsizeof(table._records) < full // 10
-    table.save(("again", "run", "node", 0, 0, None, b"\x80", b"x"))
+    table.save(Record("again", "run", "node", 0, 0, None, b"\x80", b"x"))
     assert table.load("again")[3] == 1
 
 

@@ -148,18 +148,18 @@ def test_a_checkpoint_moves_between_backends_byte_for_byte(
     with shared_server.connect(timeout=10.0) as shared, shmstore.MemoryStore() as memory:
         shared.clear("move")
         shared.save(original)
-        from_shared = shared._call("load", original.id)
+        from_shared = shared._backend.load(original.id)
         # Hand the very record (the bytes as the server keeps them) to Redis, and back.
-        rstore._call("save", from_shared, None)
-        from_redis = rstore._call("load", original.id)
+        rstore._backend.save(from_shared, None)
+        from_redis = rstore._backend.load(original.id)
         assert tuple(from_redis) == tuple(from_shared)
         assert raw.hget(f"shmstore:{{move}}:r:{original.id}", "s") == from_shared[7]
         assert from_shared[7] == DEFAULT_CODEC.encode(state)
-        memory._call("save", from_redis, None)
-        assert tuple(memory._call("load", original.id)) == tuple(from_redis)
+        memory._backend.save(from_redis, None)
+        assert tuple(memory._backend.load(original.id)) == tuple(from_redis)
         shared.clear("move")
-        shared._call("save", from_redis, None)
-        assert tuple(shared._call("load", original.id)) == tuple(from_shared)
+        shared._backend.save(from_redis, None)
+        assert tuple(shared._backend.load(original.id)) == tuple(from_shared)
         assert rstore.load(original.id) == memory.load(original.id) == shared.load(original.id)
         shared.clear("move")
 
@@ -196,7 +196,7 @@ def test_limits_belong_to_the_data_set_not_to_one_client(redis_server: RedisServ
     raw.flushdb()
     with RedisStore(redis_server.url, limits={"max_checkpoints": 2}) as configured, \
             RedisStore(redis_server.url) as other:
-        assert other._call("limits")["max_checkpoints"] == 2
+        assert other._backend.limits()["max_checkpoints"] == 2
         other.save(cp())
         other.save(cp())
         with pytest.raises(StoreFull) as info:
@@ -204,7 +204,7 @@ def test_limits_belong_to_the_data_set_not_to_one_client(redis_server: RedisServ
         assert (info.value.limit, info.value.maximum, info.value.current) == (
             "max_checkpoints", 2, 2)
         assert configured.stats().to_dict()["checkpoints"] == 2
-        assert other._call("stats")["rejections"] == 1
+        assert other._backend.stats()["rejections"] == 1
 
 
 # -- waiting in Redis ------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def test_wait_sleeps_in_redis_a_bounded_number_of_calls(rstore: RedisStore, raw:
 
 
 def test_a_lease_expiry_hands_over_on_the_redis_clock(rstore: RedisStore, raw: Any) -> None:
-    kind, _token = rstore._call("claim", "run", "n", "ghost:1:1", 0.6, 0.0)
+    kind, _token = rstore._backend.claim("run", "n", "ghost:1:1", 0.6, 0.0)
     assert kind == "granted"
     before = commandstats(raw)
     started = time.monotonic()

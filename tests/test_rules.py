@@ -203,8 +203,8 @@ def test_with_children_pairs_kids_by_parent_id() -> None:
     parents = [rec("p2"), rec("p1")]
     kids = [rec("k1", parent="p1"), rec("k2", parent="p2"), rec("k3", parent="p1"),
             rec("k4", parent="nobody")]
-    assert rules.with_children(parents, kids) == [[parents[0], [kids[1]]],
-                                                  [parents[1], [kids[0], kids[2]]]]
+    assert rules.with_children(parents, kids) == [(parents[0], [kids[1]]),
+                                                  (parents[1], [kids[0], kids[2]])]
 
 
 def test_purge_plan_keeps_the_newest_matches_and_drops_children() -> None:

@@ -2,16 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
+from ..core.backend import Backend, Sample, closed_backend
 from ..core.codec import MsgpackCodec
 from ..core.errors import StoreUnavailable
 from ..core.limits import Limits
 from ..core.store import BaseStore
 from ..monitor.sampler import MemoryMonitor
-from .table import TABLE_OPS, CheckpointTable
+from .table import CheckpointTable
 
 __all__ = ["MemoryStore"]
+
+
+class LocalTable(CheckpointTable):
+    """A table that is a whole `Backend`: it samples its own process's memory when asked
+    (there is no server to sample in the background) and has no clients to register."""
+
+    def __init__(self, limits: Limits | dict[str, Any] | None = None) -> None:
+        super().__init__(limits)
+        self._monitor = MemoryMonitor(self.figures)
+
+    def memory_history(self, since: float | None = None) -> list[Sample]:
+        """Take a sample now; then the samples after ``since``, oldest first."""
+        self._monitor.sample()
+        return self._monitor.history(since)
+
+    def register_client(self, pid: int, name: str = "") -> None:
+        """Nothing to do: every caller of an in-process store is this process."""
+
+
+_LOCAL: Final[type[Backend]] = LocalTable  # mypy checks that it is a complete Backend
+
+
+def _closed() -> StoreUnavailable:
+    return StoreUnavailable("this MemoryStore was closed", address="memory://")
 
 
 class MemoryStore(BaseStore):
@@ -38,23 +63,9 @@ class MemoryStore(BaseStore):
     def __init__(self, *, codec: MsgpackCodec | None = None,
                  limits: Limits | dict[str, Any] | None = None) -> None:
         super().__init__(codec=codec)
-        table = CheckpointTable(limits)
-        self._table: CheckpointTable | None = table
-        self._ops: dict[str, Any] = {op: getattr(table, op) for op in TABLE_OPS}
-        monitor = MemoryMonitor(table.figures)
-
-        def memory_history(since: float | None) -> list[dict[str, Any]]:
-            monitor.sample()
-            return monitor.history(since)
-
-        self._ops["memory_history"] = memory_history
-
-    def _call(self, op: str, *args: Any) -> Any:
-        if self._table is None:
-            raise StoreUnavailable("this MemoryStore was closed", address="memory://")
-        return self._ops[op](*args)
+        # The table itself is the backend: a call is a method call, nothing in between.
+        self._backend = LocalTable(limits)
 
     def close(self) -> None:
         """Drop every checkpoint; later calls raise `StoreUnavailable`."""
-        self._table = None
-        self._ops = {}
+        self._backend = closed_backend(_closed)

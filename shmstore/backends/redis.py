@@ -73,18 +73,35 @@ Limits (`Limits`) are a property of the data set, not of a client: a store made 
 from __future__ import annotations
 
 import builtins
+import functools
 import hashlib
 import json
 import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from ..core import rules
+from ..core.backend import (
+    BACKEND_OPS,
+    BUSY,
+    DONE,
+    GRANTED,
+    HELD,
+    SAVED,
+    TABLE_OPS,
+    Backend,
+    ClaimAnswer,
+    CompleteAnswer,
+    EncodedWhere,
+    Found,
+    Sample,
+    StatsDict,
+)
 from ..core.codec import MsgpackCodec
 from ..core.errors import (
     AccessDenied,
@@ -95,8 +112,9 @@ from ..core.errors import (
     StoreUnavailable,
     VersionConflict,
 )
-from ..core.limits import DEFAULT_MAX_CHECKPOINT_BYTES, LIMIT_FIELDS, Limits
-from ..core.rules import TABLE_OPS, Record, decode_where, not_found, purge_plan, with_children
+from ..core.limits import DEFAULT_MAX_CHECKPOINT_BYTES, LIMIT_FIELDS, Limits, LimitsDict
+from ..core.record import Record
+from ..core.rules import decode_where, not_found, purge_plan, with_children
 from ..core.store import BaseStore
 from ..core.validate import duration
 
@@ -162,11 +180,11 @@ def _info_field(info: bytes, name: str) -> int:
 
 def _record(raw: Sequence[Any]) -> Record:
     parent = raw[5]
-    return (_s(raw[0]), _s(raw[1]), _s(raw[2]), raw[3], int(raw[4]),
-            None if parent is None else _s(parent), raw[6], raw[7])
+    return Record(_s(raw[0]), _s(raw[1]), _s(raw[2]), raw[3], int(raw[4]),
+                  None if parent is None else _s(parent), raw[6], raw[7])
 
 
-def _record_args(record: Sequence[Any]) -> list[Any]:
+def _record_args(record: Record) -> list[Any]:
     cid, execution, node, _version, ts, parent, meta, state = record
     return [_b(cid), _b(execution), _b(node), b"%d" % ts,
             b"" if parent is None else _b(parent), meta, state]
@@ -248,23 +266,21 @@ class RedisStore(BaseStore):
                               value=repr(prefix)[:80])
         self.prefix = prefix
         self.timeout = duration(timeout, "timeout")
-        self._prefix = _b(prefix)
-        self._closed = False
         if isinstance(url_or_client, str):
             self.url: str | None = url_or_client
-            self._client = self._open(url_or_client)
-            self._owns_client = True
+            client, owns_client = self._open(url_or_client), True
         elif isinstance(url_or_client, _redis.Redis):
             self.url = None
-            self._client = url_or_client
-            self._owns_client = False
+            client, owns_client = url_or_client, False
         else:
             raise ConfigError(
                 "RedisStore takes a redis:// URL or a redis.Redis client, not "
                 f"{type(url_or_client).__name__}", value=repr(url_or_client)[:80])
-        self.address = _redact(self.url) if self.url else repr(self._client)
+        self.address = _redact(self.url) if self.url else repr(client)
+        self._backend: RedisBackend = RedisBackend(client, _b(prefix), self.timeout,
+                                                   self.address, owns_client=owns_client)
         if limits is not None:
-            self._write_limits(Limits.coerce(limits))
+            self._backend._write_limits(Limits.coerce(limits))
 
     def _open(self, url: str) -> Any:
         target = _redis_url(url)
@@ -294,14 +310,45 @@ class RedisStore(BaseStore):
                                            self.prefix, self.timeout))
         return (_rebuild, (self.url, self.prefix, self.timeout))
 
-    # -- the one call path ----------------------------------------------------------------
+    @property
+    def _client(self) -> Any:
+        """The redis-py client (the backend's)."""
+        return self._backend._client
 
-    def _call(self, op: str, *args: Any) -> Any:
+    @property
+    def _closed(self) -> bool:
+        return self._backend._closed
+
+    def flush(self) -> int:
+        """Drop every key of this prefix (checkpoints, counters, limits); return how many.
+
+        For tests and resets; other prefixes in the same Redis are left alone.
+        """
+        return self._backend.flush()
+
+    def close(self) -> None:
+        """Close this store's connections (a client passed in is left open).
+
+        Calls in flight in other threads finish; their connections close as they end.
+        Later calls raise `StoreUnavailable`.
+        """
+        self._backend.close()
+
+
+_R = TypeVar("_R")
+
+
+def _guarded(op: Callable[..., _R]) -> Callable[..., _R]:
+    """``op`` with the one call path around it: refused once closed, redis-py's errors
+    translated into the exception tree, idle connections dropped if closed meanwhile."""
+
+    @functools.wraps(op)
+    def call(self: RedisBackend, *args: object) -> _R:
         if self._closed:
             raise StoreUnavailable(f"this RedisStore was closed ({self.address})",
                                    address=self.address)
         try:
-            return _OPS[op](self, *args)
+            return op(self, *args)
         except ShmstoreError:
             raise
         except Exception as exc:
@@ -309,6 +356,25 @@ class RedisStore(BaseStore):
         finally:
             if self._closed:  # closed by another thread meanwhile: drop what we used
                 self._disconnect_idle()
+
+    return call
+
+
+class RedisBackend:
+    """`RedisStore`'s `Backend`: each operation one or a few scripts (see the module doc).
+
+    It holds no reference to its store (the store owns it; a cycle would keep a dropped
+    store's sockets open until the cyclic collector ran).
+    """
+
+    def __init__(self, client: Any, prefix: bytes, timeout: float, address: str, *,
+                 owns_client: bool) -> None:
+        self._client = client
+        self._prefix = prefix
+        self.timeout = timeout
+        self.address = address
+        self._owns_client = owns_client
+        self._closed = False
 
     def _translate(self, exc: Exception) -> ShmstoreError | Exception:
         """Map a redis-py error to the exception tree."""
@@ -372,17 +438,18 @@ class RedisStore(BaseStore):
 
     # -- table operations ---------------------------------------------------------------
 
-    def _op_save(self, record: Sequence[Any], expected_version: int | None = None) -> int:
+    def save(self, record: Record, expected_version: int | None = None) -> int:
         expected = b"" if expected_version is None else b"%d" % expected_version
         try:
             return int(self._run("save", expected, *_record_args(record)))
         except _redis.exceptions.ResponseError as exc:
             error = self._translate(exc)
             if isinstance(error, VersionConflict):
-                raise rules.version_conflict(record[1], expected_version, error.actual) from None
+                raise rules.version_conflict(record.execution_id, expected_version,
+                                             error.actual) from None
             raise error from None
 
-    def _store(self, op: str, records: Iterable[Sequence[Any]], only_new: bool) -> list[int]:
+    def _store(self, op: str, records: Sequence[Record], only_new: bool) -> list[int]:
         records = list(records)
         args: list[Any] = []
         for record in records:
@@ -390,10 +457,10 @@ class RedisStore(BaseStore):
         return [int(v) for v in self._run("store", op, b"1" if only_new else b"0",
                                           len(records), *args)]
 
-    def _op_save_many(self, records: Iterable[Sequence[Any]]) -> list[int]:
+    def save_many(self, records: Sequence[Record]) -> builtins.list[int]:
         return self._store("save_many", records, False)
 
-    def _op_save_new(self, records: Iterable[Sequence[Any]]) -> list[int]:
+    def save_new(self, records: Sequence[Record]) -> builtins.list[int]:
         return self._store("save_new", records, True)
 
     def _scan(self, op: str, executions: Sequence[str], prefix: bool, *,
@@ -417,11 +484,11 @@ class RedisStore(BaseStore):
         return [(_s(name), [_record(r) for r in found], [_record(r) for r in kids])
                 for name, found, kids in answer]
 
-    def _op_find(self, executions: Sequence[str], prefix: bool = False,
-                 node_name: str | None = None, where: dict[str, Sequence[bytes]] | None = None,
-                 before_id: str | None = None, limit: int | None = None,
-                 checkpoint_id: str | None = None, children: str | None = None,
-                 by_id: bool = False) -> builtins.list[builtins.list[Any]]:
+    def find(self, executions: Sequence[str], prefix: bool = False,
+             node_name: str | None = None, where: EncodedWhere | None = None,
+             before_id: str | None = None, limit: int | None = None,
+             checkpoint_id: str | None = None, children: str | None = None,
+             by_id: bool = False) -> builtins.list[Found]:
         # Metadata is filtered here, with Python's equality (1 == 1.0, a tuple is not a
         # list), exactly as the table does; Redis applies every other filter.
         filters = decode_where(where)
@@ -429,7 +496,7 @@ class RedisStore(BaseStore):
                              checkpoint_id=checkpoint_id, before_id=before_id,
                              children=children, by_id=by_id,
                              limit=limit if filters is None else (0 if limit == 0 else None))
-        out: builtins.list[builtins.list[Any]] = []
+        out: builtins.list[Found] = []
         for _name, found, kids in scanned:
             matched = rules.first_matches(found, None, filters, None,
                                           None if limit is None else limit - len(out))
@@ -438,9 +505,9 @@ class RedisStore(BaseStore):
                 break
         return out
 
-    def _op_purge(self, executions: Sequence[str], prefix: bool = False,
-                  node_name: str | None = None, where: dict[str, Sequence[bytes]] | None = None,
-                  keep: int = 0, children: str | None = None) -> int:
+    def purge(self, executions: Sequence[str], prefix: bool = False,
+              node_name: str | None = None, where: EncodedWhere | None = None,
+              keep: int = 0, children: str | None = None) -> int:
         # Read the scope, decide as the table does, then drop in one script the records
         # that are still there at the same version (a record saved in between survives).
         filters = decode_where(where)
@@ -451,10 +518,10 @@ class RedisStore(BaseStore):
             return 0
         args: builtins.list[bytes] = []
         for record in doomed:
-            args += [_b(record[0]), b"%d" % record[3]]
+            args += [_b(record.id), b"%d" % record.version]
         return int(self._run("drop", *args))
 
-    def _op_copy(self, source: str, target: str, prefix: bool = False) -> int:
+    def copy(self, source: str, target: str, prefix: bool = False) -> int:
         if source == target:
             raise rules.copy_onto_itself(source)
         plan = [(record, rules.renamed(name, source, target))
@@ -465,42 +532,42 @@ class RedisStore(BaseStore):
             self._store("", copies, False)
         return len(copies)
 
-    def _op_load(self, checkpoint_id: str) -> Record:
+    def load(self, checkpoint_id: str) -> Record:
         raw = self._run("load", _b(checkpoint_id))
         if raw is None:
             raise not_found(checkpoint_id)
         return _record(raw)
 
-    def _op_load_many(self, checkpoint_ids: Iterable[str]) -> list[Record]:
+    def load_many(self, checkpoint_ids: Sequence[str]) -> builtins.list[Record]:
         ok, value = self._run("load_many", *[_b(cid) for cid in checkpoint_ids])
         if not ok:
             raise not_found(_s(value))
         return [_record(raw) for raw in value]
 
-    def _op_list(self, execution_id: str, limit: int | None = None,
-                 before_version: int | None = None,
-                 newest_first: bool = False) -> builtins.list[Record]:
+    def list(self, execution_id: str, limit: int | None = None,
+             before_version: int | None = None,
+             newest_first: bool = False) -> builtins.list[Record]:
         raws = self._run("list", _b(execution_id), -1 if limit is None else limit,
                          b"" if before_version is None else b"%d" % before_version,
                          b"1" if newest_first else b"0")
         return [_record(raw) for raw in raws]
 
-    def _op_latest(self, execution_id: str) -> Record | None:
+    def latest(self, execution_id: str) -> Record | None:
         raw = self._run("latest", _b(execution_id))
         return None if raw is None else _record(raw)
 
-    def _op_delete(self, checkpoint_id: str) -> bool:
+    def delete(self, checkpoint_id: str) -> bool:
         return bool(self._run("delete", _b(checkpoint_id)))
 
-    def _op_clear(self, execution_id: str) -> int:
+    def clear(self, execution_id: str) -> int:
         return int(self._run("clear", _b(execution_id)))
 
-    def _op_executions(self) -> builtins.list[str]:
+    def executions(self) -> builtins.list[str]:
         return sorted(_s(name) for name in self._run("executions"))
 
-    def _op_wait(self, execution_id: str, after_version: int = 0,
-                 timeout: float | None = None,
-                 generation: int = 0) -> tuple[Record | None, int]:
+    def wait(self, execution_id: str, after_version: int = 0,
+             timeout: float | None = None,
+             generation: int = 0) -> tuple[Record | None, int]:
         deadline = None if timeout is None else time.monotonic() + timeout
         count = b"1"
         name = _b(execution_id)
@@ -526,8 +593,8 @@ class RedisStore(BaseStore):
             if wakeups is not None:
                 wakeups.close()
 
-    def _op_claim(self, execution_id: str, node_name: str, owner: str, lease_s: float,
-                  timeout: float = 0.0) -> tuple[str, Any]:
+    def claim(self, execution_id: str, node_name: str, owner: str, lease_s: float,
+              timeout: float = 0.0) -> ClaimAnswer:
         deadline = time.monotonic() + timeout
         lease_ms = max(1, math.ceil(lease_s * 1000))
         count = b"1"
@@ -539,13 +606,15 @@ class RedisStore(BaseStore):
                 answer = self._run("claim", *args, count)
                 count = b"0"
                 kind = _s(answer[0])
-                if kind == "done":
-                    return (kind, _record(answer[1]))
-                if kind == "granted" or kind == "held":
-                    return (kind, _s(answer[1]))
-                holder, pttl = _s(answer[1]), int(answer[2])
+                if kind == DONE:
+                    return (DONE, _record(answer[1]))
+                if kind == GRANTED:
+                    return (GRANTED, _s(answer[1]))
+                if kind == HELD:
+                    return (HELD, _s(answer[1]))
+                holder, pttl = _s(answer[1]), int(answer[2])  # the script's only other: busy
                 if ms < 1:
-                    return (kind, holder)
+                    return (BUSY, holder)
                 if wakeups is None:
                     wakeups = self._subscribe(execution_id)  # then look again
                     continue
@@ -555,20 +624,20 @@ class RedisStore(BaseStore):
             if wakeups is not None:
                 wakeups.close()
 
-    def _op_renew(self, execution_id: str, node_name: str, token: str, lease_s: float) -> bool:
+    def renew(self, execution_id: str, node_name: str, token: str, lease_s: float) -> bool:
         return bool(self._run("renew", _b(execution_id), _b(node_name), _b(token),
                               max(1, math.ceil(lease_s * 1000))))
 
-    def _op_release(self, execution_id: str, node_name: str, token: str) -> bool:
+    def release(self, execution_id: str, node_name: str, token: str) -> bool:
         return bool(self._run("release", _b(execution_id), _b(node_name), _b(token)))
 
-    def _op_complete(self, record: Sequence[Any], token: str) -> tuple[str, Any]:
+    def complete(self, record: Record, token: str) -> CompleteAnswer:
         kind, value = self._run("complete", _b(token), *_record_args(record))
         if kind == b"done":
-            return ("done", _record(value))
-        return ("saved", int(value))
+            return (DONE, _record(value))
+        return (SAVED, int(value))
 
-    def _op_limits(self) -> dict[str, Any]:
+    def limits(self) -> LimitsDict:
         return self._read_limits().to_dict()
 
     def _read_limits(self) -> Limits:
@@ -596,7 +665,7 @@ class RedisStore(BaseStore):
         except Exception as exc:
             raise self._translate(exc) from None
 
-    def _op_stats(self) -> dict[str, Any]:
+    def stats(self) -> StatsDict:
         (checkpoints, executions, payload, ops_flat, stats_flat, largest_flat,
          info_server, info_memory) = self._run("stats")
         ops = dict.fromkeys(TABLE_OPS, 0)
@@ -611,7 +680,7 @@ class RedisStore(BaseStore):
             "payload_bytes": int(payload),
             "ops": ops,
             "largest_executions": [
-                [_s(largest_flat[i]), int(largest_flat[i + 1]), int(largest_flat[i + 2])]
+                (_s(largest_flat[i]), int(largest_flat[i + 1]), int(largest_flat[i + 2]))
                 for i in range(0, len(largest_flat), 3)],
             "evictions": counters.get("evictions", 0),
             "rejections": counters.get("rejections", 0),
@@ -625,9 +694,9 @@ class RedisStore(BaseStore):
             "clients": [],
         }
 
-    def _op_memory_history(self, since: float | None = None) -> builtins.list[dict[str, Any]]:
+    def memory_history(self, since: float | None = None) -> builtins.list[Sample]:
         """Redis keeps no history: the present as one sample (a poller builds the series)."""
-        stats = self._op_stats()
+        stats = self.stats()
         now = time.time()
         if since is not None and now <= since:
             return []
@@ -635,13 +704,13 @@ class RedisStore(BaseStore):
                  "checkpoints": stats["checkpoints"], "payload_bytes": stats["payload_bytes"],
                  "clients": {}}]
 
+    def register_client(self, pid: int, name: str = "") -> None:
+        """Nothing to do: Redis keeps no registry of client processes."""
+
     # -- life cycle -----------------------------------------------------------------------
 
     def flush(self) -> int:
-        """Drop every key of this prefix (checkpoints, counters, limits); return how many.
-
-        For tests and resets; other prefixes in the same Redis are left alone.
-        """
+        """Drop every key of this prefix; return how many (`RedisStore.flush`)."""
         if self._closed:
             raise StoreUnavailable(f"this RedisStore was closed ({self.address})",
                                    address=self.address)
@@ -661,11 +730,7 @@ class RedisStore(BaseStore):
         return dropped
 
     def close(self) -> None:
-        """Close this store's connections (a client passed in is left open).
-
-        Calls in flight in other threads finish; their connections close as they end.
-        Later calls raise `StoreUnavailable`.
-        """
+        """Close the store's connections (`RedisStore.close`)."""
         if self._closed:
             return
         self._closed = True
@@ -718,12 +783,12 @@ class _WakeUps:
         self._pubsub.close()
 
 
-# The operations by name, as functions of the class: an instance holding its own bound
-# methods would be a reference cycle, and a store dropped unclosed would then keep its
-# sockets open until the cyclic collector ran (which closes them in no set order, so
-# sockets could be finalized before redis-py's connections and warn).
-_OPS: dict[str, Callable[..., Any]] = {
-    op: getattr(RedisStore, "_op_" + op) for op in (*TABLE_OPS, "memory_history")}
+# Every operation goes through the one call path; written once here, not per method.
+for _op in BACKEND_OPS:
+    setattr(RedisBackend, _op, _guarded(getattr(RedisBackend, _op)))
+del _op
+
+_REDIS: Final[type[Backend]] = RedisBackend  # mypy checks that it is a complete Backend
 
 
 def _shmstore_error(fields: dict[str, Any]) -> ShmstoreError:
@@ -755,6 +820,6 @@ def _rebuild_from_kwargs(module: str, qualname: str, kwargs: dict[str, Any], pre
                           value=qualname)
     pool = _redis.ConnectionPool(connection_class=cls, **kwargs)
     store = RedisStore(_redis.Redis(connection_pool=pool), prefix=prefix, timeout=timeout)
-    store._owns_client = True  # made here, for this copy: its close() closes it
+    store._backend._owns_client = True  # made here, for this copy: its close() closes it
     return store
 

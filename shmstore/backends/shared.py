@@ -1,7 +1,9 @@
 """`SharedStore`: the store as seen from any process (`core.factory.connect` builds it).
 
-Every operation goes through one path, `SharedStore._call`: encode the request, send,
-read the answer, and translate whatever went wrong into the exception tree.  A call takes
+The store's `Backend` is `_Remote`, a typed proxy: each method sends its name and
+arguments through one path, `SharedStore._request` (encode the request, send, read the
+answer, and translate whatever went wrong into the exception tree), and rebuilds the
+`Record` tuples of the answer from msgpack's arrays.  A call takes
 an idle connection from the store's pool, or opens one, and gives it back when the
 answer is in: threads never share a connection mid-call, and threads that come and go
 (LangGraph runs each invocation on fresh ones) reuse connections instead of leaving one
@@ -12,15 +14,29 @@ mid-call is dropped, never reused out of step, and the next call opens a new one
 
 from __future__ import annotations
 
+import builtins
 import os
 import select
 import threading
 import weakref
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Final, cast
 
+from ..core.backend import (
+    DONE,
+    Backend,
+    ClaimAnswer,
+    CompleteAnswer,
+    EncodedWhere,
+    Found,
+    Sample,
+    StatsDict,
+)
 from ..core.codec import MsgpackCodec
 from ..core.config import DEFAULT_TIMEOUT, coerce_authkey, parse_url
 from ..core.errors import ShmstoreError, StoreUnavailable
+from ..core.limits import LimitsDict
+from ..core.record import Record
 from ..core.store import BaseStore
 from ..core.validate import duration
 from .wire import Channel, open_connection, translate, unpack
@@ -71,6 +87,7 @@ class SharedStore(BaseStore):
         self._conns: set[Channel] = set()  # every open connection of this process
         self._conns_lock = threading.Lock()
         self._closed = False
+        self._backend = _Remote(self)
 
     def __repr__(self) -> str:
         return f"<SharedStore {self.url}>"
@@ -108,13 +125,14 @@ class SharedStore(BaseStore):
         except OSError:
             pass
 
-    def _call(self, op: str, *args: Any) -> Any:
+    def _request(self, op: str, args: tuple[object, ...]) -> Any:
+        """Run ``op`` in the server: one round trip; the answer as msgpack decoded it."""
         conn = self._connection()
         try:
             conn.send_message((op, args))
             slot = _BLOCKING_OPS.get(op)
             if slot is not None and not conn.pending() and not select.select(
-                [conn.fd], [], [], args[slot] + self.timeout
+                [conn.fd], [], [], cast(float, args[slot]) + self.timeout
             )[0]:
                 raise TimeoutError
             kind, result = unpack(conn.recv())
@@ -143,6 +161,130 @@ class SharedStore(BaseStore):
                 conn.close()
             except OSError:
                 pass
+
+
+# A record in an answer: the server sent a `Record`, msgpack made it a list.
+_make = Record._make
+
+
+class _Remote:
+    """`SharedStore`'s backend: every method is one `SharedStore._request` of its name.
+
+    Answers come as msgpack decoded them (a record is a list); the records in them are
+    rebuilt as `Record` tuples here, nothing else is copied.  The store is held by a weak
+    proxy: the store owns this object, and a cycle would keep a dropped store's sockets
+    open until the cyclic collector ran.
+    """
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: SharedStore) -> None:
+        self._store = weakref.proxy(store)
+
+    def save(self, record: Record, expected_version: int | None = None) -> int:
+        version: int = self._store._request("save", (record, expected_version))
+        return version
+
+    def save_many(self, records: Sequence[Record]) -> builtins.list[int]:
+        versions: builtins.list[int] = self._store._request("save_many", (records,))
+        return versions
+
+    def load(self, checkpoint_id: str) -> Record:
+        # tuple.__new__, not _make: half the cost, on the hottest read (the server's
+        # answer is the table's own record; a wrong length fails at the first field).
+        return tuple.__new__(Record, self._store._request("load", (checkpoint_id,)))
+
+    def load_many(self, checkpoint_ids: Sequence[str]) -> builtins.list[Record]:
+        return [_make(r) for r in self._store._request("load_many", (checkpoint_ids,))]
+
+    def list(self, execution_id: str, limit: int | None = None,
+             before_version: int | None = None,
+             newest_first: bool = False) -> builtins.list[Record]:
+        raws = self._store._request("list", (execution_id, limit, before_version,
+                                             newest_first))
+        return [_make(r) for r in raws]
+
+    def latest(self, execution_id: str) -> Record | None:
+        raw = self._store._request("latest", (execution_id,))
+        return None if raw is None else _make(raw)
+
+    def delete(self, checkpoint_id: str) -> bool:
+        dropped: bool = self._store._request("delete", (checkpoint_id,))
+        return dropped
+
+    def clear(self, execution_id: str) -> int:
+        dropped: int = self._store._request("clear", (execution_id,))
+        return dropped
+
+    def executions(self) -> builtins.list[str]:
+        names: builtins.list[str] = self._store._request("executions", ())
+        return names
+
+    def wait(self, execution_id: str, after_version: int = 0, timeout: float | None = None,
+             generation: int = 0) -> tuple[Record | None, int]:
+        raw, generation = self._store._request("wait", (execution_id, after_version, timeout,
+                                                        generation))
+        return (None if raw is None else _make(raw), generation)
+
+    def stats(self) -> StatsDict:
+        figures: StatsDict = self._store._request("stats", ())
+        return figures
+
+    def claim(self, execution_id: str, node_name: str, owner: str, lease_s: float,
+              timeout: float = 0.0) -> ClaimAnswer:
+        kind, value = self._store._request("claim", (execution_id, node_name, owner, lease_s,
+                                                     timeout))
+        return (DONE, _make(value)) if kind == DONE else (kind, value)
+
+    def renew(self, execution_id: str, node_name: str, token: str, lease_s: float) -> bool:
+        held: bool = self._store._request("renew", (execution_id, node_name, token, lease_s))
+        return held
+
+    def release(self, execution_id: str, node_name: str, token: str) -> bool:
+        held: bool = self._store._request("release", (execution_id, node_name, token))
+        return held
+
+    def complete(self, record: Record, token: str) -> CompleteAnswer:
+        kind, value = self._store._request("complete", (record, token))
+        return (DONE, _make(value)) if kind == DONE else (kind, value)
+
+    def limits(self) -> LimitsDict:
+        limits: LimitsDict = self._store._request("limits", ())
+        return limits
+
+    def find(self, executions: Sequence[str], prefix: bool = False,
+             node_name: str | None = None, where: EncodedWhere | None = None,
+             before_id: str | None = None, limit: int | None = None,
+             checkpoint_id: str | None = None, children: str | None = None,
+             by_id: bool = False) -> builtins.list[Found]:
+        found = self._store._request("find", (executions, prefix, node_name, where, before_id,
+                                              limit, checkpoint_id, children, by_id))
+        return [(_make(raw), [_make(kid) for kid in kids]) for raw, kids in found]
+
+    def save_new(self, records: Sequence[Record]) -> builtins.list[int]:
+        versions: builtins.list[int] = self._store._request("save_new", (records,))
+        return versions
+
+    def purge(self, executions: Sequence[str], prefix: bool = False,
+              node_name: str | None = None, where: EncodedWhere | None = None,
+              keep: int = 0, children: str | None = None) -> int:
+        dropped: int = self._store._request("purge", (executions, prefix, node_name, where,
+                                                      keep, children))
+        return dropped
+
+    def copy(self, source: str, target: str, prefix: bool = False) -> int:
+        copied: int = self._store._request("copy", (source, target, prefix))
+        return copied
+
+    def memory_history(self, since: float | None = None) -> builtins.list[Sample]:
+        samples: builtins.list[Sample] = self._store._request("memory_history", (since,))
+        return samples
+
+    def register_client(self, pid: int, name: str = "") -> None:
+        self._store._request("register_client", (pid, name))
+
+
+_REMOTE: Final[type[Backend]] = _Remote  # mypy checks that it is a complete Backend
 
 
 # Every SharedStore of this process: a forked child drops their inherited connections

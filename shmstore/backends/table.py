@@ -12,11 +12,8 @@ caller, or sleeps on the execution's condition until a record appears, the lease
 released, or the lease expires (a timed wait on the same condition: nothing polls).
 Leases live beside the records and never count as checkpoints.
 
-A record is a tuple (cheapest per-entry memory in CPython)::
-
-    (id, execution_id, node_name, version, timestamp_us, parent_id, metadata, state)
-
-Callers send records with version 0; the table assigns the version.
+A record is a `Record` (a NamedTuple: a tuple's per-entry memory, with named fields);
+callers send records with version 0, the table assigns the version.
 
 Limits (`Limits`; what they mean is in core/limits.py, how they are applied in
 core/rules.py, whose functions the table calls) are checked under the same lock before
@@ -35,44 +32,37 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Final
 
 import psutil
 
 from ..core import rules
-from ..core.errors import StoreFull
-from ..core.limits import Limits
-from ..core.rules import (
-    EXECUTION,
-    ID,
-    METADATA,
-    NODE,
-    PARENT,
-    STATE,
+from ..core.backend import (
+    BUSY,
+    DONE,
+    GRANTED,
+    HELD,
+    SAVED,
     TABLE_OPS,
-    TIMESTAMP,
-    VERSION,
-    Record,
-    decode_where,
-    not_found,
-    purge_plan,
-    with_children,
+    ClaimAnswer,
+    CompleteAnswer,
+    EncodedWhere,
+    Found,
+    StatsDict,
+    TableOps,
 )
+from ..core.errors import StoreFull
+from ..core.limits import Limits, LimitsDict
+from ..core.record import Record
+from ..core.rules import decode_where, not_found, purge_plan, with_children
 from ..monitor.sampler import peak_rss
 
-__all__ = ["CheckpointTable", "Record", "TABLE_OPS"]
+__all__ = ["BUSY", "DONE", "GRANTED", "HELD", "SAVED", "TABLE_OPS", "CheckpointTable",
+           "Record"]
 
 SHRINK_MIN = 1024  # below this many records a dict's slack is not worth a rebuild
 RSS_MAX_AGE = 0.05  # seconds a measured RSS stays good enough for ``max_rss``
 LARGEST = 5  # executions listed by size in stats
-
-# What ``claim`` and ``complete`` answer, first item of their [kind, value] pair.
-DONE = "done"          # value: the node's latest record
-GRANTED = "granted"    # value: the lease token
-BUSY = "busy"          # value: the owner holding the lease (the wait ran out)
-HELD = "held"          # value: the owner, who is the caller itself (a re-entrant call)
-SAVED = "saved"        # value: the version assigned to the completed record
-
 
 class _Execution:
     """Index of one execution: version -> id in version order, its high-water mark and
@@ -113,9 +103,9 @@ class CheckpointTable:
 
     Example:
         >>> t = CheckpointTable()
-        >>> t.save(("a", "run", "n", 0, 0, None, b"\\x80", b"\\xc0"))
+        >>> t.save(Record("a", "run", "n", 0, 0, None, b"\\x80", b"\\xc0"))
         1
-        >>> t.latest("run")[3]
+        >>> t.latest("run").version
         1
     """
 
@@ -148,28 +138,29 @@ class CheckpointTable:
 
     # -- writes -------------------------------------------------------------------------
 
-    def _insert(self, record: Sequence[Any]) -> int:
+    def _insert(self, record: Record) -> int:
         """Store one record under the lock; return its version."""
-        cid = record[ID]
-        name = record[EXECUTION]
+        cid = record.id
+        name = record.execution_id
         old = self._records.get(cid)
         if old is not None:
             # A re-save within its execution is no restart, even of its only record: its
             # new version is above every version the execution has had.
-            self._remove(old, resave=old[EXECUTION] == name)
+            self._remove(old, resave=old.execution_id == name)
         execution = self._executions.get(name)
         if execution is None:
             execution = self._executions[name] = _Execution(name, next(self._generations))
         execution.high += 1
         version = execution.high
         execution.versions[version] = cid
-        state = record[STATE]
+        state = record.state
         # Reuse the index's copy of the execution id: one string per execution, not per record.
-        self._records[cid] = (
-            cid, execution.name, sys.intern(record[NODE]), version, record[TIMESTAMP],
-            record[PARENT],
-            record[METADATA], state,
-        )
+        # tuple.__new__: a fifth of the cost of Record(...), on every save.
+        self._records[cid] = tuple.__new__(Record, (
+            cid, execution.name, sys.intern(record.node_name), version, record.timestamp_us,
+            record.parent_id,
+            record.metadata, state,
+        ))
         self._payload_bytes += len(state)
         execution.nbytes += len(state)
         self._records_peak = max(self._records_peak, len(self._records))
@@ -195,11 +186,11 @@ class CheckpointTable:
         forgotten unless someone waits on it; not so when ``resave``: the caller stores
         the same id in the same execution right after.
         """
-        del self._records[record[ID]]
-        self._payload_bytes -= len(record[STATE])
-        execution = self._executions[record[EXECUTION]]
-        execution.nbytes -= len(record[STATE])
-        del execution.versions[record[VERSION]]
+        del self._records[record.id]
+        self._payload_bytes -= len(record.state)
+        execution = self._executions[record.execution_id]
+        execution.nbytes -= len(record.state)
+        del execution.versions[record.version]
         if not execution.versions and not resave:
             execution.high = 0
             execution.generation = next(self._generations)
@@ -218,7 +209,7 @@ class CheckpointTable:
         self.rejections += 1
         return error
 
-    def _admit(self, records: Sequence[Sequence[Any]]) -> bool:
+    def _admit(self, records: Sequence[Record]) -> bool:
         """Check ``records`` against the limits (under the lock); True if eviction must follow.
 
         Raises:
@@ -243,7 +234,7 @@ class CheckpointTable:
     def _stored(self, checkpoint_id: str) -> tuple[str, int] | None:
         """A stored id's (execution, state size), for `rules.project` (under the lock)."""
         record = self._records.get(checkpoint_id)
-        return None if record is None else (record[EXECUTION], len(record[STATE]))
+        return None if record is None else (record.execution_id, len(record.state))
 
     def _members(self, execution_id: str) -> Iterable[str]:
         """An execution's stored ids, oldest first, for `rules.project` (under the lock)."""
@@ -271,11 +262,11 @@ class CheckpointTable:
             self._rss_at = now
         return self._rss
 
-    def limits(self) -> dict[str, Any]:
+    def limits(self) -> LimitsDict:
         """The limits in force, as a plain dict (`Limits.to_dict`)."""
         return self._limits.to_dict()
 
-    def _store(self, records: Sequence[Sequence[Any]]) -> builtins.list[int]:
+    def _store(self, records: Sequence[Record]) -> builtins.list[int]:
         """Admit, insert and evict, under the lock: the one write path of every save."""
         evict = self._admit(records)
         versions = [self._insert(record) for record in records]
@@ -285,7 +276,7 @@ class CheckpointTable:
 
     # -- writes, continued ----------------------------------------------------------------
 
-    def save(self, record: Sequence[Any], expected_version: int | None = None) -> int:
+    def save(self, record: Record, expected_version: int | None = None) -> int:
         """Store ``record`` and return the version assigned to it.
 
         Raises:
@@ -295,18 +286,18 @@ class CheckpointTable:
         with self._lock:
             self._ops["save"] += 1
             if expected_version is not None:
-                execution = self._executions.get(record[EXECUTION])
+                execution = self._executions.get(record.execution_id)
                 actual = execution.latest_version() if execution is not None else 0
                 if actual != expected_version:
-                    raise rules.version_conflict(record[EXECUTION], expected_version, actual)
+                    raise rules.version_conflict(record.execution_id, expected_version, actual)
             if not self._fast:
                 return self._store((record,))[0]
             largest = self._largest
-            if largest is not None and len(record[STATE]) + len(record[METADATA]) > largest:
+            if largest is not None and len(record.state) + len(record.metadata) > largest:
                 self._admit((record,))  # raises, with the figures
             return self._insert(record)
 
-    def save_many(self, records: Iterable[Sequence[Any]]) -> list[int]:
+    def save_many(self, records: Sequence[Record]) -> list[int]:
         """Store every record at once; return their versions in order."""
         with self._lock:
             self._ops["save_many"] += 1
@@ -488,7 +479,7 @@ class CheckpointTable:
         records = self._records
         for version in reversed(execution.versions):
             record = records[execution.versions[version]]
-            if record[NODE] == node_name:
+            if record.node_name == node_name:
                 return record
         return None
 
@@ -506,7 +497,7 @@ class CheckpointTable:
     def claim(
         self, execution_id: str, node_name: str, owner: str, lease_s: float,
         timeout: float = 0.0,
-    ) -> tuple[str, Any]:
+    ) -> ClaimAnswer:
         """Find the node's latest record, or take the lease to compute it, or wait.
 
         Parameters:
@@ -566,14 +557,14 @@ class CheckpointTable:
             self._ops["release"] += 1
             return self._drop_lease((execution_id, node_name), token)
 
-    def complete(self, record: Sequence[Any], token: str) -> tuple[str, Any]:
+    def complete(self, record: Record, token: str) -> CompleteAnswer:
         """Store the computed ``record`` and release the lease, unless the node has one.
 
         Returns (`SAVED`, version), or (`DONE`, the existing record) when another
         computation completed first (its lease expired under it, say): a node gets one
         computed record however many computations ran.
         """
-        key = (record[EXECUTION], record[NODE])
+        key = (record.execution_id, record.node_name)
         with self._lock:
             self._ops["complete"] += 1
             existing = self._latest_of_node(*key)
@@ -588,23 +579,25 @@ class CheckpointTable:
         """``(checkpoints, payload_bytes)`` right now, without taking the lock (a sample)."""
         return len(self._records), self._payload_bytes
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> StatsDict:
         """Counts, bytes, process figures and operation counters, as a plain dict."""
         with self._lock:
             self._ops["stats"] += 1
             largest = heapq.nlargest(LARGEST, (ex for ex in self._executions.values()
                                                if ex.versions), key=lambda ex: ex.nbytes)
-            figures: dict[str, Any] = {
+            figures: StatsDict = {
                 "checkpoints": len(self._records),
                 "executions": sum(1 for ex in self._executions.values() if ex.versions),
                 "payload_bytes": self._payload_bytes,
                 "ops": dict(self._ops),
-                "largest_executions": [[ex.name, len(ex.versions), ex.nbytes]
+                "largest_executions": [(ex.name, len(ex.versions), ex.nbytes)
                                        for ex in largest],
                 "evictions": self.evictions,
                 "rejections": self.rejections,
                 "pruned": self.pruned,
                 "limits": self._limits.to_dict(),
+                # The process figures are read below, outside the lock.
+                "server_pid": 0, "server_rss": 0, "server_peak_rss": 0, "uptime_s": 0.0,
             }
         figures["server_pid"] = self._process.pid
         rss = figures["server_rss"] = self._process.memory_info().rss
@@ -631,15 +624,15 @@ class CheckpointTable:
         return scope
 
     def _children(self, execution: _Execution, parents: builtins.list[Record],
-                  children: str | None) -> builtins.list[builtins.list[Any]]:
+                  children: str | None) -> builtins.list[Found]:
         """``[record, its children oldest first]`` for each of ``parents`` (under the lock)."""
         if children is None or not parents:
-            return [[record, []] for record in parents]
+            return [(record, []) for record in parents]
         records = self._records
         # The whole execution: a child may be saved before its parent (LangGraph saves a
         # checkpoint in the background while the next step's writes arrive).
         kids = [records[cid] for cid in execution.versions.values()
-                if records[cid][NODE] == children]
+                if records[cid].node_name == children]
         return with_children(parents, kids)
 
     def find(
@@ -647,13 +640,13 @@ class CheckpointTable:
         executions: Sequence[str],
         prefix: bool = False,
         node_name: str | None = None,
-        where: dict[str, Sequence[bytes]] | None = None,
+        where: EncodedWhere | None = None,
         before_id: str | None = None,
         limit: int | None = None,
         checkpoint_id: str | None = None,
         children: str | None = None,
         by_id: bool = False,
-    ) -> builtins.list[builtins.list[Any]]:
+    ) -> builtins.list[Found]:
         """Records in scope that match, each as ``[record, children]``, newest first.
 
         Executions are taken in id order, the records of each newest version first (with
@@ -670,8 +663,9 @@ class CheckpointTable:
             scope = self._scope(executions, prefix)
             if checkpoint_id is not None:
                 record = records.get(checkpoint_id)
-                scope = [ex for ex in scope if record is not None and ex.name == record[EXECUTION]]
-            out: builtins.list[builtins.list[Any]] = []
+                scope = [ex for ex in scope
+                         if record is not None and ex.name == record.execution_id]
+            out: builtins.list[Found] = []
             for execution in scope:
                 versions = execution.versions
                 if checkpoint_id is not None:
@@ -688,7 +682,7 @@ class CheckpointTable:
                     break
             return out
 
-    def save_new(self, records: Iterable[Sequence[Any]]) -> builtins.list[int]:
+    def save_new(self, records: Sequence[Record]) -> builtins.list[int]:
         """Store the records whose ids are not stored yet; versions, 0 for those skipped.
 
         Within one call the first record with an id wins.  All or nothing under the limits.
@@ -699,8 +693,8 @@ class CheckpointTable:
             batch = builtins.list(records)
             fresh: dict[str, int] = {}  # id -> position in batch
             for i, record in enumerate(batch):
-                if record[ID] not in stored and record[ID] not in fresh:
-                    fresh[record[ID]] = i
+                if record.id not in stored and record.id not in fresh:
+                    fresh[record.id] = i
             versions = [0] * len(batch)
             if fresh:
                 positions = builtins.list(fresh.values())
@@ -714,7 +708,7 @@ class CheckpointTable:
         executions: Sequence[str],
         prefix: bool = False,
         node_name: str | None = None,
-        where: dict[str, Sequence[bytes]] | None = None,
+        where: EncodedWhere | None = None,
         keep: int = 0,
         children: str | None = None,
     ) -> int:
@@ -751,3 +745,8 @@ class CheckpointTable:
             if copies:
                 self._store(copies)
             return len(copies)
+
+
+# mypy checks here that the table is a complete `TableOps`; the server adds the rest of
+# `Backend` (memory history, clients) around it.
+_TABLE: Final[type[TableOps]] = CheckpointTable

@@ -29,11 +29,12 @@ A `save_many` is checked whole: it fits entirely or nothing of it is written.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypedDict, cast
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_MAX_CHECKPOINT_BYTES", "LIMIT_FIELDS", "Limits", "ON_FULL"]
+__all__ = ["DEFAULT_MAX_CHECKPOINT_BYTES", "LIMIT_FIELDS", "Limits", "LimitsDict", "ON_FULL"]
 
 DEFAULT_MAX_CHECKPOINT_BYTES = 64 * 1024 * 1024
 ON_FULL = ("reject", "evict")
@@ -41,6 +42,17 @@ ON_FULL = ("reject", "evict")
 #: The limits that are counts (an int >= 1, or None for no limit); ``on_full`` is the rest.
 LIMIT_FIELDS = ("max_bytes", "max_checkpoints", "max_per_execution", "max_checkpoint_bytes",
                 "max_rss")
+
+
+class LimitsDict(TypedDict):
+    """`Limits.to_dict`: what a backend's ``limits`` answers (and ``stats`` carries)."""
+
+    max_bytes: int | None
+    max_checkpoints: int | None
+    max_per_execution: int | None
+    max_checkpoint_bytes: int | None
+    max_rss: int | None
+    on_full: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,12 +94,12 @@ class Limits:
         """Whether a store-wide limit (count or bytes) is set."""
         return self.max_bytes is not None or self.max_checkpoints is not None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> LimitsDict:
         """A plain dict of the fields (JSON- and msgpack-ready)."""
-        return dataclasses.asdict(self)
+        return cast(LimitsDict, dataclasses.asdict(self))  # the fields are LimitsDict's
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> Limits:
+    def from_dict(cls, values: Mapping[str, Any] | None) -> Limits:
         """Build from `to_dict` output; unknown keys are a `ConfigError`."""
         if not values:
             return cls()

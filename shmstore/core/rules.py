@@ -15,7 +15,7 @@ records back as they came.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import msgpack
@@ -23,45 +23,20 @@ import msgpack
 from .checkpoint import new_id
 from .errors import CheckpointNotFound, ConfigError, StoreFull, VersionConflict
 from .limits import Limits
+from .record import Record
 
 __all__ = [
-    "TABLE_OPS", "Projection", "Record", "Where", "copy_onto_itself", "copy_records",
+    "Projection", "Where", "copy_onto_itself", "copy_records",
     "decode_where", "evictions", "first_matches", "matches", "metadata_matches",
     "not_found", "over", "oversized", "project", "purge_plan", "renamed", "retention_excess",
     "rss_refusal", "store_full", "store_wide", "version_conflict", "with_children",
 ]
 
 # (id, execution_id, node_name, version, timestamp_us, parent_id, metadata, state)
-Record = tuple[Any, ...]
 R = TypeVar("R", bound=Sequence[Any])
 
 # Field positions in a record.
 ID, EXECUTION, NODE, VERSION, TIMESTAMP, PARENT, METADATA, STATE = range(8)
-
-# The methods a remote client may call; the server exposes exactly these.
-TABLE_OPS = (
-    "save",
-    "save_many",
-    "load",
-    "load_many",
-    "list",
-    "latest",
-    "delete",
-    "clear",
-    "executions",
-    "wait",
-    "stats",
-    "claim",
-    "renew",
-    "release",
-    "complete",
-    "limits",
-    # LangGraph support (generic queries over several executions)
-    "find",
-    "save_new",
-    "purge",
-    "copy",
-)
 
 # -- refusals and conflicts: one function per message -------------------------------------
 
@@ -269,8 +244,8 @@ def copy_records(plan: Iterable[tuple[Sequence[Any], str]], source: str,
             parent = ids[parent]
         elif parent is not None and parent.startswith(source):
             parent = renamed(parent, source, target)
-        copies.append((ids[record[ID]], name, record[NODE], 0, record[TIMESTAMP], parent,
-                       record[METADATA], record[STATE]))
+        copies.append(Record(ids[record[ID]], name, record[NODE], 0, record[TIMESTAMP],
+                             parent, record[METADATA], record[STATE]))
     return copies
 
 
@@ -287,7 +262,7 @@ def _unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
-def decode_where(where: dict[str, Sequence[bytes]] | None) -> Where | None:
+def decode_where(where: Mapping[str, Sequence[bytes]] | None) -> Where | None:
     """``where`` as (key, accepted values) pairs, values decoded once per call."""
     if not where:
         return None
@@ -332,7 +307,7 @@ def first_matches(candidates: Iterable[R], node_name: str | None, filters: Where
     return found
 
 
-def with_children(parents: Sequence[R], kids: Iterable[R]) -> list[list[Any]]:
+def with_children(parents: Sequence[R], kids: Iterable[R]) -> list[tuple[R, list[R]]]:
     """``[parent, its children]`` for each parent; ``kids`` are candidates, oldest first,
     and a kid belongs to the parent its parent_id names."""
     found: dict[str, list[R]] = {record[ID]: [] for record in parents}
@@ -340,7 +315,7 @@ def with_children(parents: Sequence[R], kids: Iterable[R]) -> list[list[Any]]:
         siblings = found.get(kid[PARENT])
         if siblings is not None:
             siblings.append(kid)
-    return [[record, found[record[ID]]] for record in parents]
+    return [(record, found[record[ID]]) for record in parents]
 
 
 def purge_plan(oldest_first: Sequence[R], node_name: str | None, filters: Where | None,

@@ -8,6 +8,7 @@ calls and its reports stay apart.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["RATIO_MIN_PAYLOAD", "StoreStats", "format_bytes"]
@@ -56,7 +57,7 @@ class StoreStats:
     limits: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, figures: dict[str, Any]) -> StoreStats:
+    def from_dict(cls, figures: Mapping[str, Any]) -> StoreStats:
         """Build from the plain dict a table returns; unknown keys are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in figures.items() if k in names})

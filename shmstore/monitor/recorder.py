@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from ..core.backend import Sample
 from ..core.errors import ConfigError
 
 __all__ = ["DEFAULT_WINDOW", "ClientSample", "MemoryHistory", "MemoryRecorder", "MemorySample"]
@@ -32,7 +33,7 @@ DEFAULT_WINDOW = 10
 class MemoryHistory(Protocol):
     """What the recorder reads: any store (`BaseStore.memory_history`), or a test double."""
 
-    def memory_history(self, since: float | None = None) -> list[dict[str, Any]]: ...
+    def memory_history(self, since: float | None = None) -> Sequence[Sample]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,7 @@ class MemorySample:
     clients: tuple[ClientSample, ...]
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> MemorySample:
+    def from_dict(cls, raw: Mapping[str, Any]) -> MemorySample:
         """Build from one dict of `BaseStore.memory_history`."""
         clients = sorted(
             (ClientSample(int(pid), str(entry[0]), int(entry[1]), bool(entry[2]))

@@ -19,10 +19,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import psutil
 
+from ..core.backend import ClientInfo, Sample
 from ..core.validate import count, duration
 
 __all__ = ["DEFAULT_HISTORY", "DEFAULT_INTERVAL", "MemoryMonitor"]
@@ -113,7 +113,7 @@ class _Client:
         self.peak_rss = max(self.peak_rss, self.rss)
         self.last_seen = now
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> ClientInfo:
         return {"pid": self.pid, "name": self.name, "rss": self.rss, "peak_rss": self.peak_rss,
                 "alive": self.alive}
 
@@ -149,7 +149,7 @@ class MemoryMonitor:
         self.client_ttl = client_ttl
         self._figures = figures
         self._process = psutil.Process(os.getpid())
-        self._samples: collections.deque[dict[str, Any]] = collections.deque(maxlen=history_size)
+        self._samples: collections.deque[Sample] = collections.deque(maxlen=history_size)
         self._clients: dict[int, _Client] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -187,7 +187,7 @@ class MemoryMonitor:
             self._next_uss = now + (time.perf_counter() - started) / USS_BUDGET
         return rss, uss
 
-    def sample(self) -> dict[str, Any]:
+    def sample(self) -> Sample:
         """Take one sample now, keep it, and return it."""
         now = time.time()
         rss, uss = self._server_memory()
@@ -205,20 +205,21 @@ class MemoryMonitor:
                 client.refresh(now)
                 if not client.alive and now - client.last_seen > self.client_ttl:
                     del self._clients[pid]
-            clients = {str(c.pid): [c.name, c.rss, c.alive] for c in self._clients.values()}
-            sample = {"t": now, "server_rss": rss, "server_uss": uss,
+            clients: dict[str, list[str | int | bool]] = {
+                str(c.pid): [c.name, c.rss, c.alive] for c in self._clients.values()}
+            sample: Sample = {"t": now, "server_rss": rss, "server_uss": uss,
                       "checkpoints": checkpoints, "payload_bytes": payload, "clients": clients}
             self._samples.append(sample)
         return sample
 
-    def history(self, since: float | None = None) -> list[dict[str, Any]]:
+    def history(self, since: float | None = None) -> list[Sample]:
         """The kept samples, oldest first; only those taken after ``since`` (epoch s)."""
         with self._lock:
             if since is None:
                 return list(self._samples)
             return [s for s in self._samples if s["t"] > since]
 
-    def clients(self) -> list[dict[str, Any]]:
+    def clients(self) -> list[ClientInfo]:
         """Registered clients: pid, name, RSS and peak as of the last sample, alive."""
         with self._lock:
             return [c.to_dict() for c in self._clients.values()]

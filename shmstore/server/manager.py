@@ -19,14 +19,17 @@ import signal
 import socket
 import stat
 import threading
+from collections.abc import Callable, Sequence
 from multiprocessing import connection, managers, process
 from typing import Any, cast
 
-from ..backends.table import TABLE_OPS, CheckpointTable
+from ..backends.table import CheckpointTable
 from ..backends.wire import FRAME_TIMEOUT, Channel, WireListener, refuse, set_io_timeout, unpack
+from ..core.backend import BACKEND_OPS, CompleteAnswer, StatsDict
 from ..core.config import Address, parse_url
 from ..core.errors import ConfigError, ShmstoreError
 from ..core.limits import Limits
+from ..core.record import Record
 from ..monitor.sampler import DEFAULT_HISTORY, DEFAULT_INTERVAL, MemoryMonitor
 
 __all__ = ["StoreManager", "TableServer", "run_server"]
@@ -55,13 +58,36 @@ def _without_frames(exc: BaseException) -> BaseException:
     return exc
 
 
+def _taking_records(table: CheckpointTable) -> dict[str, Callable[..., object]]:
+    """The table's operations that take records, taking them as msgpack gave them.
+
+    A record arrives as an array (a list); the table reads its fields by name, so each
+    becomes a `Record` here (a wrong length is a TypeError, answered as an error).
+    """
+    make = Record._make
+
+    def save(record: Sequence[object], expected_version: int | None = None) -> int:
+        return table.save(make(record), expected_version)
+
+    def save_many(records: Sequence[Sequence[object]]) -> list[int]:
+        return table.save_many([make(r) for r in records])
+
+    def save_new(records: Sequence[Sequence[object]]) -> list[int]:
+        return table.save_new([make(r) for r in records])
+
+    def complete(record: Sequence[object], token: str) -> CompleteAnswer:
+        return table.complete(make(record), token)
+
+    return {"save": save, "save_many": save_many, "save_new": save_new, "complete": complete}
+
+
 class TableServer(managers.Server):
     """A stdlib manager server that serves one `CheckpointTable`, msgpack only.
 
-    A request is ``(operation, arguments)``; the operations are exactly the table's
-    `TABLE_OPS` plus the server's own (``stats``, ``register_client``,
-    ``memory_history``).  There is no object ident: one table is served, so there is no
-    ``create`` round trip and no proxy reference counting.
+    A request is ``(operation, arguments)``; the operations are exactly `BACKEND_OPS`
+    (the `Backend` protocol's methods): the table's, and the server's own (``stats``,
+    ``register_client``, ``memory_history``).  There is no object ident: one table is
+    served, so there is no ``create`` round trip and no proxy reference counting.
 
     ``managers.Server.__init__`` is not called: it binds a listener chosen by serializer
     name from a module-global registry (which would have to be patched to get a msgpack
@@ -81,15 +107,18 @@ class TableServer(managers.Server):
             table.figures,
             interval=interval, history_size=history_size, trim=True,
         )
-        # What a client may call: the table's operations and the server's own.
-        self.ops: dict[str, Any] = {op: getattr(table, op) for op in TABLE_OPS}
-        self.ops.update(stats=self.stats, register_client=self.monitor.register,
-                        memory_history=self.monitor.history)
+        # What a client may call: every `Backend` operation, the server's own where it
+        # has one, else the table's (records rebuilt from the wire's arrays first).
+        own: dict[str, Callable[..., object]] = {
+            **_taking_records(table), "stats": self.stats,
+            "register_client": self.monitor.register, "memory_history": self.monitor.history}
+        self.ops: dict[str, Callable[..., object]] = {
+            op: own[op] if op in own else getattr(table, op) for op in BACKEND_OPS}
         self.stop_event = threading.Event()
         # Connections refused in the current episode, by reason (the accepter's own).
         self._refused: dict[str, int] = {}
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> StatsDict:
         """The table's figures plus the server's memory: peak RSS and registered clients."""
         figures = self.table.stats()
         self.monitor.peak_rss = max(self.monitor.peak_rss, figures["server_peak_rss"])

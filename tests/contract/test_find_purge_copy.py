@@ -11,6 +11,7 @@ import pytest
 
 from shmstore import BaseStore, Checkpoint, ConfigError, EncodeError, StoreFull
 from shmstore.backends.table import CheckpointTable
+from shmstore.core.record import Record
 from shmstore.core.store import OneOf
 
 
@@ -235,8 +236,8 @@ def test_copy_onto_itself_is_refused(store: BaseStore) -> None:
 # -- the table's invariants under limits ---------------------------------------------------
 
 
-def record(execution: str, cid: str, size: int) -> tuple[object, ...]:
-    return (cid, execution, "step", 0, 0, None, b"\x80", b"x" * size)
+def record(execution: str, cid: str, size: int) -> Record:
+    return Record(cid, execution, "step", 0, 0, None, b"\x80", b"x" * size)
 
 
 def test_copy_and_save_new_respect_the_limits_and_write_nothing_when_refused() -> None:

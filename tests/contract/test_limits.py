@@ -38,7 +38,7 @@ def sized(nbytes: int) -> bytes:
 
 def snapshot(store: BaseStore) -> tuple[Any, ...]:
     """Every raw record, plus the figures: what "byte for byte unchanged" compares."""
-    records = {ex: [tuple(r) for r in store._call("list", ex, None, None, False)]
+    records = {ex: [tuple(r) for r in store._backend.list(ex, None, None, False)]
                for ex in store.executions()}
     stats = store.stats()
     return records, stats.checkpoints, stats.executions, stats.payload_bytes

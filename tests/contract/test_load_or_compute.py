@@ -41,14 +41,14 @@ def ghost(store: BaseStore) -> Iterator[Callable[..., str]]:
     taken: list[tuple[str, str, str]] = []
 
     def claim(execution: str = "run", node: str = "n", lease: float = 30.0) -> str:
-        kind, token = store._call("claim", execution, node, GHOST, lease, 0.0)
+        kind, token = store._backend.claim(execution, node, GHOST, lease, 0.0)
         assert kind == "granted"
         taken.append((execution, node, token))
         return str(token)
 
     yield claim
     for execution, node, token in taken:
-        store._call("release", execution, node, token)
+        store._backend.release(execution, node, token)
 
 
 def cp(execution: str = "run", node: str = "n", state: object = None) -> Checkpoint:
@@ -309,24 +309,24 @@ def test_bad_arguments_raise_config_error_before_anything_is_sent(store: BaseSto
 
 
 def test_claim_renew_release_and_complete_keep_one_result_per_node(store: BaseStore) -> None:
-    kind, stale = store._call("claim", "run", "n", "a:1:1", 0.2, 0.0)
+    kind, stale = store._backend.claim("run", "n", "a:1:1", 0.2, 0.0)
     assert kind == "granted"
-    assert list(store._call("claim", "run", "n", "b:2:2", 30.0, 0.0)) == ["busy", "a:1:1"]
-    assert list(store._call("claim", "run", "n", "a:1:1", 30.0, 0.0)) == ["held", "a:1:1"]
+    assert list(store._backend.claim("run", "n", "b:2:2", 30.0, 0.0)) == ["busy", "a:1:1"]
+    assert list(store._backend.claim("run", "n", "a:1:1", 30.0, 0.0)) == ["held", "a:1:1"]
     time.sleep(0.3)  # a's lease expires: b takes the node over
-    kind, fresh = store._call("claim", "run", "n", "b:2:2", 30.0, 0.0)
+    kind, fresh = store._backend.claim("run", "n", "b:2:2", 30.0, 0.0)
     assert kind == "granted" and fresh != stale
-    assert store._call("renew", "run", "n", stale, 30.0) is False
-    assert store._call("renew", "run", "n", fresh, 30.0) is True
+    assert store._backend.renew("run", "n", stale, 30.0) is False
+    assert store._backend.renew("run", "n", fresh, 30.0) is True
     # a completes late, but first: its record is the node's one and only.
     record = store._record(cp("run", "n", "from a"))
-    kind, version = store._call("complete", record, stale)
+    kind, version = store._backend.complete(record, stale)
     assert (kind, version) == ("saved", 1)
     record_b = store._record(cp("run", "n", "from b"))
-    kind, existing = store._call("complete", record_b, fresh)
-    assert kind == "done" and existing[0] == record[0]
+    kind, existing = store._backend.complete(record_b, fresh)
+    assert kind == "done" and existing.id == record.id
     assert [c.state for c in store.list("run")] == ["from a"]
-    assert store._call("release", "run", "n", fresh) is False  # complete released it
+    assert store._backend.release("run", "n", fresh) is False  # complete released it
 
 
 def _die_while_computing(store: SharedStore, counter: str) -> None:
@@ -363,12 +363,12 @@ def test_a_server_side_wait_longer_than_the_call_timeout_is_not_a_timeout(
 ) -> None:
     store = shared_server.connect(timeout=0.5)  # a claim may block longer than any call
     store.clear("short-calls")
-    kind, token = store._call("claim", "short-calls", "n", GHOST, 1.5, 0.0)
+    kind, token = store._backend.claim("short-calls", "n", GHOST, 1.5, 0.0)
     assert kind == "granted"
     try:
         got = store.load_or_compute("short-calls", "n", lambda: "after the lease", timeout=10)
         assert got.state == "after the lease"
     finally:
-        store._call("release", "short-calls", "n", token)
+        store._backend.release("short-calls", "n", token)
         store.clear("short-calls")
         store.close()

@@ -22,6 +22,7 @@ import shmstore
 from shmstore import BaseStore, Checkpoint, Limits, ShmstoreError
 from shmstore.backends.table import CheckpointTable
 from shmstore.core.codec import DEFAULT_CODEC, EMPTY_MAP
+from shmstore.core.record import Record
 from shmstore.core.store import OneOf
 from tests.redis_server import RedisServer
 
@@ -145,8 +146,8 @@ def test_a_checkpoint_over_max_checkpoint_bytes_is_refused_by_lua_as_by_python(
         big = checkpoint("big", "x", 20)
         from_lua = outcome(lambda: early.save(big))
     table = CheckpointTable(Limits(max_checkpoint_bytes=8))
-    record = (big.id, big.execution_id, big.node_name, 0, 0, None, EMPTY_MAP,
-              DEFAULT_CODEC.encode(big.state))
+    record = Record(big.id, big.execution_id, big.node_name, 0, 0, None, EMPTY_MAP,
+                    DEFAULT_CODEC.encode(big.state))
     from_python = outcome(lambda: table.save(record))
     assert from_lua == from_python
     assert from_lua[0] == "error" and from_lua[1] == "StoreFull"
