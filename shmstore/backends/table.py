@@ -34,8 +34,6 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
-import psutil
-
 from ..core import rules
 from ..core.backend import (
     BUSY,
@@ -55,7 +53,7 @@ from ..core.errors import StoreFull
 from ..core.limits import Limits, LimitsDict
 from ..core.record import Record
 from ..core.rules import decode_where, not_found, purge_plan, with_children
-from ..monitor.sampler import peak_rss
+from ..monitor.sampler import OwnMemory
 
 __all__ = ["BUSY", "DONE", "GRANTED", "HELD", "SAVED", "TABLE_OPS", "CheckpointTable",
            "Record"]
@@ -123,7 +121,7 @@ class CheckpointTable:
         self._payload_bytes = 0
         self._ops: dict[str, int] = dict.fromkeys(TABLE_OPS, 0)
         self._started = time.monotonic()
-        self._process = psutil.Process(os.getpid())
+        self._memory = OwnMemory(RSS_MAX_AGE)
         self._leases: dict[tuple[str, str], _Lease] = {}
         self._tokens = itertools.count(1)
         # Generations are unique store-wide, so one recorded by a waiter never matches an
@@ -133,8 +131,6 @@ class CheckpointTable:
         self.rejections = 0  # saves refused by a limit
         self.pruned = 0  # dropped by retention (max_per_execution)
         self._evicted = 0  # oldest-first removals since ``_records`` was last compacted
-        self._rss = 0
-        self._rss_at = -1.0
 
     # -- writes -------------------------------------------------------------------------
 
@@ -218,7 +214,7 @@ class CheckpointTable:
         limits = self._limits
         refusal = None if self._largest is None else rules.oversized(limits, records)
         if refusal is None and limits.max_rss is not None:
-            refusal = rules.rss_refusal(limits, self._current_rss())
+            refusal = rules.rss_refusal(limits, self._memory.rss())
         if refusal is not None:
             raise self._refused(refusal)
         if not limits.store_wide:
@@ -254,13 +250,6 @@ class CheckpointTable:
             # Evictions empty the front of the dict; compact it so the next scan is short.
             self._records = dict(self._records)
             self._evicted = 0
-
-    def _current_rss(self) -> int:
-        now = time.monotonic()
-        if now - self._rss_at > RSS_MAX_AGE:
-            self._rss = self._process.memory_info().rss
-            self._rss_at = now
-        return self._rss
 
     def limits(self) -> LimitsDict:
         """The limits in force, as a plain dict (`Limits.to_dict`)."""
@@ -599,9 +588,8 @@ class CheckpointTable:
                 # The process figures are read below, outside the lock.
                 "server_pid": 0, "server_rss": 0, "server_peak_rss": 0, "uptime_s": 0.0,
             }
-        figures["server_pid"] = self._process.pid
-        rss = figures["server_rss"] = self._process.memory_info().rss
-        figures["server_peak_rss"] = peak_rss(rss)
+        figures["server_pid"] = self._memory.pid
+        figures["server_rss"], figures["server_peak_rss"] = self._memory.now()
         figures["uptime_s"] = time.monotonic() - self._started
         return figures
 

@@ -83,6 +83,31 @@ def peak_rss(rss: int) -> int:
     return max(rss, maxrss if sys.platform == "darwin" else maxrss * 1024)  # KiB but macOS
 
 
+class OwnMemory:
+    """This process's memory as a store reads it: RSS (cached briefly, for ``max_rss``,
+    which is checked on every save) and the figures `stats` reports."""
+
+    def __init__(self, max_age: float) -> None:
+        self._process = psutil.Process(os.getpid())
+        self.pid = self._process.pid
+        self._max_age = max_age
+        self._rss = 0
+        self._rss_at = -1.0
+
+    def rss(self) -> int:
+        """Resident set size in bytes, re-read at most every ``max_age`` seconds."""
+        now = time.monotonic()
+        if now - self._rss_at > self._max_age:
+            self._rss = self._process.memory_info().rss
+            self._rss_at = now
+        return self._rss
+
+    def now(self) -> tuple[int, int]:
+        """(RSS, peak RSS) in bytes, read now."""
+        rss = self._process.memory_info().rss
+        return rss, peak_rss(rss)
+
+
 class _Client:
     __slots__ = ("alive", "last_seen", "name", "peak_rss", "pid", "process", "rss")
 
