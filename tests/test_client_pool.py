@@ -63,6 +63,30 @@ def test_a_closed_store_refuses_calls_and_keeps_no_connection() -> None:
             store.latest("x")
 
 
+@pytest.mark.timeout(60)
+def test_a_call_whose_store_is_closed_under_it_says_the_store_was_closed() -> None:
+    with shmstore.serve(export=False) as server, server.connect(timeout=10) as helper:
+        store = server.connect(timeout=10)
+        waits = helper.stats().ops["wait"]
+        errors: list[BaseException] = []
+
+        def waiter() -> None:
+            try:
+                store.wait("gate", timeout=20)
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        assert _wait_for(lambda: helper.stats().ops["wait"] > waits)  # in the server now
+        store.close()  # closes the waiting call's connection under it
+        helper.save(Checkpoint(execution_id="gate"))  # its answer comes: nowhere to go
+        thread.join(30)
+        assert not thread.is_alive()
+        assert len(errors) == 1 and isinstance(errors[0], StoreUnavailable), errors
+        assert "closed while its 'wait' call ran" in str(errors[0])  # not "lost the server"
+
+
 def _wait_for(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
     from .helpers import wait_until
 

@@ -139,6 +139,9 @@ class SharedStore(BaseStore):
         except BaseException as exc:
             # Whatever happened, this connection may be out of step: never reuse it.
             self._discard(conn)
+            if self._closed and isinstance(exc, OSError):  # closed under us, not lost
+                raise StoreUnavailable(f"this store was closed while its {op!r} call ran "
+                                       f"({self.url})", address=self.url) from None
             raise translate(exc, self.url, self.timeout) from None
         if self._closed:
             self._discard(conn)

@@ -275,8 +275,10 @@ def test_wait_slices_a_long_wait_into_short_server_waits(store: BaseStore,
     with pytest.raises(StoreTimeout):
         store.wait("slow", timeout=0.35)
     assert store.stats().ops["wait"] >= 3
-    threading.Timer(0.3, lambda: store.save(cp("slow"))).start()
+    saver = threading.Timer(0.3, lambda: store.save(cp("slow")))
+    saver.start()
     assert store.wait("slow").version == 1  # no timeout: several slices, then woken
+    saver.join(10)  # its answer may come after the waiter's: the store must outlive it
 
 
 # -- stats, close ----------------------------------------------------------------------------
