@@ -65,9 +65,14 @@ def _taking_records(table: CheckpointTable) -> dict[str, Callable[..., object]]:
     becomes a `Record` here (a wrong length is a TypeError, answered as an error).
     """
     make = Record._make
+    new, fields, table_save = tuple.__new__, len(Record._fields), table.save
 
     def save(record: Sequence[object], expected_version: int | None = None) -> int:
-        return table.save(make(record), expected_version)
+        # The hot path, inlined: `Record._make` is this plus a call frame.
+        built = new(Record, record)
+        if len(built) != fields:
+            raise TypeError(f"a record has {fields} fields, not {len(built)}")
+        return table_save(built, expected_version)
 
     def save_many(records: Sequence[Sequence[object]]) -> list[int]:
         return table.save_many([make(r) for r in records])
