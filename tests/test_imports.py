@@ -18,6 +18,8 @@ from shmstore.core.errors import ShmstoreError
 from shmstore.server.manager import StoreManager, TableServer
 
 PACKAGE = Path(__file__).resolve().parent.parent / "shmstore"
+
+
 def _modules_after(code: str) -> list[str]:
     """The shmstore and multiprocessing modules a fresh interpreter has after ``code``."""
     out = subprocess.run(

@@ -110,12 +110,18 @@ class SharedStore(BaseStore):
         except IndexError:
             pass
         if self._closed:
-            raise StoreUnavailable(f"this store was closed ({self.url})", address=self.url)
+            raise self._closed_error()
         conn = open_connection(self._address, self._authkey, timeout=self.timeout,
                                name=f"{self.name}/{threading.current_thread().name}")
         with self._conns_lock:
             self._conns.add(conn)
         return conn
+
+    def _closed_error(self, running: str | None = None) -> StoreUnavailable:
+        """What a call on a closed store raises (``running``: the op it closed under)."""
+        during = "" if running is None else f" while its {running!r} call ran"
+        return StoreUnavailable(f"this store was closed{during} ({self.url})",
+                                address=self.url)
 
     def _discard(self, conn: Channel) -> None:
         with self._conns_lock:
@@ -140,8 +146,7 @@ class SharedStore(BaseStore):
             # Whatever happened, this connection may be out of step: never reuse it.
             self._discard(conn)
             if self._closed and isinstance(exc, OSError):  # closed under us, not lost
-                raise StoreUnavailable(f"this store was closed while its {op!r} call ran "
-                                       f"({self.url})", address=self.url) from None
+                raise self._closed_error(op) from None
             raise translate(exc, self.url, self.timeout) from None
         if self._closed:
             self._discard(conn)
