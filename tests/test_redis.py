@@ -213,8 +213,10 @@ def test_limits_belong_to_the_data_set_not_to_one_client(redis_server: RedisServ
 def test_wait_sleeps_in_redis_a_bounded_number_of_calls(rstore: RedisStore, raw: Any) -> None:
     rstore.save(cp(state="first"))
     before = commandstats(raw)
-    threading.Timer(1.0, lambda: rstore.save(cp(state="second"))).start()
+    saver = threading.Timer(1.0, lambda: rstore.save(cp(state="second")))
+    saver.start()
     got = rstore.wait("run", after_version=1, timeout=10)
+    saver.join(10)  # its answer may come after the waiter's: the store must outlive it
     after = commandstats(raw)
     assert (got.version, got.state) == (2, "second")
     # The waiter: a check script, one SUBSCRIBE, a check after it, one sleep until the

@@ -183,9 +183,11 @@ def test_a_checkpoint_saved_meanwhile_wakes_the_waiter(
     store: BaseStore, ghost: Callable[..., str],
 ) -> None:
     ghost()
-    threading.Timer(0.3, lambda: store.save(cp("run", "n", "saved by hand"))).start()
+    saver = threading.Timer(0.3, lambda: store.save(cp("run", "n", "saved by hand")))
+    saver.start()
     started = time.monotonic()
     got = store.load_or_compute("run", "n", lambda: pytest.fail("must not compute"), timeout=10)
+    saver.join(10)  # its answer may come after the waiter's: the store must outlive it
     assert got.state == "saved by hand"
     assert time.monotonic() - started < 5.0  # woken, not left to the 30 s lease
 
