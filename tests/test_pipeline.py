@@ -290,6 +290,24 @@ def test_retention_is_one_function_over_the_store() -> None:
     assert [cp.state for cp in store.list("r")] == [1, 2, 3]
 
 
+def test_retention_is_the_stores_purge_one_request_per_save(
+        log: Path, server: shmstore.StoreServer) -> None:
+    """Retention is the store's rule run on the backend (purge with keep), one request
+    per save, never a list and a delete per checkpoint from the pipeline."""
+    store = server.connect()
+    try:
+        steps = [(f"s{i}", add_one) for i in range(4)]
+        pipe = Pipeline(steps, config=CheckpointConfig(store=store, max_checkpoints=2))
+        before = store.stats().ops
+        assert pipe.run(start(log, "p", n=0), execution_id="p")["n"] == 4
+        ops = store.stats().ops
+        spent = {op: ops[op] - before.get(op, 0) for op in ("save", "purge", "delete")}
+        assert spent == {"save": 4, "purge": 4, "delete": 0}
+        assert [cp.node_name for cp in store.list("p")] == ["s2", "s3"]
+    finally:
+        store.close()
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 0.0

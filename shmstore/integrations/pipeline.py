@@ -152,18 +152,20 @@ class StateSnapshot:
 
 
 def _enforce_max_checkpoints(store: BaseStore, execution_id: str, keep: int | None) -> int:
-    """Delete all but the newest ``keep`` checkpoints of the execution; return how many.
+    """Drop all but the newest ``keep`` checkpoints of the execution; return how many.
 
-    Not the store's ``Limits(max_per_execution=)``, which keeps the same newest N but is
-    a property of the whole data set, fixed by whoever made the store (a server's
-    ``serve(limits=)``, Redis' shared ``Plimits``) for every execution in it: a pipeline
-    given a shared store can neither set it nor give its executions a retention of their
-    own beside other pipelines' or a LangGraph saver's.  Both apply; the tighter wins.
+    The store's own retention rule does it, in one atomic request: ``purge`` with ``keep``
+    (core/rules.py ``purge_plan``, and its Lua twin on Redis), so no reader sees the
+    execution half trimmed and a pipeline spends one round trip, not one per checkpoint.
+    It is not the store's ``Limits(max_per_execution=)``, which keeps the same newest N
+    but is a property of the whole data set, fixed by whoever made the store (a server's
+    ``serve(limits=)``, Redis' shared limits) for every execution in it: a pipeline given
+    a shared store can neither set it nor give its executions a retention of their own
+    beside other pipelines' or a LangGraph saver's.  Both apply; the tighter wins.
     """
     if keep is None:
         return 0
-    older = store.list(execution_id, newest_first=True)[keep:]
-    return sum(store.delete(cp.id) for cp in older)
+    return store.purge(execution_id, keep=keep)
 
 
 def _merge(current: Any, values: Any) -> Any:
