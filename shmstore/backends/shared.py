@@ -22,6 +22,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any, Final, cast
 
+from ..core import segment
 from ..core.backend import (
     DONE,
     Backend,
@@ -38,8 +39,8 @@ from ..core.errors import ShmstoreError, StoreUnavailable
 from ..core.limits import LimitsDict
 from ..core.record import Record
 from ..core.store import BaseStore
-from ..core.validate import duration
-from .wire import Channel, open_connection, translate, unpack
+from ..core.validate import count, duration
+from .wire import Channel, open_connection, translate
 
 __all__ = ["DEFAULT_TIMEOUT", "SharedStore"]
 
@@ -61,9 +62,17 @@ class SharedStore(BaseStore):
         timeout: seconds any call may take before `StoreTimeout`.
         name: how this client is named in the server's thread names.
         codec: encodes states and metadata.
+        data_plane: on a unix socket, send states of at least ``data_plane_threshold``
+            bytes as sealed shared memory (if the server takes it) and map the ones it
+            sends back; False: every state is bytes on the socket.
+        data_plane_threshold: the smallest encoded state (and numpy array inside one)
+            that travels as shared memory; default `segment.DEFAULT_THRESHOLD`.
+        copy_on_load: give the numpy arrays of shared-memory states as private writable
+            copies; default read-only views of the shared pages (``load(copy=...)``
+            decides per call).
 
     Raises:
-        ConfigError: a bad URL, authkey or timeout.
+        ConfigError: a bad URL, authkey, timeout or threshold.
     """
 
     def __init__(
@@ -74,12 +83,21 @@ class SharedStore(BaseStore):
         timeout: float = DEFAULT_TIMEOUT,
         name: str | None = None,
         codec: MsgpackCodec | None = None,
+        data_plane: bool = True,
+        data_plane_threshold: int = segment.DEFAULT_THRESHOLD,
+        copy_on_load: bool = False,
     ) -> None:
         super().__init__(codec=codec)
         self._address = parse_url(url)
         self.url = self._address.url
         self._authkey = coerce_authkey(authkey)
         self.timeout = duration(timeout, "timeout")
+        threshold = count(data_plane_threshold, "data_plane_threshold", minimum=1)
+        if data_plane and self._address.family == "AF_UNIX" and segment.available():
+            self._plane_threshold = threshold
+        self._options = {"data_plane": bool(data_plane), "data_plane_threshold": threshold,
+                         "copy_on_load": bool(copy_on_load)}
+        self.copy_on_load = bool(copy_on_load)
         self._named = name is not None  # a default name follows the store to each process
         self.name = name or f"client-{os.getpid()}"
         _STORES.add(self)
@@ -95,7 +113,7 @@ class SharedStore(BaseStore):
     def __reduce__(self) -> tuple[Any, ...]:
         # Crosses to spawned children through multiprocessing's pipe, never a command line.
         return (_rebuild, (self.url, self._authkey.hex(), self.timeout,
-                           self.name if self._named else None))
+                           self.name if self._named else None, self._options))
 
     def _forget_parent(self) -> None:
         """In a forked child: the parent owns the inherited sockets; leave them alone."""
@@ -112,7 +130,8 @@ class SharedStore(BaseStore):
         if self._closed:
             raise self._closed_error()
         conn = open_connection(self._address, self._authkey, timeout=self.timeout,
-                               name=f"{self.name}/{threading.current_thread().name}")
+                               name=f"{self.name}/{threading.current_thread().name}",
+                               data_plane=self._plane_threshold is not None)
         with self._conns_lock:
             self._conns.add(conn)
         return conn
@@ -141,7 +160,7 @@ class SharedStore(BaseStore):
                 [conn.fd], [], [], cast(float, args[slot]) + self.timeout
             )[0]:
                 raise TimeoutError
-            kind, result = unpack(conn.recv())
+            kind, result = conn.unpack(conn.recv())
         except BaseException as exc:
             # Whatever happened, this connection may be out of step: never reuse it.
             self._discard(conn)
@@ -308,5 +327,6 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _rebuild(url: str, authkey: str, timeout: float, name: str | None) -> SharedStore:
-    return SharedStore(url, authkey=authkey, timeout=timeout, name=name)
+def _rebuild(url: str, authkey: str, timeout: float, name: str | None,
+             options: dict[str, Any] | None = None) -> SharedStore:
+    return SharedStore(url, authkey=authkey, timeout=timeout, name=name, **(options or {}))

@@ -25,18 +25,22 @@ buffer grows with the bytes that really arrive, not with the length its header c
 
 from __future__ import annotations
 
+import array
 import errno
 import os
 import select
 import socket
 import struct
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from multiprocessing import AuthenticationError, connection
 from typing import Any
 
 import msgpack
 
-from ..core import errors
+from ..core import errors, segment
 from ..core.config import Address, parse_url
 from ..core.errors import AccessDenied, ShmstoreError, StoreTimeout, StoreUnavailable
 
@@ -68,6 +72,18 @@ FRAME_TIMEOUT = 10.0
 LARGE_START = 1024 * 1024
 LISTEN_BACKLOG = 512
 _EXC_EXT = 64  # ext code of an exception on the wire (transport only, not the state codec)
+# ext code of a memory segment: its descriptor's index among the message's, and its size
+_SEGMENT_EXT = 65
+_SEGMENT = struct.Struct("!IQ")
+# The most descriptors one sendmsg carries (the kernel's SCM_MAX_FD is 253); a message
+# with more sends them over several calls, in order.
+FDS_PER_SEND = 250
+_ANCILLARY = socket.CMSG_SPACE(FDS_PER_SEND * 4)
+# A large message's buffers (the packer's, the receiver's) are kept for the next one up
+# to this size, so that a steady stream of large states does not fault in fresh pages
+# for every message; a rarer, larger one gets buffers of its own, dropped after it.
+CLIENT_KEEP = 32 * 1024 * 1024
+SERVER_KEEP = 4 * 1024 * 1024
 CHANNEL_BUFFER = 64 * 1024
 # Up to this size a message is copied behind its header (one iovec is cheaper); above it,
 # header and message go to writev as they are.
@@ -78,6 +94,13 @@ _BIG = struct.Struct("!Q")
 
 # -- messages ----------------------------------------------------------------------------
 
+# Per thread, while a message is packed: the descriptors of its segments, in order (None:
+# the peer takes no descriptors, and a segment travels as its bytes); while one is
+# unpacked: the function that takes its next received descriptor (None: none came).
+_wire = threading.local()
+_wire.fds = None
+_wire.take = None
+
 
 def _default(obj: object) -> Any:
     if isinstance(obj, BaseException):
@@ -86,10 +109,22 @@ def _default(obj: object) -> Any:
         return msgpack.ExtType(_EXC_EXT, msgpack.packb([type(obj).__name__, message, attrs]))
     if isinstance(obj, tuple):
         return list(obj)
+    if isinstance(obj, segment.Segment):
+        fds: list[int] | None = getattr(_wire, "fds", None)
+        if fds is None:  # this peer takes no descriptors: the bytes, then
+            return obj.read()
+        fds.append(obj.fd)
+        return msgpack.ExtType(_SEGMENT_EXT, _SEGMENT.pack(len(fds) - 1, obj.size))
     raise TypeError(f"cannot send {type(obj).__name__} over the wire")
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
+    if code == _SEGMENT_EXT:
+        take: Callable[[int, int], Any] | None = getattr(_wire, "take", None)
+        if take is None:
+            raise ValueError("a memory segment came without its descriptor (this "
+                             "connection takes none)")
+        return take(*_SEGMENT.unpack(data))
     if code != _EXC_EXT:
         raise ValueError(f"unknown extension type {code} in a message")
     name, message, attrs = msgpack.unpackb(data)
@@ -157,13 +192,24 @@ def _new_packer() -> msgpack.Packer:
     return msgpack.Packer(default=_default, use_bin_type=True, autoreset=False)
 
 
+Adopt = Callable[[int, int], Any]
+
+
 class Channel:
     """A framed connection with one read per message where the stdlib makes two.
 
     It speaks the stdlib's frame format (a 4-byte big-endian length, or -1 and an 8-byte
     length) on the socket of an authenticated ``Connection``, and reads into a buffer it
     keeps: a small message and its header arrive in a single ``readv``.  ``recv`` returns
-    a view that is valid until the next ``recv``; decode it before calling again.
+    a view that is valid until the next ``recv``; decode it (`unpack`) before calling
+    again.
+
+    On a connection that passes descriptors (the data plane, unix sockets only), every
+    read is a ``recvmsg`` that collects the SCM_RIGHTS descriptors riding on the bytes,
+    and a message holding `Segment` values sends their descriptors with its first bytes;
+    its decoded form holds what ``adopt`` made of each (the server checks the seals).
+    Descriptors are never read anywhere else: before authentication, a peer's descriptors
+    reach only plain reads, and the kernel closes them.
 
     Parameters:
         conn: an authenticated connection; the channel takes over its socket.
@@ -171,18 +217,25 @@ class Channel:
             after a message's first bytes waits at most this many seconds, then raises
             `TimeoutError` (the server's guard against a peer frozen mid-message).  The
             wait for a message's first bytes is not bounded by it.
+        passes_fds: send and take descriptors (both ends agreed on it).
+        adopt: what a received descriptor becomes, given ``(fd, size)``.
+        keep: the largest message whose buffers are kept for the next.
     """
 
-    __slots__ = ("_buf", "_conn", "_end", "_packer", "_poll", "_start", "_view", "fd",
-                 "frame_timeout_ms")
+    __slots__ = ("_adopt", "_buf", "_conn", "_end", "_fds", "_keep", "_large", "_packer",
+                 "_poll", "_sock", "_start", "_taken", "_view", "fd", "frame_timeout_ms",
+                 "passes_fds")
 
     def __init__(self, conn: connection.Connection, *,
-                 frame_timeout: float | None = None) -> None:
+                 frame_timeout: float | None = None, passes_fds: bool = False,
+                 adopt: Adopt = segment.map_descriptor, keep: int = CLIENT_KEEP) -> None:
         self._conn = conn  # owns the file descriptor
         self.fd = conn.fileno()
         self._buf = bytearray(CHANNEL_BUFFER)
         self._view = memoryview(self._buf)
         self._start = self._end = 0
+        self._large = bytearray()  # the last large message's buffer, if kept
+        self._keep = keep
         # Packs into a buffer it keeps and sends from it: no bytes object per message.
         self._packer = _new_packer()
         self.frame_timeout_ms: int | None = None
@@ -190,6 +243,12 @@ class Channel:
         if frame_timeout is not None:
             self.frame_timeout_ms = max(1, int(frame_timeout * 1000))
             self._poll.register(self.fd, select.POLLIN)
+        self.passes_fds = passes_fds
+        self._fds: deque[int] = deque()  # received, not yet taken by a message
+        self._taken = 0
+        self._adopt = adopt
+        # Borrows the descriptor (detached at close): recvmsg and sendmsg need a socket.
+        self._sock = socket.socket(fileno=self.fd) if passes_fds else None
 
     def _await_more(self) -> None:
         """Within a begun message: wait for more bytes, at most ``frame_timeout``."""
@@ -198,29 +257,41 @@ class Channel:
                                f"{self.frame_timeout_ms / 1000} s")
 
     def send_message(self, message: object) -> None:
-        """Encode ``message`` as `pack` does and send it, without copying the encoding."""
+        """Encode ``message`` as `pack` does and send it, without copying the encoding;
+        the descriptors of its segments go with it (or, if this connection passes none,
+        their bytes in their place)."""
         packer = self._packer
         size = 0
+        _wire.fds = [] if self.passes_fds else None
         try:
             packer.pack(message)
+            fds: list[int] | None = _wire.fds
             with packer.getbuffer() as view:
                 size = len(view)
-                self.send(view)
+                if fds:
+                    self._send_with_fds(view, fds)
+                else:
+                    self.send(view)
         except BaseException:
             self._packer = _new_packer()  # whatever it holds half-packed goes with it
             raise
+        finally:
+            _wire.fds = None
         packer.reset()  # keeps its buffer...
-        if size > LARGE_START:  # ...which must not stay as big as a rare huge message
+        if size > self._keep:  # ...which must not stay as big as a rare huge message
             self._packer = _new_packer()
 
     def send(self, data: bytes | memoryview) -> None:
         """Send one message (blocking, bounded by the socket's send timeout)."""
         n = len(data)
-        header = _HEADER.pack(n) if n < 0x7FFFFFFF else _HEADER.pack(-1) + _BIG.pack(n)
+        header = _header(n)
         if n <= SMALL_MESSAGE:
             chunks: list[bytes | memoryview] = [header + data]
         else:  # one writev all the same, without copying the message behind its header
             chunks = [header, data]
+        self._write(chunks)
+
+    def _write(self, chunks: list[bytes | memoryview]) -> None:
         fd = self.fd
         while chunks:
             sent = os.writev(fd, chunks)
@@ -230,17 +301,51 @@ class Channel:
             if sent:
                 chunks[0] = memoryview(chunks[0])[sent:]
 
+    def _send_with_fds(self, data: memoryview, fds: list[int]) -> None:
+        """Send one message whose descriptors ride on its first bytes: `FDS_PER_SEND`
+        on each of its first bytes, in order (a message is longer than its count of
+        descriptors: each takes an ext value in it)."""
+        message = memoryview(_header(len(data)) + data)
+        sock = self._sock
+        if sock is None:
+            raise ShmstoreError("this connection passes no descriptors")
+        groups = [fds[i:i + FDS_PER_SEND] for i in range(0, len(fds), FDS_PER_SEND)]
+        at = 0
+        for index, group in enumerate(groups):
+            part = message[at:] if index == len(groups) - 1 else message[at:at + 1]
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", group))]
+            sent = sock.sendmsg([part], rights)
+            at += sent
+        if at < len(message):
+            self._write([message[at:]])
+
+    def _read(self, view: memoryview) -> int:
+        """One read into ``view``; descriptors that come with it are queued."""
+        if self._sock is None:
+            return os.readv(self.fd, [view])
+        n, ancillary, flags, _ = self._sock.recvmsg_into([view], _ANCILLARY,
+                                                         socket.MSG_CMSG_CLOEXEC)
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+                self._fds.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            self._drop_fds()
+            raise ShmstoreError("more descriptors came with a message than it may carry")
+        return n
+
     def _fill(self, need: int) -> None:
         """Read until ``need`` bytes past ``_start`` are buffered (need <= buffer size)."""
         if self._start and self._start + need > len(self._buf):
             leftover = self._end - self._start
             self._buf[:leftover] = self._buf[self._start:self._end]
             self._start, self._end = 0, leftover
-        view, fd = self._view, self.fd
+        view = self._view
         while self._end - self._start < need:
             if self._end > self._start:
                 self._await_more()
-            n = os.readv(fd, [view[self._end:]])
+            n = self._read(view[self._end:])
             if not n:
                 raise EOFError
             self._end += n
@@ -269,31 +374,77 @@ class Channel:
             start = self._start
             self._start = start + total
             return self._view[start + header:start + total]
-        # A large message: read the rest straight into a buffer of its own, which grows
-        # as the bytes arrive: a header that promises more than the peer sends costs
-        # what was sent, not what was promised.
-        out = bytearray(min(size, LARGE_START))
-        have = self._end - start - header
-        out[:have] = self._buf[start + header:self._end]
+        return self._recv_large(start + header, size)
+
+    def _recv_large(self, start: int, size: int) -> memoryview | bytearray:
+        """The rest of a large message, read straight into a buffer of its own.
+
+        Up to ``keep`` bytes, the buffer is the one kept from the last large message (or a
+        new one, kept for the next); a larger message's grows as its bytes arrive, so a
+        header that promises more than the peer sends costs what was sent, not what was
+        promised.
+        """
+        kept = size <= self._keep
+        if kept:
+            if len(self._large) < size:
+                self._large = bytearray(size)
+            out = self._large
+        else:
+            out = bytearray(min(size, LARGE_START))
+        have = self._end - start
+        out[:have] = self._buf[start:self._end]
         self._start = self._end = 0
-        fd = self.fd
         while have < size:
             self._await_more()
             if have == len(out):  # grown only once more bytes are there to fill it
                 out += bytes(min(size, 2 * have) - have)  # calloc'd: zero pages cost nothing
             with memoryview(out) as view:
-                n = os.readv(fd, [view[have:]])
+                n = self._read(view[have:size])
             if not n:
                 raise EOFError
             have += n
-        return out
+        return memoryview(out)[:size] if kept else out
+
+    def unpack(self, data: bytes | bytearray | memoryview) -> Any:
+        """Decode one message received on this channel (`unpack`, with its descriptors).
+
+        Descriptors left over once the message is decoded belong to no message: they are
+        closed.
+        """
+        if not self._fds:
+            return unpack(data)
+        self._taken = 0
+        _wire.take = self._take
+        try:
+            return unpack(data)
+        finally:
+            _wire.take = None
+            self._drop_fds()
+
+    def _take(self, index: int, size: int) -> Any:
+        if index != self._taken or not self._fds:
+            raise ValueError(f"memory segment {index} of a message came without its "
+                             "descriptor")
+        self._taken += 1
+        return self._adopt(self._fds.popleft(), size)
+
+    def _drop_fds(self) -> None:
+        while self._fds:
+            os.close(self._fds.popleft())
 
     def pending(self) -> bool:
         """True if bytes of a next message are already buffered."""
         return self._end > self._start
 
     def close(self) -> None:
+        self._drop_fds()
+        if self._sock is not None:
+            self._sock.detach()
         self._conn.close()
+
+
+def _header(n: int) -> bytes:
+    return _HEADER.pack(n) if n < 0x7FFFFFFF else _HEADER.pack(-1) + _BIG.pack(n)
 
 
 class WireListener:
@@ -445,8 +596,11 @@ class _Greeted(connection.Connection):
 
 
 def open_connection(address: Address, authkey: bytes, *, timeout: float,
-                    name: str = "client") -> Channel:
+                    name: str = "client", data_plane: bool = False) -> Channel:
     """Connect, authenticate and enter the server's request loop.
+
+    With ``data_plane`` on a unix socket, the connection passes memory segments'
+    descriptors if the server takes them too (its answer to ``accept_connection``).
 
     Every blocking read and write on the returned connection is bounded by ``timeout``;
     each step of the handshake by `CLIENT_HANDSHAKE_TIMEOUT` (or ``timeout`` if shorter).
@@ -493,10 +647,12 @@ def open_connection(address: Address, authkey: bytes, *, timeout: float,
         connection.deliver_challenge(conn, authkey)
         step = "call"
         set_io_timeout(conn.fileno(), timeout)
-        conn.send_bytes(pack(("accept_connection", (name,))))
+        wants = data_plane and address.family == "AF_UNIX"
+        conn.send_bytes(pack(("accept_connection", (name, wants))))
         kind, result = unpack(conn.recv_bytes())
         if kind != "#RETURN":
             raise ShmstoreError(f"the server at {url} refused the connection: {result}")
+        passes_fds = wants and result is True
         # Let the server's memory monitor watch this process.
         conn.send_bytes(pack(("register_client", (os.getpid(), name.split("/")[0]))))
         unpack(conn.recv_bytes())
@@ -517,7 +673,7 @@ def open_connection(address: Address, authkey: bytes, *, timeout: float,
         if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
             raise _out_of_descriptors(exc, url) from None
         raise translate(exc, url, timeout) from None
-    return Channel(conn)
+    return Channel(conn, passes_fds=passes_fds)
 
 
 def translate(exc: BaseException, url: str, timeout: float) -> BaseException:

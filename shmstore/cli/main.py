@@ -42,6 +42,7 @@ def _store(args: argparse.Namespace) -> Any:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from ..core.config import ENV_AUTHKEY, coerce_authkey
+    from ..core.segment import available as segment_available
     from ..server.manager import run_server
 
     address, private_dir = _serve_address(args)
@@ -54,10 +55,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.connection_file is not None:
         _private_parents(args.connection_file)
     ready = _Announce(conn_file, key)
-    limits = _limits(args)
+    plane = args.data_plane and address.family == "AF_UNIX" and segment_available()
+    limits = _limits(args, plane)
     try:
         run_server(address, key, on_ready=ready, stop_event=ready.stop, limits=limits,
-                   monitor_interval=args.monitor_interval, history_size=args.history_size)
+                   monitor_interval=args.monitor_interval, history_size=args.history_size,
+                   data_plane=plane)
     finally:
         # A connection file the server could not write is not ours to remove.
         _clean_up(None if ready.failed else args.connection_file, private_dir)
@@ -113,14 +116,16 @@ class _Announce:
             print(f"export SHMSTORE_CONNECTION_FILE={self.conn_file}", flush=True)
 
 
-def _limits(args: argparse.Namespace) -> Limits:
+def _limits(args: argparse.Namespace, data_plane: bool) -> Limits:
     """The limits ``serve``'s flags ask for."""
     from ..core.limits import Limits
 
-    return Limits(max_bytes=args.max_bytes, max_checkpoints=args.max_checkpoints,
-                  max_per_execution=args.max_per_execution,
-                  max_checkpoint_bytes=args.max_checkpoint_bytes, max_rss=args.max_rss,
-                  on_full=args.on_full)
+    given = {"max_bytes": args.max_bytes, "max_checkpoints": args.max_checkpoints,
+             "max_per_execution": args.max_per_execution, "max_rss": args.max_rss,
+             "on_full": args.on_full}
+    if hasattr(args, "max_checkpoint_bytes"):  # else the default, which the plane sets
+        given["max_checkpoint_bytes"] = args.max_checkpoint_bytes
+    return Limits.coerce(given, data_plane=data_plane)
 
 
 def _clean_up(connection_file: str | None, private_dir: str | None) -> None:
@@ -312,12 +317,16 @@ def _parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-checkpoints", type=_count, help="checkpoints store-wide")
     limits.add_argument("--max-per-execution", type=_count, metavar="N",
                         help="keep the newest N checkpoints of each execution")
-    limits.add_argument("--max-checkpoint-bytes", type=_size, default=64 * 1024**2,
-                        help="one checkpoint's encoded size (default 64MiB)")
+    limits.add_argument("--max-checkpoint-bytes", type=_size, default=argparse.SUPPRESS,
+                        help="one checkpoint's encoded size (default 64MiB; 4GiB with the "
+                        "data plane)")
     limits.add_argument("--max-rss", type=_size,
                         help="refuse saves while the server's RSS is above this")
     limits.add_argument("--on-full", choices=("reject", "evict"), default="reject",
                         help="reject: StoreFull (default); evict: drop the oldest store-wide")
+    serve.add_argument("--no-data-plane", dest="data_plane", action="store_false",
+                       help="keep every state as bytes on the socket (default on a unix "
+                       "socket: large states travel as sealed shared memory)")
     serve.add_argument("--monitor-interval", type=float, default=0.5,
                        help="seconds between memory samples (default 0.5)")
     serve.add_argument("--history-size", type=_positive_int, default=1200,

@@ -71,9 +71,11 @@ class _StatsBase(TypedDict):
 
 class StatsDict(_StatsBase, total=False):
     """What ``stats`` answers (`StoreStats` is built from it); ``clients`` is the
-    server's (a bare table has none)."""
+    server's (a bare table has none), and so are the sealed memory segments it holds."""
 
     clients: builtins.list[ClientInfo]
+    segments: int
+    segment_bytes: int
 
 
 class Sample(TypedDict):

@@ -35,7 +35,18 @@ code  type         payload
                    scalar's bytes as bin (``tobytes()``), except for ``str_`` (the
                    str) and ``bytes_`` (the bytes), whose trailing NULs numpy's
                    buffer would drop
+12    ndarray      ``[dtype, shape, offset]``: only inside a split encoding (below):
+      ref          the items, in C order, are at ``offset`` (a multiple of the page
+                   size) in the encoding's data area
 ====  ===========  ===========================================================
+
+A *split encoding* (`MsgpackCodec.encode_split`) is what the shared-memory data plane
+writes into a sealed memory file: a 24-byte header (``SPLIT_MAGIC``, the skeleton's
+length and the data area's offset, little-endian u64s), the skeleton (msgpack as above,
+with large arrays as code 12 references), then the arrays' items, each at a page-aligned
+offset, so that a reader maps the file and gets numpy arrays that are views of its
+pages.  The magic starts with 0xc1, a byte msgpack never writes, so a split encoding is
+never taken for a plain one; `MsgpackCodec.decode` reads both.
 
 numpy scalars and arrays of every fixed-size dtype round-trip exactly, datetime64 and
 timedelta64 with their unit (NaT too); ``longdouble`` and ``clongdouble`` are this
@@ -55,7 +66,10 @@ on the C stack, and the bound keeps both directions far from overflowing it.
 
 from __future__ import annotations
 
+import mmap
 import re
+import struct
+import threading
 from collections.abc import Callable, Iterator
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
@@ -68,7 +82,8 @@ import msgpack
 
 from .errors import ConfigError, DecodeError, EncodeError
 
-__all__ = ["DEFAULT_CODEC", "DEFAULT_MAX_BYTES", "EMPTY_MAP", "MsgpackCodec"]
+__all__ = ["DEFAULT_CODEC", "DEFAULT_MAX_BYTES", "EMPTY_MAP", "MsgpackCodec", "SPLIT_MAGIC",
+           "Split", "is_split"]
 
 DEFAULT_MAX_BYTES: int = 64 * 1024 * 1024
 EMPTY_MAP: bytes = b"\x80"
@@ -84,6 +99,16 @@ EXT_DECIMAL = 8
 EXT_UUID = 9
 EXT_NDARRAY = 10
 EXT_NUMPY_SCALAR = 11
+EXT_NDARRAY_REF = 12
+
+SPLIT_MAGIC = b"\xc1SHMSEG\x01"
+_SPLIT_HEAD = struct.Struct("<8sQQ")
+PAGE = mmap.PAGESIZE
+# Per thread: while `encode_split` runs, the arrays it takes out of line (``out``, None
+# otherwise), the smallest it takes (``above``) and the data area's end so far (``end``);
+# while a split encoding is decoded, its data area (``data``) and whether arrays are
+# copied out of it (``copy``).
+_split = threading.local()
 
 _MAX_EXT_DEPTH = 8
 # Only used to point at the offending value after a failure: the C packer refuses values
@@ -172,6 +197,12 @@ def _enc_ndarray(array: Any) -> Any:
             "object arrays would need pickle, which is never used); convert it with "
             ".astype(...) or .tolist()"
         )
+    out = getattr(_split, "out", None)
+    if out is not None and array.nbytes >= _split.above:
+        offset = -(-_split.end // PAGE) * PAGE
+        _split.end = offset + array.nbytes
+        out.append((offset, array))
+        return _pack_parts(EXT_NDARRAY_REF, [dtype.str, list(array.shape), offset])
     return _pack_parts(EXT_NDARRAY, [dtype.str, list(array.shape), array.tobytes()])
 
 
@@ -511,16 +542,21 @@ def _dec_numpy_scalar(value: Any) -> Any:
     return result
 
 
-def _dec_ndarray(value: Any) -> Any:
-    numpy = _numpy("array")
-    dtype_str, shape, data = _parts(value, (3,))
-    dtype = _dtype(numpy, dtype_str, empty=False)
+def _shape(shape: Any) -> list[int]:
     if (
         type(shape) is not list
         or len(shape) > 64
         or any(type(n) is not int or n < 0 for n in shape)
     ):
         raise ValueError(f"bad shape {shape!r}")
+    return shape
+
+
+def _dec_ndarray(value: Any) -> Any:
+    numpy = _numpy("array")
+    dtype_str, shape, data = _parts(value, (3,))
+    dtype = _dtype(numpy, dtype_str, empty=False)
+    shape = _shape(shape)
     if type(data) is not bytes:
         raise ValueError(f"expected bin data, got {_type_name(data)}")
     needed = prod(shape) * dtype.itemsize
@@ -533,6 +569,25 @@ def _dec_ndarray(value: Any) -> Any:
     return numpy.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
 
 
+def _dec_ndarray_ref(value: Any) -> Any:
+    numpy = _numpy("array")
+    dtype_str, shape, offset = _parts(value, (3,))
+    area = getattr(_split, "data", None)
+    if area is None:
+        raise ValueError("an array stored out of line, outside a split encoding")
+    dtype = _dtype(numpy, dtype_str, empty=False)
+    shape = _shape(shape)
+    count = prod(shape)
+    needed = count * dtype.itemsize
+    if type(offset) is not int or offset < 0 or offset % PAGE or offset + needed > len(area):
+        raise ValueError(f"offset {offset!r} and {needed} bytes lie outside the data area "
+                         f"of {len(area)} bytes")
+    if not needed:
+        return numpy.empty(shape, dtype=dtype)
+    array = numpy.frombuffer(area, dtype=dtype, count=count, offset=offset).reshape(shape)
+    return array.copy() if _split.copy else array
+
+
 _LEAF_DECODERS: dict[int, tuple[str, Callable[[Any], Any]]] = {
     EXT_DATETIME: ("datetime", _dec_datetime),
     EXT_DATE: ("date", _dec_date),
@@ -542,6 +597,7 @@ _LEAF_DECODERS: dict[int, tuple[str, Callable[[Any], Any]]] = {
     EXT_UUID: ("UUID", _dec_uuid),
     EXT_NDARRAY: ("ndarray", _dec_ndarray),
     EXT_NUMPY_SCALAR: ("numpy scalar", _dec_numpy_scalar),
+    EXT_NDARRAY_REF: ("ndarray reference", _dec_ndarray_ref),
 }
 _CONTAINERS: dict[int, tuple[str, Callable[[list[Any]], Any]]] = {
     EXT_TUPLE: ("tuple", tuple),
@@ -607,6 +663,51 @@ _DECODE_HOOK = _build_decode_hooks()
 
 
 # ---------------------------------------------------------------------------- the codec
+
+
+class Split:
+    """A split encoding, ready to be written: ``head`` at offset 0 (header and skeleton),
+    then each of ``buffers`` at its offset; ``size`` bytes in all.
+
+    ``buffers`` are ``(offset, raw)`` pairs: ``raw`` is a bytes-like view of an array's
+    items (the caller's memory, not a copy), ``offset`` its place in the whole encoding.
+    """
+
+    __slots__ = ("buffers", "head", "size")
+
+    def __init__(self, skeleton: bytes, arrays: list[tuple[int, Any]], end: int) -> None:
+        start = _SPLIT_HEAD.size + len(skeleton)
+        if arrays:
+            start = -(-start // PAGE) * PAGE
+        self.head = _SPLIT_HEAD.pack(SPLIT_MAGIC, len(skeleton), start) + skeleton
+        self.buffers = [(start + offset, _raw(array)) for offset, array in arrays]
+        self.size = start + end
+
+    def __len__(self) -> int:
+        return self.size
+
+    def tobytes(self) -> bytes:
+        """The whole encoding as one bytes object (what travels when no memory file can)."""
+        out = bytearray(self.size)
+        out[:len(self.head)] = self.head
+        for offset, raw in self.buffers:
+            out[offset:offset + len(raw)] = raw
+        return bytes(out)
+
+
+def _raw(array: Any) -> memoryview:
+    """The items of ``array`` in C order as a flat bytes view (a copy only if it is not
+    C-contiguous already)."""
+    import numpy
+
+    flat = numpy.ascontiguousarray(array).reshape(-1).view(numpy.uint8)
+    view: memoryview = flat.data
+    return view
+
+
+def is_split(data: bytes | bytearray | memoryview) -> bool:
+    """Whether ``data`` starts like a split encoding."""
+    return bytes(memoryview(data)[:len(SPLIT_MAGIC)]) == SPLIT_MAGIC
 
 
 class MsgpackCodec:
@@ -689,15 +790,38 @@ class MsgpackCodec:
             )
         return data
 
+    def encode_split(self, obj: object, *, above: int,
+                     max_bytes: int | EllipsisType | None = ...) -> bytes | Split:
+        """Encode ``obj`` with every numpy array of at least ``above`` bytes out of line.
+
+        Returns the plain encoding (bytes, the same as `encode`) when no array is that
+        large, else a `Split` whose arrays are the caller's memory until it is written.
+        ``max_bytes`` bounds the skeleton, as `encode` bounds an encoding.
+
+        Raises:
+            EncodeError: as `encode`.
+        """
+        _split.out, _split.above, _split.end = [], max(1, above), 0
+        try:
+            data = self.encode(obj, max_bytes=max_bytes)
+            arrays: list[tuple[int, Any]] = _split.out
+        finally:
+            _split.out = None
+        return Split(data, arrays, _split.end) if arrays else data
+
     def decode(
-        self, data: bytes | bytearray | memoryview, *, max_bytes: int | EllipsisType | None = ...
+        self, data: bytes | bytearray | memoryview, *, max_bytes: int | EllipsisType | None = ...,
+        copy: bool = True,
     ) -> Any:
-        """Return the value ``data`` encodes.
+        """Return the value ``data`` encodes (a plain or a split encoding).
 
         Parameters:
-            data: bytes from ``encode`` (any bytes-like object).
+            data: bytes from ``encode`` or ``encode_split`` (any bytes-like object).
             max_bytes: the bound for this call instead of the codec's ``max_bytes``
                 (None: no bound); stores pass ``own_max_bytes``.
+            copy: for a split encoding, whether its out-of-line arrays are copies (True:
+                writable, independent of ``data``) or views of ``data`` (read-only if
+                ``data`` is; they keep it alive).
 
         Raises:
             DecodeError: ``data`` is larger than the bound, corrupt, truncated, has
@@ -713,27 +837,53 @@ class MsgpackCodec:
                 "(None: no bound of its own in a store)"
             )
         try:
-            return _unpackb(
-                data,
-                raw=False,
-                strict_map_key=False,
-                use_list=True,
-                ext_hook=_DECODE_HOOK,
-                timestamp=3,
-            )
-        except (DecodeError, MemoryError):
-            raise
-        except msgpack.ExtraData as exc:
-            raise DecodeError(
-                f"corrupt payload: {size - len(exc.extra)} bytes hold a complete value, "
-                f"followed by {len(exc.extra)} extra bytes"
-            ) from exc
-        except Exception as exc:  # anything the unpacker throws means corrupt input
-            detail = str(exc) or "not valid msgpack"
-            raise DecodeError(
-                f"corrupt payload ({size} bytes): {type(exc).__name__}: {detail}; it was not "
-                "written by this codec, or was damaged on the way"
-            ) from exc
+            return _unpack(data, size)
+        except DecodeError:
+            if not is_split(data):
+                raise
+        return _decode_split(memoryview(data).cast("B"), copy)
+
+
+def _unpack(data: bytes | bytearray | memoryview, size: int) -> Any:
+    """A plain encoding's value; `DecodeError` for anything that is not one."""
+    try:
+        return _unpackb(
+            data,
+            raw=False,
+            strict_map_key=False,
+            use_list=True,
+            ext_hook=_DECODE_HOOK,
+            timestamp=3,
+        )
+    except (DecodeError, MemoryError):
+        raise
+    except msgpack.ExtraData as exc:
+        raise DecodeError(
+            f"corrupt payload: {size - len(exc.extra)} bytes hold a complete value, "
+            f"followed by {len(exc.extra)} extra bytes"
+        ) from exc
+    except Exception as exc:  # anything the unpacker throws means corrupt input
+        detail = str(exc) or "not valid msgpack"
+        raise DecodeError(
+            f"corrupt payload ({size} bytes): {type(exc).__name__}: {detail}; it was not "
+            "written by this codec, or was damaged on the way"
+        ) from exc
+
+
+def _decode_split(view: memoryview, copy: bool) -> Any:
+    """A split encoding's value: its skeleton decoded, arrays read from its data area."""
+    head = _SPLIT_HEAD.size
+    if len(view) < head:
+        raise DecodeError(f"corrupt split encoding: {len(view)} bytes, shorter than its header")
+    _magic, length, start = _SPLIT_HEAD.unpack_from(view)
+    if head + length > start or start > len(view):
+        raise DecodeError(f"corrupt split encoding: a skeleton of {length} bytes and a data "
+                          f"area at {start} do not fit in {len(view)} bytes")
+    _split.data, _split.copy = view[start:], copy
+    try:
+        return _unpack(view[head:head + length], length)
+    finally:
+        _split.data = None
 
 
 DEFAULT_CODEC: MsgpackCodec = MsgpackCodec()

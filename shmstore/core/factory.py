@@ -9,7 +9,7 @@ package that goes upward (core -> backends), and it happens at call time only.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .config import (
     DEFAULT_TIMEOUT,
@@ -35,6 +35,9 @@ def connect(
     authkey: bytes | str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     name: str | None = None,
+    data_plane: bool = True,
+    data_plane_threshold: int | None = None,
+    copy_on_load: bool = False,
 ) -> SharedStore | RedisStore:
     """Connect to a shmstore server, or to Redis (``redis://``, ``rediss://``, ``redis+unix://``).
 
@@ -48,6 +51,12 @@ def connect(
         authkey: bytes or hex; default from the environment.
         timeout: seconds any call may take before `StoreTimeout`.
         name: a name for this client, shown by the server.
+        data_plane: on a unix socket, large states travel as sealed shared memory and
+            loads map them (`SharedStore`); False: bytes on the socket.
+        data_plane_threshold: the smallest encoded state that travels as shared memory
+            (default 256 KiB).
+        copy_on_load: loads give data-plane numpy arrays as writable private copies
+            instead of read-only shared views.
 
     Raises:
         ConfigError: no URL or authkey could be found, or one is malformed.
@@ -68,7 +77,10 @@ def connect(
         authkey = _authkey_from_environment(url)
     from ..backends.shared import SharedStore  # upward, at call time (see the module doc)
 
-    return SharedStore(url, authkey=authkey, timeout=timeout, name=name)
+    plane: dict[str, Any] = {"data_plane": data_plane, "copy_on_load": copy_on_load}
+    if data_plane_threshold is not None:
+        plane["data_plane_threshold"] = data_plane_threshold
+    return SharedStore(url, authkey=authkey, timeout=timeout, name=name, **plane)
 
 
 def _url_from_environment(authkey: bytes | str | None) -> tuple[str, bytes | str | None]:

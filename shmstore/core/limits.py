@@ -5,7 +5,9 @@ shared server, Lua for Redis):
 
 ``max_checkpoint_bytes``
     one checkpoint's encoded state plus metadata; checked by the client before anything is
-    sent (and again by the store).  Default 64 MiB; None: no limit.  The client's codec
+    sent (and again by the store).  Default 64 MiB; with the shared-memory data plane on
+    (a `serve` on a unix socket, where large states travel as sealed memory and never
+    pass through the server's heap) 4 GiB.  None: no limit.  The client's codec
     does not cap it with a bound of its own (unless made with ``max_bytes=``), and reads
     whatever the store holds.
 ``max_per_execution``
@@ -34,9 +36,12 @@ from typing import Any, TypedDict, cast
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_MAX_CHECKPOINT_BYTES", "LIMIT_FIELDS", "Limits", "LimitsDict", "ON_FULL"]
+__all__ = ["DEFAULT_MAX_CHECKPOINT_BYTES", "LIMIT_FIELDS", "Limits", "LimitsDict", "ON_FULL",
+           "PLANE_MAX_CHECKPOINT_BYTES"]
 
 DEFAULT_MAX_CHECKPOINT_BYTES = 64 * 1024 * 1024
+#: The default with the data plane on: the states it exists for (GiB arrays) fit.
+PLANE_MAX_CHECKPOINT_BYTES = 4 * 1024**3
 ON_FULL = ("reject", "evict")
 
 #: The limits that are counts (an int >= 1, or None for no limit); ``on_full`` is the rest.
@@ -111,13 +116,18 @@ class Limits:
         return cls(**values)
 
     @classmethod
-    def coerce(cls, value: Limits | dict[str, Any] | None) -> Limits:
-        """Accept a `Limits`, a dict of its fields, or None (the defaults)."""
-        if value is None:
-            return cls()
+    def coerce(cls, value: Limits | dict[str, Any] | None, *,
+               data_plane: bool = False) -> Limits:
+        """Accept a `Limits`, a dict of its fields, or None (the defaults).
+
+        With ``data_plane``, a ``max_checkpoint_bytes`` left unsaid defaults to
+        `PLANE_MAX_CHECKPOINT_BYTES`.
+        """
         if isinstance(value, Limits):
             return value
-        if isinstance(value, dict):
+        if value is None or isinstance(value, dict):
+            if data_plane and "max_checkpoint_bytes" not in (value or {}):
+                value = {**(value or {}), "max_checkpoint_bytes": PLANE_MAX_CHECKPOINT_BYTES}
             return cls.from_dict(value)
         raise ConfigError(f"limits must be a Limits or a dict, not {type(value).__name__}",
                           option="limits", value=repr(value)[:80])

@@ -39,6 +39,9 @@ class StoreStats:
         rejections: saves refused by a limit (`StoreFull`).
         pruned: checkpoints dropped by retention (``max_per_execution``).
         limits: the limits in force (`Limits.to_dict`).
+        segments: sealed memory segments the server holds (the data plane): states
+            that live in shared memory, outside its heap and its RSS.
+        segment_bytes: their bytes (part of ``payload_bytes``).
     """
 
     checkpoints: int
@@ -55,6 +58,8 @@ class StoreStats:
     rejections: int = 0
     pruned: int = 0
     limits: dict[str, Any] = dataclasses.field(default_factory=dict)
+    segments: int = 0
+    segment_bytes: int = 0
 
     @classmethod
     def from_dict(cls, figures: Mapping[str, Any]) -> StoreStats:
@@ -86,6 +91,9 @@ class StoreStats:
             f"(peak {format_bytes(self.server_peak_rss)}"
             + (f", {ratio:.2f}x payload" if ratio else "") + f"), up {self.uptime_s:.1f} s",
         ]
+        if self.segments:
+            lines.append(f"shared memory: {format_bytes(self.segment_bytes)} in "
+                         f"{self.segments} sealed segments (outside the server's RSS)")
         if self.largest_executions:
             lines.append("largest executions: " + ", ".join(
                 f"{name} {format_bytes(nbytes)} in {count}"

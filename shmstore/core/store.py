@@ -21,13 +21,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import rules
+from . import rules, segment
 from .backend import BUSY, DONE, GRANTED, HELD, Backend, EncodedWhere, Sample
 from .checkpoint import Checkpoint, timestamp_to_us, us_to_timestamp, validate_id
-from .codec import DEFAULT_CODEC, EMPTY_MAP, MsgpackCodec
+from .codec import DEFAULT_CODEC, EMPTY_MAP, MsgpackCodec, Split
 from .errors import ConfigError, ShmstoreError, StoreTimeout
 from .limits import Limits
 from .record import Record
+from .segment import Segment
 from .stats import StoreStats
 from .validate import count, duration, optional_duration
 
@@ -39,15 +40,19 @@ log = logging.getLogger("shmstore")
 #: process renews it every third of that, so only a dead (or frozen) one loses it.
 DEFAULT_LEASE_S = 10.0
 
-def _checkpoint(record: Record, codec: MsgpackCodec) -> Checkpoint:
+def _checkpoint(record: Record, codec: MsgpackCodec, copy: bool) -> Checkpoint:
     """Decode a stored record into a new Checkpoint (fields are trusted: skip checks).
 
     Only a bound the codec was given on purpose applies: the store checked the size
-    when it took the record (under its limit then, which may have been higher).
+    when it took the record (under its limit then, which may have been higher).  A state
+    from the data plane is a read-only mapping (or a segment of this process's, mapped
+    here); without ``copy`` its large numpy arrays are views of it.
     """
     cp = object.__new__(Checkpoint)
     # One unpack, not eight field reads: this runs for every checkpoint a store returns.
     cid, execution_id, node_name, version, timestamp_us, parent_id, meta, state = record
+    if isinstance(state, Segment):
+        state = segment.mapped(state)
     bound = codec.own_max_bytes
     cp.__dict__.update(
         id=cid,
@@ -57,9 +62,18 @@ def _checkpoint(record: Record, codec: MsgpackCodec) -> Checkpoint:
         timestamp=us_to_timestamp(timestamp_us),
         parent_id=parent_id,
         metadata={} if meta == EMPTY_MAP else codec.decode(meta, max_bytes=bound),
-        state=codec.decode(state, max_bytes=bound),
+        state=codec.decode(state, max_bytes=bound, copy=copy),
     )
     return cp
+
+
+def _release(records: Iterable[Record]) -> None:
+    """Close the segments of records that were sent: the receiver holds its own
+    descriptors now (or, if the send failed, nobody needs them)."""
+    for record in records:
+        state = record[7]
+        if type(state) is Segment:
+            state.close()
 
 
 def _with_version(cp: Checkpoint, version: int) -> Checkpoint:
@@ -154,6 +168,13 @@ class BaseStore(abc.ABC):
     #: Where the table operations run; set by the subclass's constructor.
     _backend: Backend
 
+    #: Whether loads give numpy arrays of data-plane states as private, writable copies
+    #: (True) or as read-only views of the shared mapping (False: zero-copy).
+    copy_on_load: bool = False
+    #: Data plane: states encoded to at least this many bytes are sent as sealed memory
+    #: segments (None: never; set by a store whose server takes them).
+    _plane_threshold: int | None = None
+
     def __init__(self, *, codec: MsgpackCodec | None = None) -> None:
         self.codec = codec if codec is not None else DEFAULT_CODEC
         self._max_checkpoint_bytes: int | bool | None = False  # False: not fetched yet
@@ -171,8 +192,11 @@ class BaseStore(abc.ABC):
         bound = codec.own_max_bytes
         meta = EMPTY_MAP if not cp.metadata else codec.encode(cp.metadata, root="metadata",
                                                                 max_bytes=bound)
-        state = codec.encode(cp.state, max_bytes=bound)
-        size = len(state) + len(meta)
+        threshold = self._plane_threshold
+        encoded: bytes | Split = codec.encode(cp.state, max_bytes=bound) \
+            if threshold is None else codec.encode_split(cp.state, above=threshold,
+                                                         max_bytes=bound)
+        size = len(encoded) + len(meta)
         largest = self._max_checkpoint_bytes
         if largest is False or (largest is not None and size > largest):
             # Asked once, and again before refusing: Redis limits belong to the data set,
@@ -181,6 +205,7 @@ class BaseStore(abc.ABC):
         if largest is not None and size > largest:
             raise rules.store_full("max_checkpoint_bytes", largest, size, size,
                                    checkpoint_id=cp.id, unsent=True)
+        state = encoded if threshold is None else segment.share(encoded, threshold)
         # tuple.__new__: a fifth of the cost of Record(...), on every save.
         return tuple.__new__(Record, (
             cp.id, cp.execution_id, cp.node_name, 0, timestamp_to_us(cp.timestamp),
@@ -192,7 +217,7 @@ class BaseStore(abc.ABC):
         return Limits.from_dict(self._backend.limits())
 
     def _decode(self, record: Record | None) -> Checkpoint | None:
-        return None if record is None else _checkpoint(record, self.codec)
+        return None if record is None else _checkpoint(record, self.codec, self.copy_on_load)
 
     # -- the contract -------------------------------------------------------------------
 
@@ -216,9 +241,14 @@ class BaseStore(abc.ABC):
             >>> store.save(Checkpoint(execution_id="run", state={"n": 1})).version
             1
         """
-        record = self._record(checkpoint)
         _check_limit(expected_version, "expected_version")
-        return _with_version(checkpoint, self._backend.save(record, expected_version))
+        record = self._record(checkpoint)
+        try:
+            version = self._backend.save(record, expected_version)
+        finally:
+            if type(record[7]) is Segment:
+                record[7].close()
+        return _with_version(checkpoint, version)
 
     def save_many(self, checkpoints: Iterable[Checkpoint]) -> list[Checkpoint]:
         """Store several checkpoints in one round trip; all or nothing.
@@ -234,20 +264,33 @@ class BaseStore(abc.ABC):
                   ) -> tuple[builtins.list[Checkpoint], builtins.list[int]]:
         """Encode every checkpoint first (nothing is sent if one fails), then run ``op``."""
         cps = list(checkpoints)
-        records = [self._record(cp) for cp in cps]
-        return cps, (op(records) if records else [])
+        records: builtins.list[Record] = []
+        try:
+            for cp in cps:
+                records.append(self._record(cp))
+            return cps, (op(records) if records else [])
+        finally:
+            _release(records)
 
-    def load(self, checkpoint_id: str) -> Checkpoint:
-        """The checkpoint with this id, as a fresh copy.
+    def load(self, checkpoint_id: str, *, copy: bool | None = None) -> Checkpoint:
+        """The checkpoint with this id, as a fresh snapshot.
+
+        Parameters:
+            copy: for a state that came through the shared-memory data plane, whether its
+                large numpy arrays are private writable copies (True) or read-only views
+                of the shared pages (False: no copy, N readers share one copy); default
+                the store's ``copy_on_load``.  Every other value is a fresh object.
 
         Raises:
             CheckpointNotFound: there is none (a KeyError naming the id).
         """
         record = self._backend.load(validate_id(checkpoint_id))
-        return _checkpoint(record, self.codec)
+        return _checkpoint(record, self.codec, self.copy_on_load if copy is None else copy)
 
-    def load_many(self, checkpoint_ids: Iterable[str]) -> list[Checkpoint]:
-        """The checkpoints with these ids, in order, in one round trip.
+    def load_many(self, checkpoint_ids: Iterable[str], *,
+                  copy: bool | None = None) -> list[Checkpoint]:
+        """The checkpoints with these ids, in order, in one round trip (``copy`` as
+        for `load`).
 
         Raises:
             CheckpointNotFound: naming the first id that has none.
@@ -255,8 +298,8 @@ class BaseStore(abc.ABC):
         ids = [validate_id(cid) for cid in checkpoint_ids]
         if not ids:
             return []
-        codec = self.codec
-        return [_checkpoint(r, codec) for r in self._backend.load_many(ids)]
+        codec, copies = self.codec, self.copy_on_load if copy is None else copy
+        return [_checkpoint(r, codec, copies) for r in self._backend.load_many(ids)]
 
     def list(
         self,
@@ -278,7 +321,7 @@ class BaseStore(abc.ABC):
         before_version = _check_limit(before_version, "before_version")
         codec = self.codec
         records = self._backend.list(execution_id, limit, before_version, bool(newest_first))
-        return [_checkpoint(r, codec) for r in records]
+        return [_checkpoint(r, codec, self.copy_on_load) for r in records]
 
     def latest(self, execution_id: str) -> Checkpoint | None:
         """The execution's checkpoint with the highest version, or None."""
@@ -318,7 +361,7 @@ class BaseStore(abc.ABC):
             chunk = max(0.0, min(remaining, self.wait_slice))
             record, generation = self._backend.wait(execution_id, after, chunk, generation)
             if record is not None:
-                return _checkpoint(record, self.codec)
+                return _checkpoint(record, self.codec, self.copy_on_load)
             if deadline is not None and time.monotonic() >= deadline:
                 raise StoreTimeout(
                     f"no checkpoint above version {after} of execution {execution_id!r} "
@@ -383,7 +426,7 @@ class BaseStore(abc.ABC):
             chunk = max(0.0, min(remaining, self.wait_slice))
             answer = self._backend.claim(execution_id, node_name, owner, lease_s, chunk)
             if answer[0] == DONE:
-                return _checkpoint(answer[1], self.codec)
+                return _checkpoint(answer[1], self.codec, self.copy_on_load)
             kind, value = answer
             if kind == GRANTED:
                 return self._compute(execution_id, node_name, compute, value, lease_s)
@@ -421,9 +464,10 @@ class BaseStore(abc.ABC):
                 log.debug("cannot release the lease on %s: %s", key, exc)
             raise
         if answer[0] == DONE:
-            return _checkpoint(answer[1], self.codec)
+            _release((record,))
+            return _checkpoint(answer[1], self.codec, self.copy_on_load)
         # Decode our own bytes: every caller gets an equal snapshot, none the live object.
-        return _checkpoint(record._replace(version=answer[1]), self.codec)
+        return _checkpoint(record._replace(version=answer[1]), self.codec, self.copy_on_load)
 
     # -- queries over several executions (LangGraph support) --------------------------------
 
@@ -499,7 +543,9 @@ class BaseStore(abc.ABC):
         found = self._backend.find(names, bool(prefix), node_name, self._where(where),
                                    before_id, limit, checkpoint_id, children, bool(by_id))
         codec = self.codec
-        return [(_checkpoint(record, codec), [_checkpoint(kid, codec) for kid in kids])
+        copies = self.copy_on_load
+        return [(_checkpoint(record, codec, copies),
+                 [_checkpoint(kid, codec, copies) for kid in kids])
                 for record, kids in found]
 
     def save_new(self, checkpoints: Iterable[Checkpoint]) -> builtins.list[Checkpoint | None]:

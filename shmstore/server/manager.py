@@ -24,12 +24,21 @@ from multiprocessing import connection, managers, process
 from typing import Any, cast
 
 from ..backends.table import CheckpointTable
-from ..backends.wire import FRAME_TIMEOUT, Channel, WireListener, refuse, set_io_timeout, unpack
+from ..backends.wire import (
+    FRAME_TIMEOUT,
+    SERVER_KEEP,
+    Channel,
+    WireListener,
+    refuse,
+    set_io_timeout,
+)
+from ..core import segment
 from ..core.backend import BACKEND_OPS, CompleteAnswer, StatsDict
 from ..core.config import Address, parse_url
 from ..core.errors import ConfigError, ShmstoreError
 from ..core.limits import Limits
 from ..core.record import Record
+from ..core.segment import Segment
 from ..monitor.sampler import DEFAULT_HISTORY, DEFAULT_INTERVAL, MemoryMonitor
 
 __all__ = ["StoreManager", "TableServer", "run_server"]
@@ -56,6 +65,18 @@ def _without_frames(exc: BaseException) -> BaseException:
     exc.__traceback__ = None
     exc.__cause__ = exc.__context__ = None
     return exc
+
+
+def _adopt(fd: int, size: int) -> Segment | bytes:
+    """A descriptor a client sent: a checked, sealed segment; or, when this process is
+    near its descriptor limit, the segment's bytes (the record then holds those)."""
+    seg = segment.adopt(fd, size)
+    if segment.room_for_another():
+        return seg
+    try:
+        return seg.read()
+    finally:
+        seg.close()
 
 
 def _taking_records(table: CheckpointTable) -> dict[str, Callable[..., object]]:
@@ -103,8 +124,11 @@ class TableServer(managers.Server):
 
     def __init__(self, address: Address, authkey: bytes, table: CheckpointTable, *,
                  interval: float = DEFAULT_INTERVAL,
-                 history_size: int = DEFAULT_HISTORY) -> None:
+                 history_size: int = DEFAULT_HISTORY, data_plane: bool = False) -> None:
         self.listener = WireListener(address)
+        # Whether clients may pass memory segments (unix sockets only: SCM_RIGHTS).
+        self.data_plane = bool(data_plane and address.family == "AF_UNIX"
+                               and segment.available())
         self.address = self.listener.address
         self.authkey = authkey
         self.table = table
@@ -129,6 +153,7 @@ class TableServer(managers.Server):
         self.monitor.peak_rss = max(self.monitor.peak_rss, figures["server_peak_rss"])
         figures["server_peak_rss"] = self.monitor.peak_rss
         figures["clients"] = self.monitor.clients()
+        figures["segments"], figures["segment_bytes"] = segment.held()
         return figures
 
     def handle_request(self, conn: connection.Connection) -> None:
@@ -137,7 +162,8 @@ class TableServer(managers.Server):
         The stdlib answers a failed handshake with its traceback, which would tell a peer
         without the key the server's Python version and paths; here such a peer gets the
         handshake's failure message and a closed socket, nothing more.  After the
-        handshake the only request served is ``("accept_connection", [name])``.
+        handshake the only request served is ``("accept_connection", [name, data_plane])``;
+        the answer says whether this connection passes memory segments' descriptors.
         """
         try:
             try:
@@ -147,22 +173,30 @@ class TableServer(managers.Server):
                 log.debug("refused a connection: %s: %s", type(exc).__name__, exc)
                 return
             try:
-                funcname, (name,) = conn.recv()
-                if funcname != "accept_connection":
+                funcname, args = conn.recv()
+                if funcname != "accept_connection" or not 1 <= len(args) <= 2:
                     raise ShmstoreError(f"expected accept_connection, not {funcname!r:.80}")
+                name, wants = args[0], len(args) == 2 and args[1] is True
             except Exception as exc:
                 conn.send(("#ERROR", ShmstoreError(f"bad first request: {exc}")))
                 return
             # The peer has authenticated: an idle connection may now wait for ever between
             # calls, but an answer it does not take still ends it (`FRAME_TIMEOUT`).
             set_io_timeout(conn.fileno(), 0, send=FRAME_TIMEOUT)
-            self.accept_connection(conn, str(name))  # the stdlib's: names the thread
+            self.accept_connection(conn, str(name), wants and self.data_plane)
         except Exception as exc:
             log.debug("connection ended: %s: %s", type(exc).__name__, exc)
         finally:
             conn.close()
 
-    def serve_client(self, conn: connection.Connection) -> None:
+    def accept_connection(self, c: connection.Connection, name: str,
+                          passes_fds: bool = False) -> None:
+        """Name the thread, say whether descriptors pass, serve (the stdlib's, plus that)."""
+        threading.current_thread().name = name
+        c.send(("#RETURN", passes_fds))
+        self.serve_client(c, passes_fds)
+
+    def serve_client(self, conn: connection.Connection, passes_fds: bool = False) -> None:
         """Answer one authenticated client's calls until it hangs up.
 
         Replaces the stdlib loop for speed: one read per request (`Channel`), a direct
@@ -170,14 +204,15 @@ class TableServer(managers.Server):
         mid-message, or stops taking answers, for `FRAME_TIMEOUT` loses its connection
         and this thread ends: a frozen peer cannot pin it.
         """
-        chan = Channel(conn, frame_timeout=FRAME_TIMEOUT)
+        chan = Channel(conn, frame_timeout=FRAME_TIMEOUT, passes_fds=passes_fds,
+                       adopt=_adopt, keep=SERVER_KEEP)
         stop = self.stop_event
         while not stop.is_set():
             try:
                 data = chan.recv()
             except (EOFError, OSError):
                 return  # the client went away; this thread ends with it
-            msg = self._answer(data)
+            msg = self._answer(chan, data)
             # While this loop waits for the next request -- for ever, if the client is
             # idle -- it must hold nothing of this one: a large request is a buffer of
             # its own, and its decoded arguments are as big.
@@ -188,10 +223,10 @@ class TableServer(managers.Server):
                 return
             del msg  # nor the answer (a loaded state) or the error
 
-    def _answer(self, data: bytes | bytearray | memoryview) -> tuple[str, Any]:
+    def _answer(self, chan: Channel, data: bytes | bytearray | memoryview) -> tuple[str, Any]:
         """Decode one request and run it; the answer or the error to send back."""
         try:
-            op, args = unpack(data)
+            op, args = chan.unpack(data)
             function = self.ops.get(op)
             if function is None:
                 raise ShmstoreError(f"no such operation: {op!r:.80}")
@@ -309,12 +344,14 @@ class StoreManager(managers.BaseManager):
         limits: what the table may hold (`Limits` or its dict).
         monitor_interval: seconds between the server's memory samples.
         history_size: how many memory samples the server keeps.
+        data_plane: let clients pass large states as sealed memory segments (unix
+            sockets only; see `core.segment`).
     """
 
     def __init__(self, address: Address | str | None = None, authkey: bytes | None = None,
                  *, limits: Limits | dict[str, Any] | None = None,
                  monitor_interval: float = DEFAULT_INTERVAL,
-                 history_size: int = DEFAULT_HISTORY) -> None:
+                 history_size: int = DEFAULT_HISTORY, data_plane: bool = False) -> None:
         where = address if isinstance(address, Address) else parse_url(address or
                                                                        _DEFAULT_ADDRESS)
         # No serializer: this manager never opens a stdlib connection (the default one,
@@ -326,6 +363,7 @@ class StoreManager(managers.BaseManager):
         self._limits = limits  # checked by the table, as every setting by its user
         self._monitor_interval = monitor_interval
         self._history_size = history_size
+        self._data_plane = data_plane
 
     def get_server(self) -> TableServer:
         """A new server for a new table, listening at this manager's address.
@@ -334,7 +372,8 @@ class StoreManager(managers.BaseManager):
             OSError: the address cannot be bound.
         """
         return TableServer(self._where, self._key, CheckpointTable(self._limits),
-                           interval=self._monitor_interval, history_size=self._history_size)
+                           interval=self._monitor_interval, history_size=self._history_size,
+                           data_plane=self._data_plane)
 
     def start(self, initializer: Any = None, initargs: Any = ()) -> None:
         raise ShmstoreError("StoreManager.start is not supported: use shmstore.serve()")
@@ -420,6 +459,7 @@ def run_server(
     monitor_interval: float = DEFAULT_INTERVAL,
     history_size: int = DEFAULT_HISTORY,
     limits: Limits | dict[str, Any] | None = None,
+    data_plane: bool = True,
 ) -> None:
     """Serve a new table at ``address`` in this process until stopped.
 
@@ -432,6 +472,8 @@ def run_server(
         monitor_interval: seconds between memory samples.
         history_size: how many memory samples are kept.
         limits: what the store may hold (`Limits` or its dict).
+        data_plane: take and give large states as sealed memory segments on a unix
+            socket (ignored on TCP).
 
     Raises:
         ConfigError: the address is taken or unusable.
@@ -440,7 +482,8 @@ def run_server(
     if address.family == "AF_UNIX":
         _prepare_unix_path(address.target)
     manager = StoreManager(address, authkey, limits=limits,
-                           monitor_interval=monitor_interval, history_size=history_size)
+                           monitor_interval=monitor_interval, history_size=history_size,
+                           data_plane=data_plane)
     try:
         server = manager.get_server()
     except OSError as exc:

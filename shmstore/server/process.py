@@ -37,6 +37,7 @@ from ..core.config import (
 )
 from ..core.errors import ConfigError, ShmstoreError, StoreUnavailable
 from ..core.limits import Limits
+from ..core.segment import available as segment_available
 from ..monitor.sampler import DEFAULT_HISTORY, DEFAULT_INTERVAL, MemoryMonitor
 
 if TYPE_CHECKING:
@@ -232,6 +233,7 @@ def serve(
     monitor_interval: float = DEFAULT_INTERVAL,
     history_size: int = DEFAULT_HISTORY,
     limits: Limits | dict[str, Any] | None = None,
+    data_plane: bool = True,
 ) -> StoreServer:
     """Start a server process that owns the checkpoints; return once it accepts connections.
 
@@ -246,7 +248,12 @@ def serve(
         monitor_interval: seconds between the server's memory samples (psutil).
         history_size: how many memory samples the server keeps.
         limits: what the store may hold and what happens when a save would not fit
-            (`Limits`, or a dict of its fields); default: only ``max_checkpoint_bytes``.
+            (`Limits`, or a dict of its fields); default: only ``max_checkpoint_bytes``
+            (64 MiB; 4 GiB with the data plane).
+        data_plane: on a unix socket, states of at least a client's
+            ``data_plane_threshold`` travel as sealed memory segments, never through the
+            socket or the server's heap, and loads map them (zero-copy numpy arrays);
+            False: every state is bytes on the socket.  TCP servers have no data plane.
 
     Raises:
         ConfigError: a bad address or authkey, or the address is taken.
@@ -273,14 +280,18 @@ def serve(
         )
     key = coerce_authkey(authkey)
     MemoryMonitor(lambda: (0, 0), interval=monitor_interval, history_size=history_size)  # checks
+    if address is None:
+        parsed = parse_url("unix:///store.sock")  # in a private directory, made below
+    else:
+        parsed = parse_url(address)
+    plane = bool(data_plane) and parsed.family == "AF_UNIX" and segment_available()
     options = {"monitor_interval": monitor_interval, "history_size": history_size,
-               "limits": Limits.coerce(limits).to_dict()}
+               "limits": Limits.coerce(limits, data_plane=plane).to_dict(),
+               "data_plane": plane}
     private_dir = None
     if address is None:
         private_dir = tempfile.mkdtemp(prefix="shmstore-")  # mode 0700
         parsed = parse_url(f"unix://{private_dir}/store.sock")
-    else:
-        parsed = parse_url(address)
     if not parsed.is_loopback and not allow_remote:
         raise ConfigError(
             f"{parsed.url} is not a loopback address; pass allow_remote=True (and keep the "
