@@ -14,11 +14,18 @@ import pytest
 
 import shmstore
 from shmstore import BaseStore, Limits
+from shmstore.core.limits import DEFAULT_MAX_CHECKPOINT_BYTES
 
 from .helpers import SESSION_PIDS, children, wait_until
 from .redis_server import RedisServer
 
-BACKENDS = ["memory", "shared", "redis"]
+# "shared" is the server over its socket only; "shared-plane" the same server with the
+# data plane taking every state (threshold 1 byte), so that each contract test runs its
+# states through sealed memory segments too.
+BACKENDS = ["memory", "shared", "shared-plane", "redis"]
+#: A client of the data plane for every state, however small.
+PLANE_EVERYTHING = {"data_plane": True, "data_plane_threshold": 1}
+SOCKET_ONLY = {"data_plane": False}
 
 
 
@@ -41,8 +48,14 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def shared_server() -> Iterator[shmstore.StoreServer]:
-    """One server for the contract tests; each test starts from an empty store."""
-    server = shmstore.serve(export=False)
+    """One server for the contract tests; each test starts from an empty store.
+
+    Its ``max_checkpoint_bytes`` is the socket path's default (64 MiB) for both kinds of
+    client, so that the limit tests build 64 MiB states, not 4 GiB ones (the data plane's
+    default has tests of its own).
+    """
+    server = shmstore.serve(export=False,
+                            limits={"max_checkpoint_bytes": DEFAULT_MAX_CHECKPOINT_BYTES})
     SESSION_PIDS.add(server.pid)
     yield server
     server.shutdown()
@@ -89,7 +102,8 @@ def store(request: pytest.FixtureRequest) -> Iterator[BaseStore]:
         s = shmstore.RedisStore(server_.url, timeout=10.0)
     else:
         server = request.getfixturevalue("shared_server")
-        s = server.connect(timeout=10.0)
+        plane = PLANE_EVERYTHING if request.param == "shared-plane" else SOCKET_ONLY
+        s = server.connect(timeout=10.0, **plane)
         for name in s.executions():
             s.clear(name)
     with s:

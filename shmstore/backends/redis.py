@@ -702,7 +702,7 @@ class RedisBackend:
             return []
         return [{"t": now, "server_rss": stats["server_rss"], "server_uss": None,
                  "checkpoints": stats["checkpoints"], "payload_bytes": stats["payload_bytes"],
-                 "clients": {}}]
+                 "segment_bytes": 0, "clients": {}}]
 
     def register_client(self, pid: int, name: str = "") -> None:
         """Nothing to do: Redis keeps no registry of client processes."""

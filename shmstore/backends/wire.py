@@ -438,9 +438,23 @@ class Channel:
 
     def close(self) -> None:
         self._drop_fds()
-        if self._sock is not None:
-            self._sock.detach()
+        self._release_socket()
         self._conn.close()
+
+    def _release_socket(self) -> None:
+        """Let go of the borrowed socket object without closing the descriptor, which
+        the connection owns (closed twice, it could close a descriptor reused since)."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.detach()
+
+    def __del__(self) -> None:
+        # Runs before the attributes are released: the socket object must not close the
+        # descriptor when it goes, the connection does; descriptors received for no
+        # message are closed.
+        if hasattr(self, "_fds"):
+            self._drop_fds()
+            self._release_socket()
 
 
 def _header(n: int) -> bytes:

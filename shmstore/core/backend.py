@@ -51,6 +51,9 @@ class ClientInfo(TypedDict):
     rss: int
     peak_rss: int
     alive: bool
+    #: Proportional set size: shared pages (a data-plane mapping) divided among the
+    #: processes that map them; None until read (it is read less often than RSS).
+    pss: int | None
 
 
 class _StatsBase(TypedDict):
@@ -86,7 +89,10 @@ class Sample(TypedDict):
     server_uss: int | None
     checkpoints: int
     payload_bytes: int
-    clients: dict[str, builtins.list[str | int | bool]]  # pid -> [name, rss, alive]
+    #: Bytes of the sealed memory segments the server holds: shared memory, not its heap.
+    segment_bytes: int
+    # pid -> [name, rss, alive, pss] (pss None between readings)
+    clients: dict[str, builtins.list[str | int | bool | None]]
 
 
 class TableOps(Protocol):

@@ -26,8 +26,12 @@ import resource
 import stat
 import threading
 
-from .codec import Split
+from typing import TYPE_CHECKING
+
 from .errors import ShmstoreError
+
+if TYPE_CHECKING:  # the server imports this module, and never the codec
+    from .codec import Split
 
 __all__ = ["DEFAULT_THRESHOLD", "SEALS", "Segment", "adopt", "available", "held",
            "map_descriptor", "mapped", "share", "write"]
@@ -119,12 +123,12 @@ def write(encoded: Split | bytes) -> Segment:
     fd = os.memfd_create("shmstore", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, len(encoded))
-        if isinstance(encoded, Split):
+        if isinstance(encoded, bytes):
+            _write_at(fd, memoryview(encoded), 0)
+        else:
             _write_at(fd, memoryview(encoded.head), 0)
             for offset, raw in encoded.buffers:
                 _write_at(fd, raw, offset)
-        else:
-            _write_at(fd, memoryview(encoded), 0)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS | fcntl.F_SEAL_SEAL)
     except BaseException:
         os.close(fd)
@@ -136,14 +140,14 @@ def share(encoded: Split | bytes, threshold: int) -> Segment | bytes:
     """What a state's encoding travels as: a segment from ``threshold`` bytes on (a split
     one always has an array that large), else -- or if no segment can be made now (out
     of descriptors or memory) -- its bytes."""
-    if len(encoded) < threshold and not isinstance(encoded, Split):
+    if isinstance(encoded, bytes) and len(encoded) < threshold:
         return encoded
     try:
         return write(encoded)
     except OSError as exc:
         log.debug("sending a state of %d bytes inline: no memory segment (%s)",
                   len(encoded), exc)
-        return encoded.tobytes() if isinstance(encoded, Split) else encoded
+        return encoded if isinstance(encoded, bytes) else encoded.tobytes()
 
 
 def _write_at(fd: int, data: memoryview, offset: int) -> None:

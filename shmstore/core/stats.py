@@ -33,7 +33,7 @@ class StoreStats:
         server_peak_rss: the highest RSS that process has had, in bytes.
         largest_executions: the largest executions by payload, as
             ``[execution_id, checkpoints, payload_bytes]``, largest first (at most 5).
-        clients: registered client processes: dicts of ``pid``, ``name``, ``rss``,
+        clients: registered client processes: dicts of ``pid``, ``name``, ``rss``, ``pss``,
             ``peak_rss`` and ``alive`` (empty for an in-process store).
         evictions: checkpoints dropped store-wide to make room (``on_full="evict"``).
         rejections: saves refused by a limit (`StoreFull`).
@@ -100,8 +100,11 @@ class StoreStats:
                 for name, count, nbytes in self.largest_executions))
         for client in self.clients:
             state = "alive" if client.get("alive") else "dead"
+            pss = client.get("pss")
             lines.append(f"client {client.get('pid')} {client.get('name', '')}: "
-                         f"RSS {format_bytes(client.get('rss', 0))} ({state})")
+                         f"RSS {format_bytes(client.get('rss', 0))}"
+                         + ("" if pss is None else f", PSS {format_bytes(pss)}")
+                         + f" ({state})")
         in_force = {k: v for k, v in self.limits.items() if v is not None and k != "on_full"}
         if in_force:
             lines.append("limits: " + ", ".join(f"{k}={v}" for k, v in in_force.items())

@@ -23,7 +23,8 @@ __all__ = ["CSV_COLUMNS", "PLOT_EXTRA", "SERVER", "require_matplotlib", "write_c
            "write_plot"]
 
 #: Columns of the CSV file: one row per process per sample.
-CSV_COLUMNS = ("t", "process", "rss", "uss", "alive", "payload_bytes", "checkpoints")
+CSV_COLUMNS = ("t", "process", "rss", "uss", "alive", "payload_bytes", "checkpoints", "pss",
+               "segment_bytes")
 #: The ``process`` column of the server's rows, and its name in the plot's legend (a
 #: client's is ``pid/name``).
 SERVER = "server"
@@ -41,9 +42,11 @@ def write_csv(samples: Iterable[MemorySample], path: str) -> int:
 
     Columns (`CSV_COLUMNS`): ``t`` (epoch seconds), ``process`` (``server``, or
     ``pid/name`` for a client), ``rss`` (bytes), ``uss`` (bytes, server rows only, empty
-    where the platform has none), ``alive`` (1 or 0), and the store's ``payload_bytes``
+    where the platform has none), ``alive`` (1 or 0), the store's ``payload_bytes``
     and ``checkpoints`` at that sample (repeated on each of its rows, so that every row
-    stands alone).
+    stands alone), ``pss`` (bytes, client rows, empty between readings: shared pages
+    divided among the processes that map them) and ``segment_bytes`` (server rows: the
+    payload held as shared-memory segments, outside the server's RSS).
     """
     rows = 0
     with open(path, "w", newline="", encoding="utf-8") as fh:
@@ -52,11 +55,12 @@ def write_csv(samples: Iterable[MemorySample], path: str) -> int:
         for s in samples:
             t = f"{s.t:.3f}"
             uss = "" if s.server_uss is None else s.server_uss
-            writer.writerow((t, SERVER, s.server_rss, uss, 1, s.payload_bytes, s.checkpoints))
+            writer.writerow((t, SERVER, s.server_rss, uss, 1, s.payload_bytes, s.checkpoints,
+                             "", s.segment_bytes))
             rows += 1
             for c in s.clients:
                 writer.writerow((t, c.label, c.rss, "", int(c.alive), s.payload_bytes,
-                                 s.checkpoints))
+                                 s.checkpoints, "" if c.pss is None else c.pss, ""))
                 rows += 1
     return rows
 
@@ -76,9 +80,10 @@ def require_matplotlib() -> None:
 def write_plot(samples: Sequence[MemorySample], path: str, *, title: str | None = None) -> None:
     """Draw memory over time to a PNG: one line per process, payload bytes beside it.
 
-    Left: the server's RSS (and USS, dashed) and each client's RSS, in MiB, against
-    seconds since the first sample; a client that died ends with an ``x``.  Right: the
-    payload bytes stored (MiB) and, on a second axis, the checkpoint count.
+    Left: the server's RSS (and USS, dashed) and each client's RSS (and PSS, dashed), in
+    MiB, against seconds since the first sample; a client that died ends with an ``x``.
+    Right: the payload bytes stored (MiB), the part of them in shared-memory segments
+    (outside the server's RSS), and on a second axis the checkpoint count.
 
     Raises:
         ConfigError: matplotlib is not installed, or there is no sample to draw.
@@ -127,6 +132,9 @@ class _Plot:
         """The right panel: payload bytes and, on a second axis, the checkpoint count."""
         ax.plot(self.xs, [s.payload_bytes / MiB for s in self.samples], color="tab:green",
                 lw=2, marker=self.marker, label="payload")
+        if any(s.segment_bytes for s in self.samples):
+            ax.plot(self.xs, [s.segment_bytes / MiB for s in self.samples], color="tab:olive",
+                    lw=1.4, ls="--", label="in shared segments")
         ax.set_xlabel("seconds")
         ax.set_ylabel("payload, MiB", color="tab:green")
         ax.set_ylim(bottom=0)
@@ -160,6 +168,11 @@ class _Plot:
             return  # never measured: nothing to draw, and no legend entry
         line = ax.plot(xs, ys, lw=1.2, marker=self.marker,
                        label=label + (" (died)" if died else ""))[0]
+        pss = [(x, c.pss) for x, s in zip(self.xs, self.samples, strict=True)
+               for c in s.clients if c.pid == pid and c.measured and c.pss is not None]
+        if pss:
+            ax.plot([x for x, _ in pss], [p / MiB for _, p in pss], lw=1.0, ls="--",
+                    color=line.get_color())
         if died:
             ax.plot([xs[-1]], [ys[-1]], marker="x", ms=9, mew=2, color=line.get_color())
 

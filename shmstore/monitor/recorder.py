@@ -38,12 +38,14 @@ class MemoryHistory(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class ClientSample:
-    """One registered client in one sample: pid, name, RSS (bytes) and whether it lives."""
+    """One registered client in one sample: pid, name, RSS (bytes), whether it lives,
+    and its PSS (bytes; None in samples between readings, or from an older server)."""
 
     pid: int
     name: str
     rss: int
     alive: bool
+    pss: int | None = None
 
     @property
     def measured(self) -> bool:
@@ -67,6 +69,8 @@ class MemorySample:
         checkpoints: checkpoints stored.
         payload_bytes: encoded states' bytes stored.
         clients: registered clients, by pid.
+        segment_bytes: the part of the payload held as sealed shared-memory segments
+            (the data plane): outside the server's heap and RSS.
     """
 
     t: float
@@ -75,18 +79,24 @@ class MemorySample:
     checkpoints: int
     payload_bytes: int
     clients: tuple[ClientSample, ...]
+    segment_bytes: int = 0
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> MemorySample:
         """Build from one dict of `BaseStore.memory_history`."""
         clients = sorted(
-            (ClientSample(int(pid), str(entry[0]), int(entry[1]), bool(entry[2]))
+            (ClientSample(int(pid), str(entry[0]), int(entry[1]), bool(entry[2]),
+                          _optional_int(entry[3] if len(entry) > 3 else None))
              for pid, entry in raw.get("clients", {}).items()),
             key=lambda c: c.pid,
         )
-        uss = raw.get("server_uss")
-        return cls(float(raw["t"]), int(raw["server_rss"]), None if uss is None else int(uss),
-                   int(raw["checkpoints"]), int(raw["payload_bytes"]), tuple(clients))
+        return cls(float(raw["t"]), int(raw["server_rss"]), _optional_int(raw.get("server_uss")),
+                   int(raw["checkpoints"]), int(raw["payload_bytes"]), tuple(clients),
+                   int(raw.get("segment_bytes", 0)))
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _rate(points: Sequence[tuple[float, float]]) -> float | None:

@@ -1,8 +1,10 @@
 """`MemoryMonitor`: psutil sampling of the server and of its registered client processes.
 
 A background thread samples, every ``interval`` seconds, the owning process's RSS (and
-USS where the platform has it), the RSS of every registered client, and the store's
-checkpoint count and payload bytes, into a bounded ring buffer.  Dead clients are marked
+USS where the platform has it), the RSS (and, as often as USS, the PSS) of every
+registered client, the store's checkpoint count and payload bytes, and the bytes of the
+sealed memory segments the process holds (data-plane states: shared memory, outside its
+RSS), into a bounded ring buffer.  Dead clients are marked
 dead, not forgotten, until ``client_ttl`` seconds after they were last seen alive.
 """
 
@@ -22,6 +24,7 @@ from collections.abc import Callable
 
 import psutil
 
+from ..core import segment
 from ..core.backend import ClientInfo, Sample
 from ..core.validate import count, duration
 
@@ -109,7 +112,7 @@ class OwnMemory:
 
 
 class _Client:
-    __slots__ = ("alive", "last_seen", "name", "peak_rss", "pid", "process", "rss")
+    __slots__ = ("alive", "last_seen", "name", "peak_rss", "pid", "process", "pss", "rss")
 
     def __init__(self, pid: int, name: str) -> None:
         self.pid = pid
@@ -119,6 +122,7 @@ class _Client:
             self.process = psutil.Process(pid)
         self.alive = self.process is not None
         self.rss = 0
+        self.pss: int | None = None
         self.peak_rss = 0
         self.last_seen = time.time()
 
@@ -138,9 +142,19 @@ class _Client:
         self.peak_rss = max(self.peak_rss, self.rss)
         self.last_seen = now
 
+    def refresh_pss(self) -> None:
+        """Read PSS: pages shared with other processes (one data-plane checkpoint mapped
+        by 8 readers) count an eighth in each, where RSS counts them whole in every one."""
+        if not self.alive or self.process is None:
+            return
+        try:
+            self.pss = getattr(self.process.memory_full_info(), "pss", None)
+        except (psutil.Error, NotImplementedError, AttributeError):
+            self.pss = None
+
     def to_dict(self) -> ClientInfo:
         return {"pid": self.pid, "name": self.name, "rss": self.rss, "peak_rss": self.peak_rss,
-                "alive": self.alive}
+                "alive": self.alive, "pss": self.pss}
 
 
 class MemoryMonitor:
@@ -196,8 +210,9 @@ class MemoryMonitor:
             elif name:
                 client.name = name
 
-    def _server_memory(self) -> tuple[int, int | None]:
-        """RSS always; USS when its budget allows (None in the samples between)."""
+    def _server_memory(self, *, clients: bool = False) -> tuple[int, int | None]:
+        """RSS always; USS (and with ``clients`` the clients' PSS) when its budget
+        allows (None in the samples between)."""
         rss = self._process.memory_info().rss
         uss = None
         now = time.monotonic()
@@ -207,7 +222,11 @@ class MemoryMonitor:
                 uss = getattr(self._process.memory_full_info(), "uss", None)
             except (psutil.AccessDenied, NotImplementedError, AttributeError):
                 self._uss_ok = False
-            # USS walks every page mapping (~12 ms per GiB of RSS): keep it to
+            if clients:
+                with self._lock:
+                    for client in self._clients.values():
+                        client.refresh_pss()
+            # USS and PSS walk every page mapping (~12 ms per GiB of RSS): keep them to
             # USS_BUDGET of one CPU, so a big server's sampler cannot slow the store.
             self._next_uss = now + (time.perf_counter() - started) / USS_BUDGET
         return rss, uss
@@ -215,7 +234,7 @@ class MemoryMonitor:
     def sample(self) -> Sample:
         """Take one sample now, keep it, and return it."""
         now = time.time()
-        rss, uss = self._server_memory()
+        rss, uss = self._server_memory(clients=True)
         checkpoints, payload = self._figures()
         if self._trim is not None:
             self._trim_mark = max(self._trim_mark, payload)
@@ -230,10 +249,11 @@ class MemoryMonitor:
                 client.refresh(now)
                 if not client.alive and now - client.last_seen > self.client_ttl:
                     del self._clients[pid]
-            clients: dict[str, list[str | int | bool]] = {
-                str(c.pid): [c.name, c.rss, c.alive] for c in self._clients.values()}
+            clients: dict[str, list[str | int | bool | None]] = {
+                str(c.pid): [c.name, c.rss, c.alive, c.pss] for c in self._clients.values()}
             sample: Sample = {"t": now, "server_rss": rss, "server_uss": uss,
-                      "checkpoints": checkpoints, "payload_bytes": payload, "clients": clients}
+                              "checkpoints": checkpoints, "payload_bytes": payload,
+                              "segment_bytes": segment.held()[1], "clients": clients}
             self._samples.append(sample)
         return sample
 

@@ -61,14 +61,16 @@ def plain_line(recorder: MemoryRecorder) -> str:
     if s is None:
         return "no sample yet"
     alive = sum(c.alive for c in s.clients)
-    clients = " ".join(f"{c.label}={format_bytes(c.rss)}" + ("" if c.alive else "(dead)")
-                       for c in s.clients)
+    clients = " ".join(f"{c.label}={format_bytes(c.rss)}"
+                       + ("" if c.pss is None else f"(PSS {format_bytes(c.pss)})")
+                       + ("" if c.alive else "(dead)") for c in s.clients)
+    shared = f", {format_bytes(s.segment_bytes)} shared" if s.segment_bytes else ""
     last_uss = recorder.latest_uss()
     uss = "" if last_uss is None else f" USS {format_bytes(last_uss)}"
     return (f"{_clock(s.t)} server RSS {format_bytes(s.server_rss)} "
             f"(peak {format_bytes(recorder.peak_server_rss)}, "
             f"{format_rate(recorder.server_growth())}){uss} | {s.checkpoints:,} checkpoints, "
-            f"{format_bytes(s.payload_bytes)} payload, RSS/payload {_ratio(s)} | "
+            f"{format_bytes(s.payload_bytes)} payload{shared}, RSS/payload {_ratio(s)} | "
             f"clients {alive} alive, {len(s.clients) - alive} dead: {clients}")
 
 
@@ -103,6 +105,7 @@ def _server_table(recorder: MemoryRecorder, s: MemorySample) -> Table:
     server.add_row("USS", "—" if uss is None else format_bytes(uss), "", "")
     server.add_row("payload", format_bytes(s.payload_bytes), "",
                    format_rate(recorder.payload_growth()))
+    server.add_row("  in shared segments", format_bytes(s.segment_bytes), "", "")
     server.add_row("checkpoints", f"{s.checkpoints:,}", "", "")
     server.add_row("RSS / payload", _ratio(s), "", "")
     return server
@@ -114,14 +117,15 @@ def _clients_table(recorder: MemoryRecorder, s: MemorySample) -> Table:
     from rich.text import Text
 
     clients = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    growth = f"growth (last {len(recorder.window)})"
     for column, justify in (("pid", "right"), ("client", "left"), ("RSS", "right"),
-                            ("peak", "right"), (f"growth (last {len(recorder.window)})",
-                                                "right"),
+                            ("PSS", "right"), ("peak", "right"), (growth, "right"),
                             ("state", "left")):
         clients.add_column(column, justify=justify)  # type: ignore[arg-type]
     for c in s.clients:
         state = Text("alive", "green") if c.alive else Text("dead", "bold red")
         clients.add_row(str(c.pid), c.name, format_bytes(c.rss),
+                        "—" if c.pss is None else format_bytes(c.pss),
                         format_bytes(recorder.client_peaks.get(c.pid, c.rss)),
                         format_rate(recorder.client_growth(c.pid) if c.alive else None), state)
     return clients

@@ -9,7 +9,7 @@ import pytest
 
 import shmstore
 from shmstore import BaseStore, Limits
-from tests.conftest import BACKENDS
+from tests.conftest import BACKENDS, PLANE_EVERYTHING, SOCKET_ONLY
 
 LimitedStore = Callable[..., BaseStore]
 
@@ -24,10 +24,11 @@ def limited_store(request: pytest.FixtureRequest) -> Iterator[LimitedStore]:
         store: BaseStore
         if request.param == "memory":
             store = shmstore.MemoryStore(limits=limits)
-        elif request.param == "shared":
+        elif request.param.startswith("shared"):
             server = shmstore.serve(export=False, limits=limits)
             opened.append(server)
-            store = server.connect(timeout=10.0)
+            plane = PLANE_EVERYTHING if request.param == "shared-plane" else SOCKET_ONLY
+            store = server.connect(timeout=10.0, **plane)
         else:
             factory = request.getfixturevalue(f"{request.param}_limited_store")
             store = factory(limits)

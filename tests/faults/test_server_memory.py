@@ -29,12 +29,21 @@ def _rss(pid: int) -> int:
     return int(psutil.Process(pid).memory_info().rss)
 
 
+# The server's RSS growth over the payload it took: on the socket, the payload itself
+# (once: no second copy kept by an idle connection); through the data plane, nothing but
+# bookkeeping (the states are sealed segments it never maps; the issue's target is 1%).
+GROWTH = {False: 1.1, True: 0.01}
+
+
 @pytest.mark.timeout(120)
-def test_an_idle_connection_does_not_keep_its_last_request() -> None:
-    """After 10 x 40 MiB saves on one connection, the server holds ~ the payload, once."""
+@pytest.mark.parametrize("data_plane", [False, True], ids=["socket", "plane"])
+def test_an_idle_connection_does_not_keep_its_last_request(data_plane: bool) -> None:
+    """After 10 x 40 MiB saves on one connection, the server holds ~ the payload, once
+    (on the socket), or none of it (through the data plane)."""
     state = _state()
     limits = Limits(max_checkpoint_bytes=64 * MiB)
-    with shmstore.serve(export=False, limits=limits) as srv, srv.connect() as store, \
+    with shmstore.serve(export=False, limits=limits) as srv, \
+            srv.connect(data_plane=data_plane) as store, \
             srv.connect() as observer:  # its calls must not be what frees the saver's
         store.save(Checkpoint(execution_id="warm-up", state=b"x"))
         start = observer.stats().payload_bytes
@@ -43,14 +52,17 @@ def test_an_idle_connection_does_not_keep_its_last_request() -> None:
             store.save(Checkpoint(execution_id=f"big-{i}", state=state))
         # The saving connection is idle now, waiting for a request that does not come.
         growth = _rss(srv.pid) - before
-        payload = observer.stats().payload_bytes - start
+        stats = observer.stats()
+        payload = stats.payload_bytes - start
         assert payload >= 10 * STATE_BYTES
-        assert growth <= 1.1 * payload, f"server grew {growth / payload:.3f}x the payload"
+        assert stats.segment_bytes == (payload if data_plane else 0)
+        bound = GROWTH[data_plane]
+        assert growth <= bound * payload, f"server grew {growth / payload:.3f}x the payload"
         # A 40 MiB answer must not stay packed in the connection's buffer either.
         cp = store.latest("big-3")
         assert cp is not None and cp.state == state
         growth = _rss(srv.pid) - before
-        assert growth <= 1.1 * payload, f"after a load: {growth / payload:.3f}x the payload"
+        assert growth <= bound * payload, f"after a load: {growth / payload:.3f}x the payload"
 
 
 @pytest.mark.timeout(120)
@@ -58,7 +70,10 @@ def test_a_batch_refused_by_a_limit_is_dropped_at_once() -> None:
     """A refused `save_many` leaves nothing behind while its connection stays idle."""
     state = _state()
     limits = Limits(max_checkpoint_bytes=64 * MiB, max_bytes=64 * MiB)
-    with shmstore.serve(export=False, limits=limits) as srv, srv.connect() as store, \
+    # On the socket: a refused batch through the plane is four descriptors, dropped too
+    # (tests/test_data_plane.py), but never in the server's heap.
+    with shmstore.serve(export=False, limits=limits) as srv, \
+            srv.connect(data_plane=False) as store, \
             srv.connect() as observer:  # its calls must not be what frees the saver's
         store.save(Checkpoint(execution_id="warm-up", state=b"x"))
         start = observer.stats().payload_bytes
