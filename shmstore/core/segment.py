@@ -25,7 +25,6 @@ import os
 import resource
 import stat
 import threading
-
 from typing import TYPE_CHECKING
 
 from .errors import ShmstoreError
