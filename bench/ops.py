@@ -5,7 +5,10 @@ contender alike:
 
 - raw: a bare ``multiprocessing.connection`` round trip over an authenticated unix socket
   (the floor: the same bytes, no store behind them);
-- shared: ``SharedStore`` on a ``shmstore.serve()`` server;
+- shared: ``SharedStore`` on a ``shmstore.serve()`` server (from 256 KiB its states
+  travel through the data plane, as sealed memory files);
+- shared-socket: the same server, a client with ``data_plane=False``: every byte on the
+  socket (shown from 1 MiB, where the two differ);
 - syncmgr: a ``SyncManager().dict()`` proxy (pickle, no versions, no snapshots of reads);
 - memory: ``MemoryStore`` in this process (the codec's cost alone);
 - redis: ``RedisStore`` on a ``redis-server`` of the benchmark's own (unix socket), the
@@ -56,8 +59,10 @@ import shmstore
 from shmstore import Checkpoint
 from shmstore.core.codec import DEFAULT_CODEC
 
-SIZES = {"100B": 100, "1KiB": 1024, "64KiB": 64 * 1024, "1MiB": 1024 * 1024}
+SIZES = {"100B": 100, "1KiB": 1024, "64KiB": 64 * 1024, "1MiB": 1024 * 1024,
+         "16MiB": 16 * 1024 * 1024}
 BATCH = 100
+BATCH_BELOW = 16 * 1024 * 1024  # a batch of 100 states of 16 MiB is 1.6 GiB: singles only
 CONCURRENT_PROCS = 4
 CONCURRENT_SIZE = 1024
 
@@ -248,6 +253,7 @@ def main() -> None:
 
     server = shmstore.serve(export=False)
     shared = server.connect()
+    shared_socket = server.connect(data_plane=False)
     memory = shmstore.MemoryStore()
     manager = SyncManager(ctx=ctx)
     manager.start()
@@ -292,16 +298,19 @@ def main() -> None:
             saved_mem = memory.save(Checkpoint(execution_id=f"e-{label}", state=state))
             for _ in range(10):
                 shared.save(Checkpoint(execution_id=f"e-{label}", state=state))
+            saved_socket = shared_socket.save(Checkpoint(execution_id=f"e-{label}", state=state))
             sync_dict[saved_shared.id] = state
             load_req = b"L%d" % len(payload)
-            batch = [Checkpoint(execution_id=f"b-{label}", state=state) for _ in range(BATCH)]
-            batch_ids = [c.id for c in shared.save_many(batch)]
-            mem_ids = [c.id for c in memory.save_many(batch)]
+            batched = size < BATCH_BELOW
+            batch = [Checkpoint(execution_id=f"b-{label}", state=state)
+                     for _ in range(BATCH if batched else 0)]
+            batch_ids = [c.id for c in shared.save_many(batch)] if batched else []
+            mem_ids = [c.id for c in memory.save_many(batch)] if batched else []
             raw_keys = [f"raw-{label}-{i}".encode() for i in range(BATCH)]
             raw_batch = dict.fromkeys(raw_keys, payload)
             # Checkpoints are made before the clock starts: what is timed is the store.
             fresh = iter([Checkpoint(execution_id=f"s-{label}", state=state)
-                          for _ in range(2 * per_round * rounds + 10)])
+                          for _ in range(3 * per_round * rounds + 10)])
 
             def raw_save() -> None:
                 raw.send_bytes(payload)
@@ -322,20 +331,26 @@ def main() -> None:
                 ("save", "memory"): lambda: memory.save(next(fresh)),
                 ("load", "memory"): lambda: memory.load(saved_mem.id),
             }
+            if size >= 1024 * 1024:
+                singles.update({
+                    ("save", "shared-socket"): lambda: shared_socket.save(next(fresh)),
+                    ("load", "shared-socket"): lambda: shared_socket.load(saved_socket.id),
+                })
             batches: dict[tuple[str, str], Callable[[], Any]] = {
                 ("save_many", "shared"): lambda: shared.save_many(batch),
                 ("load_many", "shared"): lambda: shared.load_many(batch_ids),
                 ("save_many", "memory"): lambda: memory.save_many(batch),
                 ("load_many", "memory"): lambda: memory.load_many(mem_ids),
-            }
+            } if batched else {}
             if rstore is not None:
                 saved_redis = rstore.save(Checkpoint(execution_id=f"e-{label}", state=state))
                 for _ in range(10):
                     rstore.save(Checkpoint(execution_id=f"e-{label}", state=state))
-                redis_ids = [c.id for c in rstore.save_many(batch)]
+                redis_ids = [c.id for c in rstore.save_many(batch)] if batched else []
                 raw_key = f"raw-{label}".encode()
                 rraw.set(raw_key, payload)
-                rraw.mset(raw_batch)
+                if batched:
+                    rraw.mset(raw_batch)
                 singles.update({
                     ("save", "redis"): lambda: rstore.save(next(fresh)),
                     ("load", "redis"): lambda: rstore.load(saved_redis.id),
@@ -343,14 +358,15 @@ def main() -> None:
                     ("save", "redis-raw"): lambda: rraw.set(raw_key, payload),
                     ("load", "redis-raw"): lambda: rraw.get(raw_key),
                 })
-                batches.update({
-                    ("save_many", "redis"): lambda: rstore.save_many(batch),
-                    ("load_many", "redis"): lambda: rstore.load_many(redis_ids),
-                    ("save_many", "redis-raw"): lambda: rraw.mset(raw_batch),
-                    ("load_many", "redis-raw"): lambda: rraw.mget(raw_keys),
-                })
+                if batched:
+                    batches.update({
+                        ("save_many", "redis"): lambda: rstore.save_many(batch),
+                        ("load_many", "redis"): lambda: rstore.load_many(redis_ids),
+                        ("save_many", "redis-raw"): lambda: rraw.mset(raw_batch),
+                        ("load_many", "redis-raw"): lambda: rraw.mget(raw_keys),
+                    })
                 fresh = iter([Checkpoint(execution_id=f"s-{label}", state=state)
-                              for _ in range(3 * per_round * rounds + 10)])
+                              for _ in range(4 * per_round * rounds + 10)])
             for fn in [*singles.values(), *batches.values()]:  # warm every path once
                 fn()
             batch_reps = max(1, per_round // BATCH)
@@ -388,6 +404,7 @@ def main() -> None:
             redis_proc.terminate()
             redis_proc.wait(10)
         shared.close()
+        shared_socket.close()
         server.shutdown()
         manager.shutdown()
         raw.close()
