@@ -107,8 +107,9 @@ def test_the_server_gives_memory_back_after_a_clear() -> None:
         assert full - base > 80 * 2**20
         for batch in range(80):
             store.clear(f"e{batch}")
-        # Without the trim, about 80% of the growth stays resident (measured: 128 of 160 MiB).
-        assert wait_until(lambda: proc.memory_info().rss - base < (full - base) * 0.3, 10), (
+        # Without the trim, about 80% of the growth stays resident (measured: 128 of 160 MiB);
+        # with it, 20-35% (33% with a second suite running beside it): half tells them apart.
+        assert wait_until(lambda: proc.memory_info().rss - base < (full - base) * 0.5, 10), (
             base, full, proc.memory_info().rss)
         store.close()
 
