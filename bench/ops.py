@@ -41,7 +41,6 @@ import multiprocessing
 import os
 import queue
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _redis import start_redis  # bench/, first on sys.path when a script runs
+
 import shmstore
 from shmstore import Checkpoint
 from shmstore.core.codec import DEFAULT_CODEC
@@ -65,33 +66,6 @@ BATCH = 100
 BATCH_BELOW = 16 * 1024 * 1024  # a batch of 100 states of 16 MiB is 1.6 GiB: singles only
 CONCURRENT_PROCS = 4
 CONCURRENT_SIZE = 1024
-
-
-def _start_redis(tmp: str) -> tuple[subprocess.Popen[bytes], str] | None:
-    """A redis-server on a unix socket in ``tmp`` (config on stdin), or None without one."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        return None
-    sock = os.path.join(tmp, "redis.sock")
-    config = (f"port 0\nunixsocket {sock}\nunixsocketperm 700\nsave \"\"\n"
-              f"appendonly no\ndir {tmp}\nhz 100\n")
-    proc = subprocess.Popen([binary, "-"], stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert proc.stdin is not None
-    proc.stdin.write(config.encode())
-    proc.stdin.close()
-    import redis
-
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            if redis.Redis(unix_socket_path=sock).ping():
-                return proc, sock
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    raise RuntimeError("redis-server did not start")
 
 
 class _RawRedis:
@@ -259,7 +233,7 @@ def main() -> None:
     manager.start()
     sync_dict = manager.dict()
     redis_proc: subprocess.Popen[bytes] | None = None
-    started = None if args.no_redis else _start_redis(tmp)
+    started = None if args.no_redis else start_redis(tmp, "hz 100\n")
     rstore: Any = None
     rraw: Any = None
     redis_sock = ""

@@ -55,6 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy
 import psutil
+from _redis import start_redis  # bench/, first on sys.path when a script runs
 
 import shmstore
 from shmstore import Checkpoint
@@ -70,36 +71,22 @@ READER_FACTOR = {"socket": 2, "plane": 0, "plane-copy": 1, "shm": 1, "syncmgr": 
                  "redis": 2, "diskcache": 2}
 
 
+STORES = ("socket", "plane", "plane-copy")
+
+
+def _copy_in(array: numpy.ndarray[Any, Any]) -> shared_memory.SharedMemory:
+    seg = shared_memory.SharedMemory(create=True, size=array.nbytes)
+    numpy.ndarray(array.shape, array.dtype, buffer=seg.buf)[:] = array
+    return seg
+
+
+def _unlink(seg: shared_memory.SharedMemory) -> None:
+    seg.close()
+    seg.unlink()
+
+
 def make_array(size: int, seed: int = 0) -> numpy.ndarray[Any, Any]:
     return numpy.random.default_rng(seed).random(size // 8)
-
-
-def _start_redis(tmp: str) -> tuple[subprocess.Popen[bytes], str] | None:
-    """A redis-server on a unix socket in ``tmp`` that takes values up to 2 GiB."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        return None
-    sock = os.path.join(tmp, "redis.sock")
-    config = (f"port 0\nunixsocket {sock}\nunixsocketperm 700\nsave \"\"\n"
-              f"appendonly no\ndir {tmp}\nproto-max-bulk-len 2gb\n"
-              f"client-query-buffer-limit 2gb\n")
-    proc = subprocess.Popen([binary, "-"], stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert proc.stdin is not None
-    proc.stdin.write(config.encode())
-    proc.stdin.close()
-    import redis
-
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            if redis.Redis(unix_socket_path=sock).ping():
-                return proc, sock
-        except redis.ConnectionError:
-            time.sleep(0.05)  # polling a server we started for its socket, not a test
-    proc.kill()
-    proc.wait()
-    raise RuntimeError("redis-server did not start")
 
 
 class Contenders:
@@ -119,7 +106,8 @@ class Contenders:
         self.redis_proc: subprocess.Popen[bytes] | None = None
         self.redis: Any = None
         self.redis_sock = ""
-        started = _start_redis(tmp) if use_redis else None
+        started = start_redis(tmp, "proto-max-bulk-len 2gb\nclient-query-buffer-limit 2gb\n"
+                              ) if use_redis else None
         if use_redis and started is None:
             print("redis-server is not on PATH: Redis is left out", file=sys.stderr)
         if started is not None:
@@ -136,7 +124,7 @@ class Contenders:
             base = "/dev/shm" if os.path.isdir("/dev/shm") else tmp
             self.cache_dir = tempfile.mkdtemp(prefix="shmstore-bench-dc-", dir=base)
             self.cache = diskcache.Cache(self.cache_dir, size_limit=2**40)  # default: 1 GB, evicts
-        self.segments: list[shared_memory.SharedMemory] = []
+        self.segments: dict[str, shared_memory.SharedMemory] = {}  # the kept ones, by name
 
     def names(self) -> list[str]:
         names = ["socket", "plane", "plane-copy", "shm", "syncmgr"]
@@ -146,22 +134,21 @@ class Contenders:
             names.append("diskcache")
         return names
 
+    def store(self, name: str) -> Any:
+        """The SharedStore of a store contender ("socket", "plane", "plane-copy")."""
+        return self.socket if name == "socket" else self.plane
+
     # -- save: returns what undoes it, run off the clock ------------------------------------
 
     def save(self, name: str, array: numpy.ndarray[Any, Any], key: str
              ) -> Callable[[], None]:
-        if name in ("socket", "plane", "plane-copy"):
-            store = self.socket if name == "socket" else self.plane
+        if name in STORES:
+            store = self.store(name)
             cp = store.save(Checkpoint(execution_id=key, state={"weights": array}))
             return lambda: store.delete(cp.id)
         if name == "shm":
-            seg = shared_memory.SharedMemory(create=True, size=array.nbytes)
-            numpy.ndarray(array.shape, array.dtype, buffer=seg.buf)[:] = array
-
-            def drop() -> None:
-                seg.close()
-                seg.unlink()
-            return drop
+            seg = _copy_in(array)
+            return lambda: _unlink(seg)
         if name == "syncmgr":
             self.sync_dict[key] = {"weights": array}
             return lambda: self.sync_dict.pop(key)
@@ -173,25 +160,21 @@ class Contenders:
 
     def keep(self, name: str, array: numpy.ndarray[Any, Any], key: str) -> Any:
         """Save once for loads; returns the handle a load (here or in a reader) needs."""
-        if name in ("socket", "plane", "plane-copy"):
-            store = self.socket if name == "socket" else self.plane
-            return store.save(Checkpoint(execution_id=key, state={"weights": array})).id
+        if name in STORES:
+            return self.store(name).save(
+                Checkpoint(execution_id=key, state={"weights": array})).id
         if name == "shm":
-            seg = shared_memory.SharedMemory(create=True, size=array.nbytes)
-            numpy.ndarray(array.shape, array.dtype, buffer=seg.buf)[:] = array
-            self.segments.append(seg)
+            seg = _copy_in(array)
+            self.segments[seg.name] = seg
             return (seg.name, array.shape)
         self.save(name, array, key)
         return key
 
     def drop_kept(self, name: str, handle: Any) -> None:
-        if name in ("socket", "plane", "plane-copy"):
-            (self.socket if name == "socket" else self.plane).delete(handle)
+        if name in STORES:
+            self.store(name).delete(handle)
         elif name == "shm":
-            for seg in [s for s in self.segments if s.name == handle[0]]:
-                seg.close()
-                seg.unlink()
-                self.segments.remove(seg)
+            _unlink(self.segments.pop(handle[0]))
         elif name == "syncmgr":
             self.sync_dict.pop(handle)
         elif name == "redis":
@@ -201,10 +184,8 @@ class Contenders:
 
     def reach(self, name: str) -> Any:
         """What a reader process needs to load from this contender (it pickles)."""
-        if name in ("socket", "plane-copy"):
-            return self.socket if name == "socket" else self.plane
-        if name == "plane":
-            return self.plane
+        if name in STORES:
+            return self.store(name)
         if name == "syncmgr":
             return self.sync_dict
         if name == "redis":
@@ -214,9 +195,8 @@ class Contenders:
         return None
 
     def close(self) -> None:
-        for seg in self.segments:
-            seg.close()
-            seg.unlink()
+        for seg in self.segments.values():
+            _unlink(seg)
         self.segments.clear()
         if self.cache is not None:
             self.cache.close()
@@ -282,7 +262,7 @@ def _reader(name: str, reach: Any, handle: Any, ready: Any, start: Any, release:
         cache = diskcache.Cache(reach)
     elif name == "shm":
         _untrack_shm()
-    elif name in ("socket", "plane", "plane-copy"):
+    elif name in STORES:
         reach.stats()  # connected before the clock starts
     elif name == "syncmgr":
         len(reach)
@@ -312,7 +292,7 @@ def readers(ctx: Any, contenders: Contenders, name: str, handle: Any
         before = {p.pid: psutil.Process(p.pid).memory_full_info() for p in procs}
         t0 = time.perf_counter()
         start.set()
-        got = []
+        got: list[tuple[int, float, float]] = []
         while len(got) < len(procs):
             try:
                 got.append(out.get(timeout=1.0))
@@ -375,9 +355,9 @@ def saver_peak(ctx: Any, contenders: Contenders, size: int) -> dict[str, float]:
     return figures
 
 
-def server_memory(size: int, count: int) -> dict[str, dict[str, float]]:
+def server_memory(size: int, count: int) -> dict[str, dict[str, Any]]:
     """RSS and USS a fresh server adds while it holds ``count`` states, per plane."""
-    figures: dict[str, dict[str, float]] = {}
+    figures: dict[str, dict[str, Any]] = {}
     for name, plane in (("socket", False), ("plane", True)):
         with shmstore.serve(export=False) as server, \
                 server.connect(data_plane=plane) as store:
@@ -397,7 +377,7 @@ def server_memory(size: int, count: int) -> dict[str, dict[str, float]]:
                 "segment_bytes": float(stats.segment_bytes),
                 "rss_added": float(now.rss - base.rss),
                 "uss_added": float(now.uss - base.uss),
-                "rss_growth": [float(g) for g in growth],  # type: ignore[dict-item]
+                "rss_growth": [float(g) for g in growth],
             }
     return figures
 
@@ -450,7 +430,7 @@ def latency(contenders: Contenders, label: str, size: int, rounds: int,
     redis_client, cache = contenders.redis, contenders.cache
 
     def one_load(n: str, read: bool) -> Callable[[], Any]:
-        reach = contenders.reach(n) if n != "shm" else None
+        reach = contenders.reach(n)
 
         def run() -> Any:
             got = load(n, reach, kept[n], redis_client, cache)
@@ -563,9 +543,9 @@ def main() -> None:
         print("| size | contender | total time | one reader (median) | PSS added | "
               "RSS added |")
         print("|---|---|---:|---:|---:|---:|")
-        for label, by_name in crowd.items():
-            for n in [n for n in contenders.names() if n in by_name]:
-                f = by_name[n]
+        for label, crowd_by_name in crowd.items():
+            for n in [n for n in contenders.names() if n in crowd_by_name]:
+                f = crowd_by_name[n]
                 print(f"| {label} | {n} | {fmt_time(f['wall_s'])} | "
                       f"{fmt_time(f['reader_median_s'])} | {fmt_bytes(f['pss_added'])} | "
                       f"{fmt_bytes(f['rss_added'])} |")
@@ -574,16 +554,16 @@ def main() -> None:
     print("| path | payload | in segments | server RSS added | ÷ payload | "
           "server USS added |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, f in server.items():
-        print(f"| {name} | {fmt_bytes(f['payload'])} | {fmt_bytes(f['segment_bytes'])} | "
-              f"{fmt_bytes(f['rss_added'])} | {f['rss_added'] / f['payload']:.2%} | "
-              f"{fmt_bytes(f['uss_added'])} |")
+    for name, held in server.items():
+        print(f"| {name} | {fmt_bytes(held['payload'])} | {fmt_bytes(held['segment_bytes'])} "
+              f"| {fmt_bytes(held['rss_added'])} | {held['rss_added'] / held['payload']:.2%} | "
+              f"{fmt_bytes(held['uss_added'])} |")
     if saver:
         print("\nPeak memory one save adds to the saving process (beyond the array):\n")
         print("| size | socket | plane |")
         print("|---|---:|---:|")
-        for label, f in saver.items():
-            print(f"| {label} | {fmt_bytes(f['socket'])} | {fmt_bytes(f['plane'])} |")
+        for label, peak in saver.items():
+            print(f"| {label} | {fmt_bytes(peak['socket'])} | {fmt_bytes(peak['plane'])} |")
     if skipped:
         print("\nSkipped:\n")
         for line in skipped:
