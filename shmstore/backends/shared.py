@@ -24,6 +24,7 @@ from typing import Any, Final, cast
 
 from ..core import segment
 from ..core.backend import (
+    ANSWERS_RECORDS,
     DONE,
     Backend,
     ClaimAnswer,
@@ -160,7 +161,7 @@ class SharedStore(BaseStore):
                 [conn.fd], [], [], cast(float, args[slot]) + self.timeout
             )[0]:
                 raise TimeoutError
-            kind, result = conn.unpack(conn.recv())
+            kind, result = conn.unpack(conn.recv(op in ANSWERS_RECORDS))
         except BaseException as exc:
             # Whatever happened, this connection may be out of step: never reuse it.
             self._discard(conn)

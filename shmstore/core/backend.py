@@ -21,9 +21,9 @@ from typing import Final, Literal, NoReturn, Protocol, TypedDict, cast
 from .limits import LimitsDict
 from .record import Record
 
-__all__ = ["BACKEND_OPS", "BUSY", "DONE", "GRANTED", "HELD", "SAVED", "TABLE_OPS", "Backend",
-           "ClaimAnswer", "ClientInfo", "CompleteAnswer", "EncodedWhere", "Found", "Sample",
-           "StatsDict", "TableOps", "closed_backend"]
+__all__ = ["ANSWERS_RECORDS", "BACKEND_OPS", "BUSY", "DONE", "GRANTED", "HELD", "SAVED",
+           "TABLE_OPS", "Backend", "ClaimAnswer", "ClientInfo", "CompleteAnswer",
+           "EncodedWhere", "Found", "Sample", "StatsDict", "TableOps", "closed_backend"]
 
 # What ``claim`` and ``complete`` answer, first item of their (kind, value) pair.
 DONE: Final = "done"          # value: the node's latest record
@@ -168,6 +168,20 @@ def _ops(protocol: type) -> tuple[str, ...]:
 TABLE_OPS: Final = _ops(TableOps)
 #: Every operation a client may ask of a store's owner.
 BACKEND_OPS: Final = TABLE_OPS + _ops(Backend)
+
+
+def _answers_records(protocol: type) -> frozenset[str]:
+    """The operations whose answers may hold records (read from their annotations): only
+    their answers can carry a record's state as a memory segment."""
+    names = ("Record", "ClaimAnswer", "CompleteAnswer", "Found")
+    return frozenset(
+        op for op in BACKEND_OPS
+        if any(name in str(getattr(protocol, op).__annotations__.get("return", ""))
+               for name in names))
+
+
+#: The operations whose answers may hold records (and so memory segments).
+ANSWERS_RECORDS: Final = _answers_records(Backend)
 
 
 class _Closed:

@@ -69,6 +69,7 @@ from __future__ import annotations
 import mmap
 import re
 import struct
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from datetime import date, datetime, time, timedelta, timezone
@@ -104,11 +105,24 @@ EXT_NDARRAY_REF = 12
 SPLIT_MAGIC = b"\xc1SHMSEG\x01"
 _SPLIT_HEAD = struct.Struct("<8sQQ")
 PAGE = mmap.PAGESIZE
-# Per thread: while `encode_split` runs, the arrays it takes out of line (``out``, None
-# otherwise), the smallest it takes (``above``) and the data area's end so far (``end``);
-# while a split encoding is decoded, its data area (``data``) and whether arrays are
-# copied out of it (``copy``).
+# Per thread: while `encode_split` runs, what it takes out of line (``out``: the smallest
+# size it takes, an int, until it takes an array, then an `_OutOfLine`; None otherwise:
+# nothing is made for a state without a large array, on every save); while a split
+# encoding is decoded, its data area (``data``) and whether arrays are copied out of it
+# (``copy``).
 _split = threading.local()
+
+
+class _OutOfLine:
+    """One `encode_split` call's arrays taken out of line: ``(offset, array)`` pairs, the
+    smallest size it takes (``above``) and the data area's end so far (``end``)."""
+
+    __slots__ = ("above", "arrays", "end")
+
+    def __init__(self, above: int) -> None:
+        self.above = above
+        self.arrays: list[tuple[int, Any]] = []
+        self.end = 0
 
 _MAX_EXT_DEPTH = 8
 # Only used to point at the offending value after a failure: the C packer refuses values
@@ -197,11 +211,13 @@ def _enc_ndarray(array: Any) -> Any:
             "object arrays would need pickle, which is never used); convert it with "
             ".astype(...) or .tolist()"
         )
-    out = getattr(_split, "out", None)
-    if out is not None and array.nbytes >= _split.above:
-        offset = -(-_split.end // PAGE) * PAGE
-        _split.end = offset + array.nbytes
-        out.append((offset, array))
+    out: _OutOfLine | int | None = getattr(_split, "out", None)
+    if type(out) is int and array.nbytes >= out:
+        out = _split.out = _OutOfLine(out)
+    if type(out) is _OutOfLine and array.nbytes >= out.above:
+        offset = -(-out.end // PAGE) * PAGE
+        out.end = offset + array.nbytes
+        out.arrays.append((offset, array))
         return _pack_parts(EXT_NDARRAY_REF, [dtype.str, list(array.shape), offset])
     return _pack_parts(EXT_NDARRAY, [dtype.str, list(array.shape), array.tobytes()])
 
@@ -801,13 +817,17 @@ class MsgpackCodec:
         Raises:
             EncodeError: as `encode`.
         """
-        _split.out, _split.above, _split.end = [], max(1, above), 0
+        if "numpy" not in sys.modules:  # then no array can be in it: the plain encoding
+            return self.encode(obj, max_bytes=max_bytes)
+        _split.out = above if above > 1 else 1
         try:
             data = self.encode(obj, max_bytes=max_bytes)
-            arrays: list[tuple[int, Any]] = _split.out
+            out: _OutOfLine | int = _split.out
         finally:
             _split.out = None
-        return Split(data, arrays, _split.end) if arrays else data
+        if isinstance(out, int):
+            return data
+        return Split(data, out.arrays, out.end)
 
     def decode(
         self, data: bytes | bytearray | memoryview, *, max_bytes: int | EllipsisType | None = ...,
