@@ -9,6 +9,7 @@ import time
 import pytest
 
 from shmstore import ConfigError
+from shmstore.core import segment
 from shmstore.monitor.sampler import TRIM_STEP, MemoryMonitor
 
 from .helpers import SPAWN, reaped, wait_until
@@ -127,6 +128,22 @@ def test_a_big_drop_in_payload_trims_the_heap_once() -> None:
     mon.sample()
     assert mon.trims == 1  # nothing more was freed
     assert MemoryMonitor(lambda: (0, 0)).trims == 0
+
+
+@pytest.mark.skipif(not segment.available(), reason="memory segments need memfd (Linux)")
+def test_payload_freed_from_memory_segments_does_not_trim_the_heap() -> None:
+    # A segment's pages go back when its descriptor closes; a trim would find nothing
+    # and stall every allocating thread while it holds the allocator's locks.
+    held = [segment.write(b"x" * (TRIM_STEP + 4096)) for _ in range(2)]
+    base = 2**20  # payload on the heap
+    mon = MemoryMonitor(lambda: (2, base + sum(len(s) for s in held)), trim=True)
+    mon.sample()
+    held.pop().close()
+    mon.sample()
+    assert mon.trims == 0
+    held.pop().close()
+    mon.sample()
+    assert mon.trims == 0
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="USS is read from smaps")

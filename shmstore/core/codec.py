@@ -856,12 +856,9 @@ class MsgpackCodec:
                 "(max_bytes); make the codec with a larger MsgpackCodec(max_bytes=...) "
                 "(None: no bound of its own in a store)"
             )
-        try:
-            return _unpack(data, size)
-        except DecodeError:
-            if not is_split(data):
-                raise
-        return _decode_split(memoryview(data).cast("B"), copy)
+        if data.startswith(SPLIT_MAGIC) if type(data) is bytes else is_split(data):
+            return _decode_split(memoryview(data).cast("B"), copy)
+        return _unpack(data, size)
 
 
 def _unpack(data: bytes | bytearray | memoryview, size: int) -> Any:

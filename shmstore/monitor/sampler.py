@@ -165,8 +165,9 @@ class MemoryMonitor:
         interval: seconds between samples (> 0).
         history_size: how many samples are kept (>= 1); older ones drop out.
         client_ttl: seconds a dead client stays listed.
-        trim: after a sample finds ``TRIM_STEP`` bytes of payload freed, ask the C
-            allocator to return free memory to the system (glibc only; the server does).
+        trim: after a sample finds ``TRIM_STEP`` bytes of payload freed on the heap
+            (not in memory segments), ask the C allocator to return free memory to the
+            system (glibc only; the server does).
 
     Example:
         >>> mon = MemoryMonitor(lambda: (0, 0), interval=0.1)
@@ -237,11 +238,15 @@ class MemoryMonitor:
         rss, uss = self._server_memory(clients=True)
         checkpoints, payload = self._figures()
         if self._trim is not None:
-            self._trim_mark = max(self._trim_mark, payload)
-            if self._trim_mark - payload >= TRIM_STEP:
+            # Only payload on the heap: a freed segment's pages go back to the system
+            # when its descriptor closes, and a trim (which holds the allocator's locks,
+            # stalling every thread that allocates) would find nothing to give back.
+            heap = payload - segment.held()[1]
+            self._trim_mark = max(self._trim_mark, heap)
+            if self._trim_mark - heap >= TRIM_STEP:
                 self._trim()
                 self.trims += 1
-                self._trim_mark = payload
+                self._trim_mark = heap
                 rss, uss = self._server_memory()
         with self._lock:
             self.peak_rss = max(self.peak_rss, rss)
