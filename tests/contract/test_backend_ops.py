@@ -15,7 +15,7 @@ from pathlib import Path
 from shmstore import BaseStore
 from shmstore.backends import table
 from shmstore.backends.table import CheckpointTable
-from shmstore.core.backend import BACKEND_OPS, TABLE_OPS, Backend, TableOps
+from shmstore.core.backend import ANSWERS_RECORDS, BACKEND_OPS, TABLE_OPS, Backend, TableOps
 from shmstore.core.config import parse_url
 from shmstore.server.manager import TableServer
 
@@ -29,6 +29,14 @@ def test_the_op_lists_are_the_protocols_methods() -> None:
     assert list(BACKEND_OPS) == _methods(TableOps) + _methods(Backend)
     assert {"memory_history", "register_client"} <= set(BACKEND_OPS) - set(TABLE_OPS)
     assert table.TABLE_OPS is TABLE_OPS  # the table's list is the derived one
+
+
+def test_the_ops_whose_answers_hold_records_are_read_from_their_annotations() -> None:
+    # A data-plane client reads descriptors (recvmsg) only on these answers: one left
+    # out would lose the memory segments of its records.
+    assert ANSWERS_RECORDS == {"load", "load_many", "list", "latest", "wait", "claim",
+                               "complete", "find"}
+    assert ANSWERS_RECORDS <= set(BACKEND_OPS)
 
 
 def test_the_server_dispatches_exactly_the_backend_ops(tmp_path: Path) -> None:
