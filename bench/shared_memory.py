@@ -117,7 +117,7 @@ class Contenders:
             self.redis = redis.Redis(unix_socket_path=self.redis_sock)
         self.cache: Any = None
         try:
-            import diskcache
+            import diskcache  # type: ignore[import-untyped]
         except ImportError:
             print("diskcache is not installed: it is left out", file=sys.stderr)
         else:
