@@ -32,6 +32,16 @@ this run's sizes, one row each: RSS growth against checkpoints stored, per syste
 and the peak RSS of each fill cycle (right).  Redis is skipped, with the reason printed,
 when ``redis-server`` or redis-py is missing.
 
+``--growing`` runs the growing-states scenario instead (issue 15): ``--writers`` writers
+(spawned) save states growing from 1 KiB to 1 MiB over ``--seconds`` on the socket path
+(so every byte is in the server's heap), each at 2 MiB/s, and writer-2 also keeps every
+state it made (the planted leak).  Each round runs a server with its malloc arenas capped
+(the default) and one with glibc's default (``MALLOC_ARENA_MAX`` = 8 per core), in turn:
+reported are the server's RSS growth against its heap payload, its growth verdict, and
+how many seconds after the writers started `shmstore doctor`'s diagnosis named the
+leaker and only it (``bench/results/memory_growing.md``).  Run ``python
+bench/memory_growth.py --growing --seconds 30``.
+
 Bounded for a small machine: at most ``--writers`` processes, each stopping at its own
 deadline and at its share of ``--max-bytes``; every process this script starts is reaped
 and every server stopped on the way out, Ctrl-C included.
@@ -746,6 +756,124 @@ def measure_size(label: str, args: argparse.Namespace, ctx: Any, progress: Progr
     return SizeResult(label, size, fills, cycles, breakdown, notes, header)
 
 
+# ------------------------------------------------------------- growing states, planted leak
+
+GROWING_MAX = 1024 * 1024  # states grow from 1 KiB to this over the run
+GROWING_RATE = 2 * MiB  # bytes each writer saves per second (paced: a steady workload)
+LEAKER = 2  # the writer that keeps every state it made
+
+
+def _growing_writer(store: Any, index: int, leak: bool, seconds: float, quota: int,
+                    started: Any, stop: Any) -> None:
+    """Save states growing from 1 KiB to `GROWING_MAX` over ``seconds`` (or until
+    ``quota`` bytes); the leaker also keeps every one."""
+    store.name = f"writer-{index}"
+    kept = []
+    written = 0
+    with store:
+        t0 = time.monotonic()
+        started.set()
+        while not stop.is_set() and written < quota:
+            elapsed = time.monotonic() - t0
+            if elapsed > seconds:
+                break
+            size = int(1024 + (GROWING_MAX - 1024) * min(1.0, elapsed / seconds))
+            state = {"i": index, "blob": os.urandom(64) * (size // 64)}
+            store.save(Checkpoint(execution_id=f"grow-{index}", state=state))
+            written += size
+            if leak:
+                kept.append(state)
+            ahead = written / GROWING_RATE - (time.monotonic() - t0)
+            if ahead > 0:
+                stop.wait(ahead)  # pacing, not synchronisation: a steady rate
+        stop.wait()  # stay registered (and alive) until the run is read
+
+
+def growing_run(ctx: Any, *, capped: bool, writers: int, seconds: float,
+                max_bytes: int) -> dict[str, Any]:
+    """One run: a server (arenas capped, or glibc's default), ``writers`` writers with
+    growing states on the socket path (every byte in the server's heap), one leaking.
+
+    Returns the server's RSS growth against its payload, its verdict, and how long the
+    doctor took to name the leaker alone."""
+    from shmstore.monitor.doctor import diagnose
+    from shmstore.monitor.recorder import MemoryRecorder
+
+    saved = os.environ.get("MALLOC_ARENA_MAX")
+    if capped:
+        os.environ.pop("MALLOC_ARENA_MAX", None)
+    else:  # glibc's own default on this machine: 8 arenas per core
+        os.environ["MALLOC_ARENA_MAX"] = str(8 * (os.cpu_count() or 1))
+    try:
+        server = shmstore.serve(export=False)
+    finally:
+        if saved is None:
+            os.environ.pop("MALLOC_ARENA_MAX", None)
+        else:
+            os.environ["MALLOC_ARENA_MAX"] = saved
+    stop = ctx.Event()
+    started = [ctx.Event() for _ in range(writers)]
+    procs = [ctx.Process(target=_growing_writer,
+                         args=(server.connect(data_plane=False), i, i == LEAKER, seconds,
+                               max_bytes // writers, started[i], stop))
+             for i in range(writers)]
+    try:
+        with server.connect(name="shmstore-doctor") as store:
+            base = store.stats().server_rss
+            for proc in procs:
+                proc.start()
+            if not all(e.wait(START_TIMEOUT) for e in started):
+                raise RuntimeError("a writer did not start")
+            t0 = time.monotonic()
+            named = None
+            verdicts: dict[str, str] = {}
+            leaker = procs[LEAKER].pid
+            while time.monotonic() - t0 < seconds:
+                d = diagnose(MemoryRecorder(store, trend=100_000),
+                             exclude_pids=frozenset({os.getpid()}))
+                if named is None and [f.pid for f in d.leaking] == [leaker]:
+                    named = time.monotonic() - t0
+                stop.wait(0.5)
+            d = diagnose(MemoryRecorder(store, trend=100_000),
+                         exclude_pids=frozenset({os.getpid()}))
+            verdicts = {f.who: f"{f.growth.verdict} {f.growth.per_minute / MiB:+.1f} MiB/min"
+                        for f in d.clients if "writer" in f.who}
+            stats = store.stats()
+            return {"arenas": stats.malloc_arenas, "payload": stats.heap_payload_bytes,
+                    "rss_growth": stats.server_rss - base,
+                    "ratio": (stats.server_rss - base) / max(1, stats.heap_payload_bytes),
+                    "server": d.server.growth.verdict if d.server else "?",
+                    "leaking": [f.who for f in d.leaking], "named_after": named,
+                    "verdicts": verdicts}
+    finally:
+        stop.set()
+        _reap(procs)
+        server.shutdown()
+
+
+def growing_scenario(args: argparse.Namespace, ctx: Any) -> str:
+    """Capped and uncapped arenas, interleaved, ``args.rounds`` each; a markdown table."""
+    runs: list[dict[str, Any]] = []
+    for _ in range(args.rounds):
+        for capped in (True, False):
+            print(f"growing states, arenas {'capped' if capped else 'glibc default'} ...",
+                  file=sys.stderr, flush=True)
+            runs.append(growing_run(ctx, capped=capped, writers=args.writers,
+                                    seconds=args.seconds, max_bytes=args.max_bytes))
+    lines = [f"Growing states (1 KiB to {GROWING_MAX // 1024} KiB over {args.seconds:g} s, "
+             f"{args.writers} writers on the socket path, writer-{LEAKER} keeping every "
+             "state it made; `python bench/memory_growth.py --growing`):", "",
+             "| arenas | heap payload | server RSS growth | ÷ payload | server verdict | "
+             "leak named alone after | writers at the end |", "|---|---:|---:|---:|---|---:|---|"]
+    for r in runs:
+        named = "—" if r["named_after"] is None else f"{r['named_after']:.1f} s"
+        writers = "; ".join(f"{who.split('/')[1]} {v}" for who, v in sorted(
+            r["verdicts"].items(), key=lambda kv: kv[0].split("/")[1]))
+        lines.append(f"| {r['arenas']} | {mib(r['payload'])} | {mib(r['rss_growth'])} | "
+                     f"{r['ratio']:.2f}x | {r['server']} | {named} | {writers} |")
+    return "\n".join(lines)
+
+
 def _interrupt_once(signum: int, frame: Any) -> None:
     """The first Ctrl-C interrupts; later ones are ignored so that cleanup runs to the end."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -765,7 +893,19 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2 s fill, 3 cycles")
     parser.add_argument("--no-redis", action="store_true", help="leave Redis out")
     parser.add_argument("--out-dir", default=OUT_DIR, help="where the .md and .png go")
+    parser.add_argument("--growing", action="store_true",
+                        help="the growing-states scenario instead: arenas capped against "
+                        "glibc's default, a planted leak, how soon the doctor names it")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="--growing: runs of each arena setting, interleaved (2)")
     args = parser.parse_args()
+    if args.growing:
+        text = growing_scenario(args, multiprocessing.get_context("spawn"))
+        print(text)
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, "memory_growing.md"), "w") as f:
+            f.write(text + "\n")
+        return 0
     labels = [s.strip() for s in args.size.split(",") if s.strip()]
     for label in labels:
         if label not in SIZES:

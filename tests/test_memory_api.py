@@ -6,6 +6,7 @@ server's samples show it growing, then dead.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 
 import shmstore
 from shmstore import Checkpoint, ConfigError, MemoryStore
+from shmstore.monitor.sampler import ARENA_CAP
 
 from .helpers import SPAWN, reaped, wait_until
 
@@ -141,4 +143,30 @@ def test_stats_print_one_line_summaries_and_a_full_report() -> None:
         assert "\n" not in line and line.startswith("1 checkpoints in 1 executions")
         assert "1 clients" in line
         text = str(stats)
-        assert "client " in text and " me: RSS" in text and "x payload" not in text
+        assert "client " in text and " me: RSS" in text and "x its heap payload" not in text
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_the_server_caps_its_malloc_arenas_unless_the_environment_chose(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    with shmstore.serve(export=False) as server, server.connect() as store:
+        stats = store.stats()
+        assert stats.malloc_arenas == ARENA_CAP
+        assert f"malloc arenas: at most {ARENA_CAP}" in str(stats)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "1")  # the child inherits it; glibc reads it
+    with shmstore.serve(export=False) as server, server.connect() as store:
+        assert store.stats().malloc_arenas == 1
+
+
+def test_stats_tell_the_heap_payload_from_the_shared_one() -> None:
+    stats = shmstore.StoreStats(checkpoints=2, executions=1, payload_bytes=48 * 2**20,
+                                server_pid=1, server_rss=40 * 2**20, uptime_s=1.0, ops={},
+                                segments=1, segment_bytes=32 * 2**20)
+    assert stats.heap_payload_bytes == 16 * 2**20
+    assert stats.overhead_ratio == pytest.approx(2.5)  # 40 MiB over the 16 MiB in the heap
+    assert stats.to_dict()["overhead_ratio"] == pytest.approx(2.5)
+    assert "2.50x its heap payload" in str(stats)
+    small = shmstore.StoreStats(checkpoints=1, executions=1, payload_bytes=1000, server_pid=1,
+                                server_rss=30 * 2**20, uptime_s=1.0, ops={})
+    assert small.overhead_ratio is None and "heap payload" not in str(small)

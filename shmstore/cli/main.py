@@ -1,4 +1,4 @@
-"""The ``shmstore`` command: serve, stats, monitor, ls, show, demo.
+"""The ``shmstore`` command: serve, stats, monitor, doctor, ls, show, demo.
 
 Secrets never travel on the command line: a server's key comes from ``SHMSTORE_AUTHKEY``
 or a connection file (``--connection-file`` / ``SHMSTORE_CONNECTION_FILE``).
@@ -217,6 +217,22 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
                            backlog=args.backlog, plain=args.plain)
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from ..monitor.doctor import diagnose, format_diagnosis
+    from ..monitor.recorder import MemoryRecorder
+
+    store = _store(args)
+    store.name = "shmstore-doctor"  # a tool: never judged among the workers
+    with store:
+        recorder = MemoryRecorder(store, trend=1_000_000, trend_seconds=args.window)
+        diagnosis = diagnose(recorder, exclude_pids=frozenset({os.getpid()}))
+    if args.json:
+        print(json.dumps(diagnosis.to_dict(), indent=2, sort_keys=True))
+    else:
+        print(format_diagnosis(diagnosis))
+    return 0
+
+
 def _positive_seconds(text: str) -> float:
     try:
         return duration(float(text), "seconds")
@@ -380,6 +396,19 @@ def _parser() -> argparse.ArgumentParser:
     monitor.add_argument("--plain", action="store_true",
                          help="one plain line per new sample instead of the rich table")
     monitor.set_defaults(func=_cmd_monitor)
+
+    doctor = sub.add_parser(
+        "doctor", help="say who grows, by how much, whether the store explains it",
+        description="Judge the server and every registered client from the server's memory "
+        "history (no waiting: the server samples all along): steady, growing (grew, then "
+        "stopped) or leaking (grows and does not stop), by a robust slope (Theil-Sen) and "
+        "its 95%% interval; the server's growth net of its payload. Plain words, the worst "
+        "first, with what to try.")
+    client_options(doctor)
+    doctor.add_argument("--window", type=_positive_seconds, default=60.0,
+                        help="judge the newest this many seconds of samples (default 60)")
+    doctor.add_argument("--json", action="store_true", help="as JSON")
+    doctor.set_defaults(func=_cmd_doctor)
 
     demo = sub.add_parser("demo", help="run a checkpointed pipeline across processes, kill a "
                           "worker, and watch it resume")

@@ -79,6 +79,7 @@ class StatsDict(_StatsBase, total=False):
     clients: builtins.list[ClientInfo]
     segments: int
     segment_bytes: int
+    malloc_arenas: int | None
 
 
 class Sample(TypedDict):

@@ -42,6 +42,8 @@ class StoreStats:
         segments: sealed memory segments the server holds (the data plane): states
             that live in shared memory, outside its heap and its RSS.
         segment_bytes: their bytes (part of ``payload_bytes``).
+        malloc_arenas: the server's cap on glibc malloc arenas (None: no cap, or not
+            glibc; ``MALLOC_ARENA_MAX`` in its environment sets it).
     """
 
     checkpoints: int
@@ -60,6 +62,7 @@ class StoreStats:
     limits: dict[str, Any] = dataclasses.field(default_factory=dict)
     segments: int = 0
     segment_bytes: int = 0
+    malloc_arenas: int | None = None
 
     @classmethod
     def from_dict(cls, figures: Mapping[str, Any]) -> StoreStats:
@@ -67,9 +70,23 @@ class StoreStats:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in figures.items() if k in names})
 
+    @property
+    def heap_payload_bytes(self) -> int:
+        """The payload in the server's heap: ``payload_bytes`` less ``segment_bytes``
+        (shared segments are outside its RSS)."""
+        return self.payload_bytes - self.segment_bytes
+
+    @property
+    def overhead_ratio(self) -> float | None:
+        """The server's RSS per byte of heap payload (None under `RATIO_MIN_PAYLOAD`,
+        where RSS is mostly the interpreter's own)."""
+        heap = self.heap_payload_bytes
+        return self.server_rss / heap if heap >= RATIO_MIN_PAYLOAD else None
+
     def to_dict(self) -> dict[str, Any]:
-        """A plain dict of the fields (JSON-ready)."""
-        return dataclasses.asdict(self)
+        """A plain dict of the fields and the derived figures (JSON-ready)."""
+        return {**dataclasses.asdict(self), "heap_payload_bytes": self.heap_payload_bytes,
+                "overhead_ratio": self.overhead_ratio}
 
     def summary(self) -> str:
         """One line: counts, payload, the server's memory and its clients."""
@@ -82,15 +99,17 @@ class StoreStats:
                 f"{format_bytes(self.server_peak_rss)}){clients}")
 
     def __str__(self) -> str:
-        ratio = self.server_rss / self.payload_bytes \
-            if self.payload_bytes >= RATIO_MIN_PAYLOAD else 0.0
+        ratio = self.overhead_ratio
         lines = [
             f"{self.checkpoints} checkpoints in {self.executions} executions, "
             f"{format_bytes(self.payload_bytes)} payload",
             f"server pid {self.server_pid}: RSS {format_bytes(self.server_rss)} "
             f"(peak {format_bytes(self.server_peak_rss)}"
-            + (f", {ratio:.2f}x payload" if ratio else "") + f"), up {self.uptime_s:.1f} s",
+            + (f", {ratio:.2f}x its heap payload" if ratio else "")
+            + f"), up {self.uptime_s:.1f} s",
         ]
+        if self.malloc_arenas is not None:
+            lines.append(f"malloc arenas: at most {self.malloc_arenas} (MALLOC_ARENA_MAX)")
         if self.segments:
             lines.append(f"shared memory: {format_bytes(self.segment_bytes)} in "
                          f"{self.segments} sealed segments (outside the server's RSS)")

@@ -23,11 +23,18 @@ from typing import Any, Protocol
 
 from ..core.backend import Sample
 from ..core.errors import ConfigError
+from .growth import Growth, analyze
 
-__all__ = ["DEFAULT_WINDOW", "ClientSample", "MemoryHistory", "MemoryRecorder", "MemorySample"]
+__all__ = ["DEFAULT_TREND", "DEFAULT_WINDOW", "ClientSample", "MemoryHistory", "MemoryRecorder",
+           "MemorySample"]
 
 #: Growth rates are taken over this many of the newest samples.
 DEFAULT_WINDOW = 10
+#: Growth verdicts are judged over this many of the newest samples (60 s at the
+#: server's default interval).
+DEFAULT_TREND = 120
+#: A client's first samples are its start-up (imports, first allocations): not judged.
+WARMUP_SAMPLES = 4
 
 
 class MemoryHistory(Protocol):
@@ -116,6 +123,8 @@ class MemoryRecorder:
         keep: keep every sample read, in `samples`, for `write_csv` and `write_plot`.
         backlog: with ``keep``, also keep the samples the server held before the first
             `poll` (else only the newest of them, the state at the start).
+        trend: growth verdicts are judged over this many newest samples (>= 2)...
+        trend_seconds: ...and, if given, only those of the newest this many seconds.
 
     Example:
         >>> recorder = MemoryRecorder(store, keep=True)
@@ -124,11 +133,19 @@ class MemoryRecorder:
     """
 
     def __init__(self, store: MemoryHistory, *, window: int = DEFAULT_WINDOW,
-                 keep: bool = False, backlog: bool = False) -> None:
-        if type(window) is not int or window < 2:
-            raise ConfigError(f"window must be an int >= 2, not {window!r}", value=repr(window))
+                 keep: bool = False, backlog: bool = False, trend: int = DEFAULT_TREND,
+                 trend_seconds: float | None = None) -> None:
+        for name, value in (("window", window), ("trend", trend)):
+            if type(value) is not int or value < 2:
+                raise ConfigError(f"{name} must be an int >= 2, not {value!r}",
+                                  value=repr(value))
         self._store = store
         self.window: collections.deque[MemorySample] = collections.deque(maxlen=window)
+        #: The newest samples the growth verdicts are judged on.
+        self.trend: collections.deque[MemorySample] = collections.deque(maxlen=trend)
+        self.trend_seconds = trend_seconds
+        self._first_seen: dict[int, float] = {}  # client pid -> time of its first sample
+        self._first_t: float | None = None  # the first sample read
         self.keep = keep
         self.backlog = backlog
         #: Every sample read (only with ``keep``), oldest first.
@@ -157,6 +174,10 @@ class MemoryRecorder:
         self._last_t = new[-1].t
         self.latest = new[-1]
         self.window.extend(new)
+        self.trend.extend(new)
+        if self.trend_seconds is not None:
+            while self.trend and self.trend[0].t < new[-1].t - self.trend_seconds:
+                self.trend.popleft()
         self._track_peaks(new)
         if self.keep:
             self.samples.extend(new if self.backlog or not first else new[-1:])
@@ -164,9 +185,12 @@ class MemoryRecorder:
 
     def _track_peaks(self, new: Sequence[MemorySample]) -> None:
         """Raise the server's and each live client's peak RSS to what ``new`` shows."""
+        if self._first_t is None and new:
+            self._first_t = new[0].t
         for sample in new:
             self.peak_server_rss = max(self.peak_server_rss, sample.server_rss)
             for c in sample.clients:
+                self._first_seen.setdefault(c.pid, sample.t)
                 if c.alive:
                     self.client_peaks[c.pid] = max(self.client_peaks.get(c.pid, 0), c.rss)
 
@@ -188,3 +212,31 @@ class MemoryRecorder:
         points = [(s.t, c.rss) for s in self.window for c in s.clients
                   if c.pid == pid and c.measured]
         return _rate(points)
+
+    def server_verdict(self) -> Growth:
+        """The server's growth over the trend window, net of what its heap payload
+        explains (payload in shared segments is outside its RSS)."""
+        samples = list(self.trend)
+        return analyze([(s.t, s.server_rss) for s in samples],
+                       explained_by=[(s.t, s.payload_bytes - s.segment_bytes)
+                                     for s in samples])
+
+    def client_verdict(self, pid: int) -> Growth:
+        """A client's RSS growth over the trend window while it was alive; if it came
+        while the recorder watched, its first `WARMUP_SAMPLES` samples (its start-up)
+        are left out."""
+        points = [(s.t, c.rss) for s in self.trend for c in s.clients
+                  if c.pid == pid and c.measured]
+        first = self._first_seen.get(pid)
+        started_here = first is not None and self._first_t is not None and first > self._first_t
+        if started_here and first is not None and points and points[0][0] <= first:
+            points = points[WARMUP_SAMPLES:]
+        return analyze(points)
+
+    def verdicts(self) -> list[tuple[ClientSample, Growth]]:
+        """Every client of the newest sample with its verdict, the worst first (leaking,
+        then growing, by growth per minute)."""
+        if self.latest is None:
+            return []
+        judged = [(c, self.client_verdict(c.pid)) for c in self.latest.clients]
+        return sorted(judged, key=lambda cg: (-cg[1].rank, -cg[1].slope, cg[0].pid))

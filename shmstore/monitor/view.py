@@ -21,6 +21,7 @@ from ..core.errors import StoreTimeout, StoreUnavailable
 from ..core.stats import RATIO_MIN_PAYLOAD, format_bytes
 from ..core.store import BaseStore
 from .export import require_matplotlib, write_csv, write_plot
+from .growth import Growth
 from .recorder import DEFAULT_WINDOW, MemoryRecorder, MemorySample
 
 if TYPE_CHECKING:
@@ -50,9 +51,11 @@ def _clock(t: float) -> str:
 
 
 def _ratio(s: MemorySample) -> str:
-    if s.payload_bytes < RATIO_MIN_PAYLOAD:
+    """RSS per byte of the payload in the server's heap (segments are outside RSS)."""
+    heap = s.payload_bytes - s.segment_bytes
+    if heap < RATIO_MIN_PAYLOAD:
         return "—"
-    return f"{s.server_rss / s.payload_bytes:.2f}x"
+    return f"{s.server_rss / heap:.2f}x"
 
 
 def plain_line(recorder: MemoryRecorder) -> str:
@@ -63,14 +66,17 @@ def plain_line(recorder: MemoryRecorder) -> str:
     alive = sum(c.alive for c in s.clients)
     clients = " ".join(f"{c.label}={format_bytes(c.rss)}"
                        + ("" if c.pss is None else f"(PSS {format_bytes(c.pss)})")
-                       + ("" if c.alive else "(dead)") for c in s.clients)
+                       + ("" if c.alive else "(dead)")
+                       + (f"[{_verdict(g)}]" if g.rank >= 2 else "")
+                       for c, g in recorder.verdicts())
     shared = f", {format_bytes(s.segment_bytes)} shared" if s.segment_bytes else ""
     last_uss = recorder.latest_uss()
     uss = "" if last_uss is None else f" USS {format_bytes(last_uss)}"
     return (f"{_clock(s.t)} server RSS {format_bytes(s.server_rss)} "
             f"(peak {format_bytes(recorder.peak_server_rss)}, "
-            f"{format_rate(recorder.server_growth())}){uss} | {s.checkpoints:,} checkpoints, "
-            f"{format_bytes(s.payload_bytes)} payload{shared}, RSS/payload {_ratio(s)} | "
+            f"{format_rate(recorder.server_growth())}, {_verdict(recorder.server_verdict())})"
+            f"{uss} | {s.checkpoints:,} checkpoints, "
+            f"{format_bytes(s.payload_bytes)} payload{shared}, RSS/heap payload {_ratio(s)} | "
             f"clients {alive} alive, {len(s.clients) - alive} dead: {clients}")
 
 
@@ -101,13 +107,14 @@ def _server_table(recorder: MemoryRecorder, s: MemorySample) -> Table:
         server.add_column(column, justify="left" if column == "server" else "right")
     server.add_row("RSS", format_bytes(s.server_rss), format_bytes(recorder.peak_server_rss),
                    format_rate(recorder.server_growth()))
+    server.add_row("  verdict", _verdict(recorder.server_verdict()), "", "")
     uss = recorder.latest_uss()
     server.add_row("USS", "—" if uss is None else format_bytes(uss), "", "")
     server.add_row("payload", format_bytes(s.payload_bytes), "",
                    format_rate(recorder.payload_growth()))
     server.add_row("  in shared segments", format_bytes(s.segment_bytes), "", "")
     server.add_row("checkpoints", f"{s.checkpoints:,}", "", "")
-    server.add_row("RSS / payload", _ratio(s), "", "")
+    server.add_row("RSS / heap payload", _ratio(s), "", "")
     return server
 
 
@@ -117,18 +124,31 @@ def _clients_table(recorder: MemoryRecorder, s: MemorySample) -> Table:
     from rich.text import Text
 
     clients = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-    growth = f"growth (last {len(recorder.window)})"
+    # Narrow: seven columns in 80 characters (the window is the server table's); a live
+    # process's state is its growth verdict, a dead one's "dead".
     for column, justify in (("pid", "right"), ("client", "left"), ("RSS", "right"),
-                            ("PSS", "right"), ("peak", "right"), (growth, "right"),
+                            ("PSS", "right"), ("peak", "right"), ("growth", "right"),
                             ("state", "left")):
         clients.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for c in s.clients:
-        state = Text("alive", "green") if c.alive else Text("dead", "bold red")
+    for c, g in recorder.verdicts():  # the worst first
+        state = Text(g.verdict, _VERDICT_STYLE[g.verdict]) if c.alive \
+            else Text("dead", "bold red")
         clients.add_row(str(c.pid), c.name, format_bytes(c.rss),
                         "—" if c.pss is None else format_bytes(c.pss),
                         format_bytes(recorder.client_peaks.get(c.pid, c.rss)),
                         format_rate(recorder.client_growth(c.pid) if c.alive else None), state)
     return clients
+
+
+_VERDICT_STYLE = {"leaking": "bold red", "growing": "yellow", "steady": "green",
+                  "warming up": "dim"}
+
+
+def _verdict(g: Growth) -> str:
+    """A verdict with its rate where it matters: ``leaking +75.0 MiB/min``."""
+    if g.rank >= 2:
+        return f"{g.verdict} {'+' if g.slope >= 0 else ''}{format_bytes(g.per_minute)}/min"
+    return g.verdict
 
 
 class _Display:

@@ -39,7 +39,12 @@ from ..core.errors import ConfigError, ShmstoreError
 from ..core.limits import Limits
 from ..core.record import Record
 from ..core.segment import Segment
-from ..monitor.sampler import DEFAULT_HISTORY, DEFAULT_INTERVAL, MemoryMonitor
+from ..monitor.sampler import (
+    DEFAULT_HISTORY,
+    DEFAULT_INTERVAL,
+    MemoryMonitor,
+    cap_malloc_arenas,
+)
 
 __all__ = ["StoreManager", "TableServer", "run_server"]
 
@@ -144,6 +149,8 @@ class TableServer(managers.Server):
         self.ops: dict[str, Callable[..., object]] = {
             op: own[op] if op in own else getattr(table, op) for op in BACKEND_OPS}
         self.stop_event = threading.Event()
+        #: glibc's malloc arena cap in force (`cap_malloc_arenas`; None: not capped).
+        self.malloc_arenas: int | None = None
         # Connections refused in the current episode, by reason (the accepter's own).
         self._refused: dict[str, int] = {}
 
@@ -154,6 +161,7 @@ class TableServer(managers.Server):
         figures["server_peak_rss"] = self.monitor.peak_rss
         figures["clients"] = self.monitor.clients()
         figures["segments"], figures["segment_bytes"] = segment.held()
+        figures["malloc_arenas"] = self.malloc_arenas
         return figures
 
     def handle_request(self, conn: connection.Connection) -> None:
@@ -479,6 +487,7 @@ def run_server(
         ConfigError: the address is taken or unusable.
     """
     _raise_nofile_limit()
+    arenas = cap_malloc_arenas()  # before any thread of the server starts
     if address.family == "AF_UNIX":
         _prepare_unix_path(address.target)
     manager = StoreManager(address, authkey, limits=limits,
@@ -491,6 +500,7 @@ def run_server(
                           value=address.url) from None
     if stop_event is not None:
         server.stop_event = stop_event
+    server.malloc_arenas = arenas
     socket_id = None
     if address.family == "AF_UNIX":
         socket_id = _file_id(address.target)
