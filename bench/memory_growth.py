@@ -818,7 +818,7 @@ def growing_run(ctx: Any, *, capped: bool, writers: int, seconds: float,
                                max_bytes // writers, started[i], stop))
              for i in range(writers)]
     try:
-        with server.connect(name="shmstore-doctor") as store:
+        with server.connect(name="shmstore-doctor", role="monitor") as store:
             base = store.stats().server_rss
             for proc in procs:
                 proc.start()

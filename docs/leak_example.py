@@ -67,7 +67,7 @@ def main() -> None:
         started = time.time()
         named_at = None
         try:
-            with server.connect(name="shmstore-doctor") as store:
+            with server.connect(name="shmstore-doctor", role="monitor") as store:
                 while time.time() - started < args.seconds:
                     d = diagnose(MemoryRecorder(store, trend=100_000),
                                  exclude_pids=frozenset({os.getpid()}))

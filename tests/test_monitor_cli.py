@@ -231,7 +231,12 @@ def test_duration_alone_runs_the_live_view_for_that_long(
     assert code == 0, err
     assert time.monotonic() - started >= 1.0
     # Not a terminal: rich prints the last frame when the view ends.
-    assert "RSS / heap payload" in out and "shmstore-monitor" in out
+    assert "RSS / heap payload" in out
+    # The monitor is one of the store's own tools: hidden, unless --all.
+    assert "shmstore-monitor" not in out and "--all shows them" in out
+    code, out, err = _run(fast_server, "monitor", "--duration", "1", "--all")
+    assert code == 0, err
+    assert "shmstore-monitor" in out
     # A live client's state is its growth verdict (one second: too few samples yet).
     assert "warming up" in out or "steady" in out
     assert f"server pid {fast_server.pid}" in out

@@ -28,7 +28,8 @@ class LocalTable(CheckpointTable):
         self._monitor.sample()
         return self._monitor.history(since)
 
-    def register_client(self, pid: int, name: str = "") -> None:
+    def register_client(self, pid: int, name: str = "", role: str = "worker",
+                        leaving: bool = False) -> None:
         """Nothing to do: every caller of an in-process store is this process."""
 
 

@@ -704,7 +704,8 @@ class RedisBackend:
                  "checkpoints": stats["checkpoints"], "payload_bytes": stats["payload_bytes"],
                  "segment_bytes": 0, "clients": {}}]
 
-    def register_client(self, pid: int, name: str = "") -> None:
+    def register_client(self, pid: int, name: str = "", role: str = "worker",
+                        leaving: bool = False) -> None:
         """Nothing to do: Redis keeps no registry of client processes."""
 
     # -- life cycle -----------------------------------------------------------------------

@@ -14,6 +14,7 @@ mid-call is dropped, never reused out of step, and the next call opens a new one
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import os
 import select
@@ -26,6 +27,7 @@ from ..core import segment
 from ..core.backend import (
     ANSWERS_RECORDS,
     DONE,
+    ROLE_WORKER,
     Backend,
     ClaimAnswer,
     CompleteAnswer,
@@ -36,7 +38,7 @@ from ..core.backend import (
 )
 from ..core.codec import MsgpackCodec
 from ..core.config import DEFAULT_TIMEOUT, coerce_authkey, parse_url
-from ..core.errors import ShmstoreError, StoreUnavailable
+from ..core.errors import ConfigError, ShmstoreError, StoreUnavailable
 from ..core.limits import LimitsDict
 from ..core.record import Record
 from ..core.store import BaseStore
@@ -71,6 +73,9 @@ class SharedStore(BaseStore):
         copy_on_load: give the numpy arrays of shared-memory states as private writable
             copies; default read-only views of the shared pages (``load(copy=...)``
             decides per call).
+        role: what this process is to the server's monitor: ``worker`` (the default),
+            ``cli`` or ``monitor`` (the store's own tools, hidden by default in its
+            views), or a role of your own.
 
     Raises:
         ConfigError: a bad URL, authkey, timeout or threshold.
@@ -87,6 +92,7 @@ class SharedStore(BaseStore):
         data_plane: bool = True,
         data_plane_threshold: int = segment.DEFAULT_THRESHOLD,
         copy_on_load: bool = False,
+        role: str = ROLE_WORKER,
     ) -> None:
         super().__init__(codec=codec)
         self._address = parse_url(url)
@@ -96,8 +102,12 @@ class SharedStore(BaseStore):
         threshold = count(data_plane_threshold, "data_plane_threshold", minimum=1)
         if data_plane and self._address.family == "AF_UNIX" and segment.available():
             self._plane_threshold = threshold
+        if not isinstance(role, str) or not 0 < len(role) <= 64:
+            raise ConfigError(f"role must be a non-empty str of at most 64 characters, not "
+                              f"{role!r:.80}", value=repr(role)[:80])
+        self.role = role
         self._options = {"data_plane": bool(data_plane), "data_plane_threshold": threshold,
-                         "copy_on_load": bool(copy_on_load)}
+                         "copy_on_load": bool(copy_on_load), "role": role}
         self.copy_on_load = bool(copy_on_load)
         self._named = name is not None  # a default name follows the store to each process
         self.name = name or f"client-{os.getpid()}"
@@ -110,6 +120,15 @@ class SharedStore(BaseStore):
 
     def __repr__(self) -> str:
         return f"<SharedStore {self.url}>"
+
+    def __del__(self) -> None:
+        # A store dropped without close() (a function's local, a child's argument) is done
+        # with too: close it, saying goodbye, so its process ends "exited", not "gone".
+        try:
+            if not self._closed:
+                self.close()
+        except Exception:  # at interpreter shutdown, there is nothing left to tell
+            pass
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Crosses to spawned children through multiprocessing's pipe, never a command line.
@@ -132,7 +151,7 @@ class SharedStore(BaseStore):
             raise self._closed_error()
         conn = open_connection(self._address, self._authkey, timeout=self.timeout,
                                name=f"{self.name}/{threading.current_thread().name}",
-                               data_plane=self._plane_threshold is not None)
+                               data_plane=self._plane_threshold is not None, role=self.role)
         with self._conns_lock:
             self._conns.add(conn)
         return conn
@@ -179,7 +198,18 @@ class SharedStore(BaseStore):
         raise ShmstoreError(f"the server at {self.url} failed: {result}")
 
     def close(self) -> None:
-        """Close every connection this store opened; later calls raise `StoreUnavailable`."""
+        """Close every connection this store opened; later calls raise `StoreUnavailable`.
+
+        The server is told this process is done (so its monitor shows it "exited" once it
+        ends, not "gone"), over an idle connection and without waiting for an answer:
+        closing never waits on a server, whatever state it is in.
+        """
+        if not self._closed and self._idle:
+            try:
+                self._idle[-1].send_message(
+                    ("register_client", (os.getpid(), self.name, self.role, True)))
+            except (OSError, ShmstoreError):
+                pass
         self._closed = True
         with self._conns_lock:
             conns, self._conns = self._conns, set()
@@ -308,8 +338,9 @@ class _Remote:
         samples: builtins.list[Sample] = self._store._request("memory_history", (since,))
         return samples
 
-    def register_client(self, pid: int, name: str = "") -> None:
-        self._store._request("register_client", (pid, name))
+    def register_client(self, pid: int, name: str = "", role: str = "worker",
+                        leaving: bool = False) -> None:
+        self._store._request("register_client", (pid, name, role, leaving))
 
 
 _REMOTE: Final[type[Backend]] = _Remote  # mypy checks that it is a complete Backend
@@ -326,6 +357,17 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _close_at_exit() -> None:
+    """At interpreter exit, close the stores still open: each says goodbye (`close`), so
+    the server's monitor shows this process "exited", not "gone"."""
+    for store in list(_STORES):
+        if not store._closed:
+            store.close()
+
+
+atexit.register(_close_at_exit)
 
 
 def _rebuild(url: str, authkey: str, timeout: float, name: str | None,

@@ -646,7 +646,8 @@ class _Greeted(connection.Connection):
 
 
 def open_connection(address: Address, authkey: bytes, *, timeout: float,
-                    name: str = "client", data_plane: bool = False) -> Channel:
+                    name: str = "client", data_plane: bool = False,
+                    role: str = "worker") -> Channel:
     """Connect, authenticate and enter the server's request loop.
 
     With ``data_plane`` on a unix socket, the connection passes memory segments'
@@ -704,7 +705,7 @@ def open_connection(address: Address, authkey: bytes, *, timeout: float,
             raise ShmstoreError(f"the server at {url} refused the connection: {result}")
         passes_fds = wants and result is True
         # Let the server's memory monitor watch this process.
-        conn.send_bytes(pack(("register_client", (os.getpid(), name.split("/")[0]))))
+        conn.send_bytes(pack(("register_client", (os.getpid(), name.split("/")[0], role))))
         unpack(conn.recv_bytes())
     except AuthenticationError:
         conn.close()

@@ -27,17 +27,25 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 
-def _store(args: argparse.Namespace) -> Any:
+def _store(args: argparse.Namespace, role: str = "cli") -> Any:
+    """The store the command names; a server's client is in ``role`` (the store's own
+    tools are hidden from its views by default)."""
     from ..core.config import ENV_CONNECTION_FILE, read_connection_file
     from ..core.factory import connect
 
+    options: dict[str, Any] = {"timeout": args.timeout}
     if args.connection_file:
         url, key = read_connection_file(args.connection_file)
-        return connect(args.url or url, authkey=key, timeout=args.timeout)
-    if args.url is None and ENV_CONNECTION_FILE in os.environ and "SHMSTORE_URL" not in os.environ:
+        store = connect(args.url or url, authkey=key, **options)
+    elif (args.url is None and ENV_CONNECTION_FILE in os.environ
+          and "SHMSTORE_URL" not in os.environ):
         url, key = read_connection_file(os.environ[ENV_CONNECTION_FILE])
-        return connect(url, authkey=key, timeout=args.timeout)
-    return connect(args.url, timeout=args.timeout)
+        store = connect(url, authkey=key, **options)
+    else:
+        store = connect(args.url, **options)
+    if hasattr(store, "role"):  # a server's client (Redis and memory stores have none)
+        store.role = role
+    return store
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -209,19 +217,19 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
 
     if args.plot is not None:
         require_matplotlib()  # before connecting, not after a long recording
-    store = _store(args)
+    store = _store(args, role="monitor")
     store.name = MONITOR_NAME  # how the server lists this process among its clients
     with store:
         return run_monitor(store, refresh=args.interval, duration=args.duration,
                            csv_path=args.csv, plot_path=args.plot, window=args.window,
-                           backlog=args.backlog, plain=args.plain)
+                           backlog=args.backlog, plain=args.plain, show_tools=args.all)
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from ..monitor.doctor import diagnose, format_diagnosis
     from ..monitor.recorder import MemoryRecorder
 
-    store = _store(args)
+    store = _store(args, role="monitor")
     store.name = "shmstore-doctor"  # a tool: never judged among the workers
     with store:
         recorder = MemoryRecorder(store, trend=1_000_000, trend_seconds=args.window)
@@ -395,6 +403,9 @@ def _parser() -> argparse.ArgumentParser:
                          "started (up to its history size)")
     monitor.add_argument("--plain", action="store_true",
                          help="one plain line per new sample instead of the rich table")
+    monitor.add_argument("--all", action="store_true",
+                         help="also show the store's own tools (shmstore monitor, stats, "
+                         "doctor) among the clients")
     monitor.set_defaults(func=_cmd_monitor)
 
     doctor = sub.add_parser(

@@ -21,9 +21,10 @@ from typing import Final, Literal, NoReturn, Protocol, TypedDict, cast
 from .limits import LimitsDict
 from .record import Record
 
-__all__ = ["ANSWERS_RECORDS", "BACKEND_OPS", "BUSY", "DONE", "GRANTED", "HELD", "SAVED",
-           "TABLE_OPS", "Backend", "ClaimAnswer", "ClientInfo", "CompleteAnswer",
-           "EncodedWhere", "Found", "Sample", "StatsDict", "TableOps", "closed_backend"]
+__all__ = ["ANSWERS_RECORDS", "BACKEND_OPS", "BUSY", "DONE", "GRANTED", "HELD", "ROLE_CLI",
+           "ROLE_MONITOR", "ROLE_WORKER", "SAVED", "TABLE_OPS", "TOOL_ROLES", "Backend",
+           "ClaimAnswer", "ClientInfo", "CompleteAnswer", "EncodedWhere", "Found", "Sample",
+           "StatsDict", "TableOps", "closed_backend"]
 
 # What ``claim`` and ``complete`` answer, first item of their (kind, value) pair.
 DONE: Final = "done"          # value: the node's latest record
@@ -43,14 +44,27 @@ EncodedWhere = Mapping[str, Sequence[bytes]]
 Found = tuple[Record, builtins.list[Record]]
 
 
+#: Client roles: the store's own tools (hidden by default in views) and the default.
+ROLE_WORKER: Final = "worker"
+ROLE_CLI: Final = "cli"
+ROLE_MONITOR: Final = "monitor"
+TOOL_ROLES: Final = frozenset({ROLE_CLI, ROLE_MONITOR})
+
+
 class ClientInfo(TypedDict):
-    """A registered client process, as of the last sample."""
+    """A registered client process, as of the last sample (or of ``stats``, which checks
+    liveness when asked)."""
 
     pid: int
     name: str
     rss: int
     peak_rss: int
     alive: bool
+    #: ``worker`` (the default), ``cli``, ``monitor``, or the role the client gave.
+    role: str
+    #: ``alive``; ``exited`` (it said so at exit); ``gone`` (it vanished without a word:
+    #: killed, or crashed).
+    state: str
     #: Proportional set size: shared pages (a data-plane mapping) divided among the
     #: processes that map them; None until read (it is read less often than RSS).
     pss: int | None
@@ -92,7 +106,8 @@ class Sample(TypedDict):
     payload_bytes: int
     #: Bytes of the sealed memory segments the server holds: shared memory, not its heap.
     segment_bytes: int
-    # pid -> [name, rss, alive, pss] (pss None between readings)
+    # pid -> [name, rss, alive, pss, role, state] (pss None between readings; an older
+    # server sends the first four)
     clients: dict[str, builtins.list[str | int | bool | None]]
 
 
@@ -156,7 +171,8 @@ class Backend(TableOps, Protocol):
 
     def memory_history(self, since: float | None = None) -> builtins.list[Sample]: ...
 
-    def register_client(self, pid: int, name: str = "") -> None: ...
+    def register_client(self, pid: int, name: str = "", role: str = "worker",
+                        leaving: bool = False) -> None: ...
 
 
 def _ops(protocol: type) -> tuple[str, ...]:

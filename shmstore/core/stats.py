@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from .backend import TOOL_ROLES
+
 __all__ = ["RATIO_MIN_PAYLOAD", "StoreStats", "format_bytes"]
 
 #: RSS over payload is shown only from this much payload on: below it, RSS is mostly the
@@ -88,11 +90,18 @@ class StoreStats:
         return {**dataclasses.asdict(self), "heap_payload_bytes": self.heap_payload_bytes,
                 "overhead_ratio": self.overhead_ratio}
 
+    @property
+    def workers(self) -> list[dict[str, Any]]:
+        """The clients that are not the store's own tools (``cli``/``monitor`` roles)."""
+        return [c for c in self.clients if c.get("role", "worker") not in TOOL_ROLES]
+
     def summary(self) -> str:
-        """One line: counts, payload, the server's memory and its clients."""
-        dead = sum(1 for c in self.clients if not c.get("alive"))
-        clients = f", {len(self.clients)} clients" + (f" ({dead} dead)" if dead else "") \
-            if self.clients else ""
+        """One line: counts, payload, the server's memory and its clients (the store's
+        own tools left out)."""
+        shown = self.workers
+        ended = sum(1 for c in shown if not c.get("alive"))
+        clients = f", {len(shown)} clients" + (f" ({ended} ended)" if ended else "") \
+            if shown else ""
         return (f"{self.checkpoints} checkpoints in {self.executions} executions, "
                 f"{format_bytes(self.payload_bytes)} payload; server pid {self.server_pid}, "
                 f"RSS {format_bytes(self.server_rss)} (peak "
@@ -117,8 +126,8 @@ class StoreStats:
             lines.append("largest executions: " + ", ".join(
                 f"{name} {format_bytes(nbytes)} in {count}"
                 for name, count, nbytes in self.largest_executions))
-        for client in self.clients:
-            state = "alive" if client.get("alive") else "dead"
+        for client in self.workers:
+            state = client.get("state") or ("alive" if client.get("alive") else "gone")
             pss = client.get("pss")
             lines.append(f"client {client.get('pid')} {client.get('name', '')}: "
                          f"RSS {format_bytes(client.get('rss', 0))}"

@@ -38,11 +38,12 @@ class Finding:
     rss: int
     alive: bool
     advice: str
+    status: str = "alive"
 
     def to_dict(self) -> dict[str, Any]:
         g = self.growth
         return {"who": self.who, "pid": self.pid, "verdict": g.verdict, "rss": self.rss,
-                "alive": self.alive, "bytes_per_min": g.per_minute,
+                "alive": self.alive, "state": self.status, "bytes_per_min": g.per_minute,
                 "low_per_min": g.low * 60, "high_per_min": g.high * 60,
                 "explained_per_min": g.explained * 60, "window_s": g.span,
                 "samples": g.samples, "advice": self.advice}
@@ -74,6 +75,8 @@ class Diagnosis:
 
 
 def _rate(bytes_per_s: float) -> str:
+    if abs(bytes_per_s * 60) < 1:
+        return "+0 B/min"
     sign = "+" if bytes_per_s >= 0 else "-"
     return f"{sign}{format_bytes(abs(bytes_per_s) * 60)}/min"
 
@@ -118,11 +121,16 @@ def diagnose(recorder: MemoryRecorder, *, exclude_pids: frozenset[int] = frozens
     server = Finding("server", 0, sg, latest.server_rss, True,
                      _server_advice(sg, latest.server_rss, heap))
 
-    def judged(c: ClientSample) -> bool:
-        return c.name not in TOOL_NAMES and c.pid not in exclude_pids
+    def judged(c: ClientSample) -> bool:  # (names: servers from before roles)
+        return not c.tool and c.name not in TOOL_NAMES and c.pid not in exclude_pids
 
-    clients = tuple(Finding(c.label, c.pid, g, c.rss, c.alive, _client_advice(g))
-                    for c, g in recorder.verdicts() if judged(c))
+    show, recorder.show_tools = recorder.show_tools, True  # judged() decides here
+    try:
+        clients = tuple(Finding(c.label, c.pid, g, c.rss, c.alive, _client_advice(g),
+                                c.status)
+                        for c, g in recorder.verdicts() if judged(c))
+    finally:
+        recorder.show_tools = show
     return Diagnosis(server, clients, latest.payload_bytes, heap, latest.segment_bytes,
                      sg.span)
 
@@ -132,7 +140,7 @@ def _line(f: Finding) -> str:
     head = f"{g.verdict.upper() if g.rank >= 2 else g.verdict:<10} {f.who}: RSS " \
            f"{format_bytes(f.rss)}"
     if not f.alive:
-        head += " (no longer running)"
+        head += f" ({f.status})"
     if g.verdict == "warming up":
         return f"{head}, {g.samples} samples so far: too few to judge"
     body = f", {_rate(g.slope)} over {g.span:.0f} s"

@@ -21,7 +21,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from ..core.backend import Sample
+from ..core.backend import ROLE_WORKER, TOOL_ROLES, Sample
 from ..core.errors import ConfigError
 from .growth import Growth, analyze
 
@@ -53,6 +53,21 @@ class ClientSample:
     rss: int
     alive: bool
     pss: int | None = None
+    #: ``worker``, ``cli``, ``monitor`` or the client's own (`TOOL_ROLES` are the store's
+    #: tools).
+    role: str = ROLE_WORKER
+    #: ``alive``, ``exited`` (it said goodbye) or ``gone`` (killed, crashed).
+    state: str = ""
+
+    @property
+    def status(self) -> str:
+        """The state, from an older server's alive flag when it sent none."""
+        return self.state or ("alive" if self.alive else "gone")
+
+    @property
+    def tool(self) -> bool:
+        """One of the store's own tools (``shmstore monitor``, ``stats``, ``doctor``)."""
+        return self.role in TOOL_ROLES
 
     @property
     def measured(self) -> bool:
@@ -93,7 +108,9 @@ class MemorySample:
         """Build from one dict of `BaseStore.memory_history`."""
         clients = sorted(
             (ClientSample(int(pid), str(entry[0]), int(entry[1]), bool(entry[2]),
-                          _optional_int(entry[3] if len(entry) > 3 else None))
+                          _optional_int(entry[3] if len(entry) > 3 else None),
+                          str(entry[4]) if len(entry) > 4 else ROLE_WORKER,
+                          str(entry[5]) if len(entry) > 5 else "")
              for pid, entry in raw.get("clients", {}).items()),
             key=lambda c: c.pid,
         )
@@ -144,6 +161,9 @@ class MemoryRecorder:
         #: The newest samples the growth verdicts are judged on.
         self.trend: collections.deque[MemorySample] = collections.deque(maxlen=trend)
         self.trend_seconds = trend_seconds
+        #: Whether `visible` and `verdicts` include the store's own tools (``cli`` and
+        #: ``monitor`` roles: `shmstore stats`, `monitor`, `doctor`).
+        self.show_tools = False
         self._first_seen: dict[int, float] = {}  # client pid -> time of its first sample
         self._first_t: float | None = None  # the first sample read
         self.keep = keep
@@ -233,10 +253,15 @@ class MemoryRecorder:
             points = points[WARMUP_SAMPLES:]
         return analyze(points)
 
-    def verdicts(self) -> list[tuple[ClientSample, Growth]]:
-        """Every client of the newest sample with its verdict, the worst first (leaking,
-        then growing, by growth per minute)."""
+    def visible(self) -> list[ClientSample]:
+        """The newest sample's clients, the store's own tools left out unless
+        `show_tools`."""
         if self.latest is None:
             return []
-        judged = [(c, self.client_verdict(c.pid)) for c in self.latest.clients]
+        return [c for c in self.latest.clients if self.show_tools or not c.tool]
+
+    def verdicts(self) -> list[tuple[ClientSample, Growth]]:
+        """Every `visible` client of the newest sample with its verdict, the worst first
+        (leaking, then growing, by growth per minute)."""
+        judged = [(c, self.client_verdict(c.pid)) for c in self.visible()]
         return sorted(judged, key=lambda cg: (-cg[1].rank, -cg[1].slope, cg[0].pid))

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import psutil
 
 from ..core import segment
-from ..core.backend import ClientInfo, Sample
+from ..core.backend import ROLE_WORKER, ClientInfo, Sample
 from ..core.validate import count, duration
 
 __all__ = ["DEFAULT_HISTORY", "DEFAULT_INTERVAL", "MemoryMonitor"]
@@ -140,11 +140,14 @@ class OwnMemory:
 
 
 class _Client:
-    __slots__ = ("alive", "last_seen", "name", "peak_rss", "pid", "process", "pss", "rss")
+    __slots__ = ("alive", "last_seen", "leaving", "name", "peak_rss", "pid", "process", "pss",
+                 "role", "rss")
 
-    def __init__(self, pid: int, name: str) -> None:
+    def __init__(self, pid: int, name: str, role: str = ROLE_WORKER) -> None:
         self.pid = pid
         self.name = name
+        self.role = role
+        self.leaving = False  # it said it was done: "exited" once it is gone, not "gone"
         self.process: psutil.Process | None = None
         with contextlib.suppress(psutil.Error):
             self.process = psutil.Process(pid)
@@ -153,6 +156,25 @@ class _Client:
         self.pss: int | None = None
         self.peak_rss = 0
         self.last_seen = time.time()
+
+    @property
+    def state(self) -> str:
+        """``alive``, ``exited`` (it said goodbye), or ``gone`` (it vanished: killed,
+        crashed)."""
+        if self.alive:
+            return "alive"
+        return "exited" if self.leaving else "gone"
+
+    def check_alive(self) -> None:
+        """Whether it still runs, read now (stats asks; samples refresh the rest)."""
+        if not self.alive or self.process is None:
+            return
+        try:
+            running = self.process.is_running() and \
+                self.process.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            running = False
+        self.alive = running
 
     def refresh(self, now: float) -> None:
         if not self.alive or self.process is None:
@@ -182,7 +204,7 @@ class _Client:
 
     def to_dict(self) -> ClientInfo:
         return {"pid": self.pid, "name": self.name, "rss": self.rss, "peak_rss": self.peak_rss,
-                "alive": self.alive, "pss": self.pss}
+                "alive": self.alive, "pss": self.pss, "role": self.role, "state": self.state}
 
 
 class MemoryMonitor:
@@ -229,15 +251,26 @@ class MemoryMonitor:
         self._trim_mark = 0  # highest payload since the last trim
         self.trims = 0
 
-    def register(self, pid: int, name: str = "") -> None:
-        """Watch client process ``pid`` (named ``name``); its RSS is read at once."""
+    def register(self, pid: int, name: str = "", role: str = ROLE_WORKER,
+                 leaving: bool = False) -> None:
+        """Watch client process ``pid`` (named ``name``, in ``role``); its RSS is read at
+        once.  ``leaving``: it is done with the store (it closed it, or it is exiting), so
+        once it is gone it "exited"; a later registration takes that back."""
+        if not isinstance(role, str) or not role:
+            role = ROLE_WORKER
         with self._lock:
             client = self._clients.get(pid)
             if client is None or not client.alive:
-                client = self._clients[pid] = _Client(pid, name or f"pid-{pid}")
-                client.refresh(time.time())  # stats() right after connecting shows it
+                if leaving and client is None:
+                    return  # a goodbye from a process never seen: nothing to show
+                if client is None or not leaving:
+                    client = self._clients[pid] = _Client(pid, name or f"pid-{pid}", role)
+                    client.refresh(time.time())  # stats() right after connecting shows it
             elif name:
                 client.name = name
+            if client.alive:
+                client.role = role
+            client.leaving = bool(leaving)
 
     def _server_memory(self, *, clients: bool = False) -> tuple[int, int | None]:
         """RSS always; USS (and with ``clients`` the clients' PSS) when its budget
@@ -283,7 +316,8 @@ class MemoryMonitor:
                 if not client.alive and now - client.last_seen > self.client_ttl:
                     del self._clients[pid]
             clients: dict[str, list[str | int | bool | None]] = {
-                str(c.pid): [c.name, c.rss, c.alive, c.pss] for c in self._clients.values()}
+                str(c.pid): [c.name, c.rss, c.alive, c.pss, c.role, c.state]
+                for c in self._clients.values()}
             sample: Sample = {"t": now, "server_rss": rss, "server_uss": uss,
                               "checkpoints": checkpoints, "payload_bytes": payload,
                               "segment_bytes": segment.held()[1], "clients": clients}
@@ -298,8 +332,11 @@ class MemoryMonitor:
             return [s for s in self._samples if s["t"] > since]
 
     def clients(self) -> list[ClientInfo]:
-        """Registered clients: pid, name, RSS and peak as of the last sample, alive."""
+        """Registered clients: pid, name, role, RSS and peak as of the last sample, and
+        whether each still runs, checked now."""
         with self._lock:
+            for c in self._clients.values():
+                c.check_alive()
             return [c.to_dict() for c in self._clients.values()]
 
     def _run(self) -> None:

@@ -63,10 +63,11 @@ def plain_line(recorder: MemoryRecorder) -> str:
     s = recorder.latest
     if s is None:
         return "no sample yet"
-    alive = sum(c.alive for c in s.clients)
+    shown = recorder.visible()
+    alive = sum(c.alive for c in shown)
     clients = " ".join(f"{c.label}={format_bytes(c.rss)}"
                        + ("" if c.pss is None else f"(PSS {format_bytes(c.pss)})")
-                       + ("" if c.alive else "(dead)")
+                       + ("" if c.alive else f"({c.status})")
                        + (f"[{_verdict(g)}]" if g.rank >= 2 else "")
                        for c, g in recorder.verdicts())
     shared = f", {format_bytes(s.segment_bytes)} shared" if s.segment_bytes else ""
@@ -77,7 +78,7 @@ def plain_line(recorder: MemoryRecorder) -> str:
             f"{format_rate(recorder.server_growth())}, {_verdict(recorder.server_verdict())})"
             f"{uss} | {s.checkpoints:,} checkpoints, "
             f"{format_bytes(s.payload_bytes)} payload{shared}, RSS/heap payload {_ratio(s)} | "
-            f"clients {alive} alive, {len(s.clients) - alive} dead: {clients}")
+            f"clients {alive} alive, {len(shown) - alive} ended: {clients}")
 
 
 def rich_view(recorder: MemoryRecorder, *, url: str, server_pid: int | None,
@@ -91,8 +92,13 @@ def rich_view(recorder: MemoryRecorder, *, url: str, server_pid: int | None,
                          ("shmstore monitor", "bold"), f"  server pid {server_pid} at {url}")
     if s is None:
         return Group(head, Text("waiting for the server's first sample …"))
-    clients = _clients_table(recorder, s) if s.clients \
-        else Text("no registered clients", "dim")
+    clients: Table | Text
+    if recorder.visible():
+        clients = _clients_table(recorder, s)
+    elif s.clients:
+        clients = Text("no clients but the store's own tools (--all shows them)", "dim")
+    else:
+        clients = Text("no registered clients", "dim")
     return Group(head, Text(""), _server_table(recorder, s), Text(""), clients,
                  Text(f"\nrefresh every {refresh:g} s; {recorder.read} samples read; "
                       "Ctrl-C to stop", "dim"))
@@ -132,7 +138,7 @@ def _clients_table(recorder: MemoryRecorder, s: MemorySample) -> Table:
         clients.add_column(column, justify=justify)  # type: ignore[arg-type]
     for c, g in recorder.verdicts():  # the worst first
         state = Text(g.verdict, _VERDICT_STYLE[g.verdict]) if c.alive \
-            else Text("dead", "bold red")
+            else Text(c.status, "bold red" if c.status == "gone" else "dim")
         clients.add_row(str(c.pid), c.name, format_bytes(c.rss),
                         "—" if c.pss is None else format_bytes(c.pss),
                         format_bytes(recorder.client_peaks.get(c.pid, c.rss)),
@@ -204,6 +210,7 @@ def run_monitor(
     window: int = DEFAULT_WINDOW,
     backlog: bool = False,
     plain: bool = False,
+    show_tools: bool = False,
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
@@ -213,7 +220,9 @@ def run_monitor(
     new sample — refreshed every ``refresh`` seconds, unless ``duration`` is given with
     ``csv_path`` or ``plot_path``: then it records silently for ``duration`` seconds.
     Whatever was recorded is written to ``csv_path`` / ``plot_path`` at the end,
-    also after Ctrl-C and after the server went away.
+    also after Ctrl-C and after the server went away.  The store's own tools (clients in
+    the ``cli`` and ``monitor`` roles, this one too) are left out of the view unless
+    ``show_tools``; the CSV and the plot keep every process.
 
     Returns:
         0 when the duration ran out or on Ctrl-C; 1 when the server went away or stopped
@@ -231,6 +240,7 @@ def run_monitor(
         require_matplotlib()
     recording = csv_path is not None or plot_path is not None
     recorder = MemoryRecorder(store, window=window, keep=recording, backlog=backlog)
+    recorder.show_tools = show_tools
     first = store.stats()  # fails here, before any view, when there is no server
     server_pid = getattr(first, "server_pid", None)
     url = str(getattr(store, "url", "in-process store"))
