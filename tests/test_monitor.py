@@ -162,3 +162,49 @@ def test_a_client_has_its_rss_from_the_moment_it_registers() -> None:
     mon.register(os.getpid(), "me")
     (me,) = mon.clients()  # no sample taken yet
     assert me["rss"] > 0 and me["alive"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/statm")
+def test_a_clients_rss_is_read_from_statm_as_psutil_reads_it() -> None:
+    import psutil
+
+    from shmstore.monitor.sampler import _statm_rss
+
+    mine = psutil.Process().memory_info().rss
+    assert abs(_statm_rss(os.getpid()) - mine) < 4 * 2**20
+    with pytest.raises(OSError):
+        _statm_rss(2**22 + 12345)  # above pid_max: no such process
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="zombies read from /proc")
+def test_a_zombie_client_is_not_alive_when_asked() -> None:
+    import subprocess
+
+    import psutil
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        assert wait_until(lambda: psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE,
+                          30)
+        mon = MemoryMonitor(lambda: (0, 0))
+        mon.register(child.pid, "zombie")
+        assert [c["state"] for c in mon.clients()] == ["gone"]
+    finally:
+        child.wait(10)
+
+
+def test_client_pss_is_read_round_robin_a_slice_per_sample(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import shmstore.monitor.sampler as sampler
+
+    monkeypatch.setattr(sampler, "PSS_BUDGET", 0.0)  # one client per sample, no more
+    mon = MemoryMonitor(lambda: (0, 0))
+    pids = [os.getpid(), os.getppid()]
+    for pid in pids:
+        mon.register(pid, f"p{pid}")
+    read = []
+    monkeypatch.setattr(sampler._Client, "refresh_pss",
+                        lambda self: read.append(self.pid))
+    for _ in range(4):
+        mon.sample()
+    assert read == pids * 2  # each in turn, none twice in a row, no burst
