@@ -41,6 +41,9 @@ USS_BUDGET = 0.005  # share of one CPU the server's USS readings may take
 #: that 1000 clients cost under 2% of a CPU in all (bench/sampler_clients.py).
 CLIENT_BUDGET = 0.005
 PSS_BUDGET = 0.0025
+#: Up to this many clients, every sample reads them all (a few reads cost nothing, and
+#: every sample then shows a client's end at once); the budget applies above it.
+CLIENT_BUDGET_FROM = 64
 #: A client's pid is checked against its start time (pid reuse) every this many readings.
 IDENTITY_EVERY = 16
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -368,7 +371,8 @@ class MemoryMonitor:
                     if not client.alive and now - client.last_seen > self.client_ttl:
                         del self._clients[pid]
                 # Within CLIENT_BUDGET of one CPU: 1000 clients are read about every 1 s.
-                self._next_clients = tick + (time.perf_counter() - started) / CLIENT_BUDGET
+                if len(self._clients) > CLIENT_BUDGET_FROM:
+                    self._next_clients = tick + (time.perf_counter() - started) / CLIENT_BUDGET
                 clients = self._last_clients = {
                     str(c.pid): [c.name, c.rss, c.alive, c.pss, c.role, c.state]
                     for c in self._clients.values()}
