@@ -446,3 +446,22 @@ def test_a_closed_pipe_ends_the_plain_view_quietly() -> None:
             assert b"Traceback" not in proc.stderr.read()
         finally:
             reap(proc)
+
+
+def test_the_plot_marks_a_leaking_client_and_says_how_clients_ended() -> None:
+    from shmstore.monitor.export import _Plot
+
+    samples = []
+    for i in range(60):  # 30 s at 0.5 s: one client climbs 2 MiB/s, one holds still
+        t = 100.0 + i * 0.5
+        clients = (ClientSample(7, "leaky", 30 * MiB + MiB * i, True),
+                   ClientSample(8, "steady", 30 * MiB, True),
+                   ClientSample(9, "killed", 30 * MiB, i < 30, state="" if i < 30 else "gone"),
+                   ClientSample(10, "done", 30 * MiB, i < 40,
+                                state="alive" if i < 40 else "exited"))
+        samples.append(_sample(t, 100 * MiB, 10 * MiB, clients))
+    plot = _Plot(samples)
+    assert plot.label(7, "7/leaky") == "7/leaky (leaking +120.0 MiB/min)"
+    assert plot.label(8, "8/steady") == "8/steady"
+    assert plot.label(9, "9/killed") == "9/killed (gone)"
+    assert plot.label(10, "10/done") == "10/done (exited)"

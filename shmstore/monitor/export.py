@@ -14,7 +14,8 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from ..core.errors import ConfigError
-from .recorder import MemorySample
+from .growth import analyze
+from .recorder import DEFAULT_TREND, MemorySample
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -81,7 +82,9 @@ def write_plot(samples: Sequence[MemorySample], path: str, *, title: str | None 
     """Draw memory over time to a PNG: one line per process, payload bytes beside it.
 
     Left: the server's RSS (and USS, dashed) and each client's RSS (and PSS, dashed), in
-    MiB, against seconds since the first sample; a client that died ends with an ``x``.
+    MiB, against seconds since the first sample; a client that is gone (killed, crashed)
+    ends with an ``x``, one that exited with a dot, and one leaking over its newest
+    samples is a thick line with ``leaking +X MiB/min`` in the legend.
     Right: the payload bytes stored (MiB), the part of them in shared-memory segments
     (outside the server's RSS), and on a second axis the checkpoint count.
 
@@ -161,31 +164,46 @@ class _Plot:
         """Every client seen in any sample, by pid (its newest label)."""
         return {c.pid: c.label for s in self.samples for c in s.clients}
 
+    def label(self, pid: int, label: str) -> str:
+        """A client's legend entry: ``pid/name``, how it ended, and ``leaking +X/min``
+        when its newest samples say so (`growth.analyze`)."""
+        xs, ys, ended = self._client_track(pid)
+        verdict = analyze([(x, y * MiB) for x, y in zip(xs, ys, strict=True)][-DEFAULT_TREND:])
+        notes = [ended] if ended else []
+        if verdict.verdict == "leaking":
+            notes.append(f"leaking +{verdict.per_minute / MiB:.1f} MiB/min")
+        return label + (f" ({', '.join(notes)})" if notes else "")
+
     def _client(self, ax: Axes, pid: int, label: str) -> None:
-        """One client's RSS while it was measured; an ``x`` at its last reading if it died."""
-        xs, ys, died = self._client_track(pid)
+        """One client's RSS while it was measured: a thick line if it leaks, an ``x``
+        at its last reading if it is gone (killed, crashed), a dot if it exited."""
+        xs, ys, ended = self._client_track(pid)
         if not xs:
             return  # never measured: nothing to draw, and no legend entry
-        line = ax.plot(xs, ys, lw=1.2, marker=self.marker,
-                       label=label + (" (died)" if died else ""))[0]
+        text = self.label(pid, label)
+        line = ax.plot(xs, ys, marker=self.marker, label=text,
+                       lw=3.0 if "leaking" in text else 1.2)[0]
         pss = [(x, c.pss) for x, s in zip(self.xs, self.samples, strict=True)
                for c in s.clients if c.pid == pid and c.measured and c.pss is not None]
         if pss:
             ax.plot([x for x, _ in pss], [p / MiB for _, p in pss], lw=1.0, ls="--",
                     color=line.get_color())
-        if died:
-            ax.plot([xs[-1]], [ys[-1]], marker="x", ms=9, mew=2, color=line.get_color())
+        if ended:
+            ax.plot([xs[-1]], [ys[-1]], marker="x" if ended == "gone" else "o", ms=9, mew=2,
+                    color=line.get_color())
 
-    def _client_track(self, pid: int) -> tuple[list[float], list[float], bool]:
-        """The client's measured (x, RSS MiB) points, and whether it ever read dead."""
+    def _client_track(self, pid: int) -> tuple[list[float], list[float], str | None]:
+        """The client's measured (x, RSS MiB) points, and how it ended (``exited`` or
+        ``gone``; None while it runs)."""
         xs: list[float] = []
         ys: list[float] = []
-        died = False
+        ended: str | None = None
         for x, s in zip(self.xs, self.samples, strict=True):
             for c in s.clients:
                 if c.pid == pid and c.measured:
                     xs.append(x)
                     ys.append(c.rss / MiB)
-                elif c.pid == pid:
-                    died = True
-        return xs, ys, died
+                    ended = None
+                elif c.pid == pid and not c.alive:
+                    ended = c.status
+        return xs, ys, ended
