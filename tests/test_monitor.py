@@ -208,3 +208,39 @@ def test_client_pss_is_read_round_robin_a_slice_per_sample(
     for _ in range(4):
         mon.sample()
     assert read == pids * 2  # each in turn, none twice in a row, no burst
+
+
+def test_a_history_answer_is_bounded_and_pages_from_since(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import shmstore.monitor.sampler as sampler
+
+    monkeypatch.setattr(sampler, "HISTORY_ENTRIES", 10)
+    mon = MemoryMonitor(lambda: (0, 0), history_size=50)
+    mon.register(os.getpid(), "me")  # each sample: 1 + 1 client = 2 entries
+    taken = [mon.sample()["t"] for _ in range(12)]
+    newest = mon.history()
+    assert [s["t"] for s in newest] == taken[-5:]  # the newest that fit
+    pages, since = [], taken[0] - 1
+    while page := mon.history(since=since):
+        assert len(page) <= 5
+        pages.extend(s["t"] for s in page)
+        since = page[-1]["t"]
+    assert pages == taken  # oldest first, nothing lost, nothing twice
+
+
+def test_the_recorder_reads_every_page_of_a_bounded_history() -> None:
+    from shmstore.monitor.recorder import MemoryRecorder
+
+    class Paged:
+        def __init__(self) -> None:
+            self.samples = [{"t": float(t), "server_rss": 1, "server_uss": None,
+                             "checkpoints": 0, "payload_bytes": 0, "clients": {}}
+                            for t in range(1, 26)]
+
+        def memory_history(self, since: float | None = None) -> list[dict[str, object]]:
+            after = [s for s in self.samples if since is None or s["t"] > since]
+            return after[:4]  # a server's bounded answer: the oldest that fit
+
+    recorder = MemoryRecorder(Paged(), keep=True, backlog=True)
+    assert [s.t for s in recorder.poll()] == [float(t) for t in range(1, 26)]
+    assert recorder.poll() == []

@@ -613,8 +613,12 @@ class BaseStore(abc.ABC):
         """Memory samples of the store's owner, oldest first (only those after ``since``).
 
         Each sample is a dict: ``t`` (epoch seconds), ``server_rss``, ``server_uss``
-        (None where the platform has no USS), ``checkpoints``, ``payload_bytes`` and
-        ``clients`` (``{pid: [name, rss, alive]}`` for every registered client).
+        (None where the platform has no USS), ``checkpoints``, ``payload_bytes``,
+        ``segment_bytes`` and ``clients`` (``{pid: [name, rss, alive, pss, role,
+        state]}`` for every registered client).  A server's answer holds at most 100,000
+        entries (a sample and each of its clients count one): after ``since``, the oldest
+        that fit (ask again from the last ``t``), without it the newest;
+        `monitor.recorder.MemoryRecorder` reads on until it has them all.
 
         Raises:
             ConfigError: ``since`` is not a number or None.

@@ -35,6 +35,8 @@ DEFAULT_WINDOW = 10
 DEFAULT_TREND = 120
 #: A client's first samples are its start-up (imports, first allocations): not judged.
 WARMUP_SAMPLES = 4
+#: Pages of history one `MemoryRecorder.poll` reads at most after its first answer.
+MAX_PAGES = 50
 
 
 class MemoryHistory(Protocol):
@@ -184,8 +186,16 @@ class MemoryRecorder:
             StoreUnavailable: the server went away.
             StoreTimeout: the server did not answer in time.
         """
-        raw = self._store.memory_history(since=self._last_t)
-        new = [MemorySample.from_dict(r) for r in raw]
+        new = [MemorySample.from_dict(r) for r in self._store.memory_history(since=self._last_t)]
+        # An answer is bounded (`HISTORY_ENTRIES`): ask on from the newest until none is
+        # left (a few pages at most; a caught-up poll costs one more empty answer).
+        for _ in range(MAX_PAGES):
+            if not new:
+                break
+            more = self._store.memory_history(since=new[-1].t)
+            if not more:
+                break
+            new.extend(MemorySample.from_dict(r) for r in more)
         first = self.polls == 0
         self.polls += 1
         if not new:

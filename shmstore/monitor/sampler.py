@@ -35,6 +35,9 @@ log = logging.getLogger("shmstore")
 DEFAULT_INTERVAL = 0.5
 DEFAULT_HISTORY = 1200
 DEFAULT_CLIENT_TTL = 300.0
+#: The most entries one `MemoryMonitor.history` answer holds (a sample and each client
+#: in it count one), so that a store with many clients answers in bounded time and size.
+HISTORY_ENTRIES = 100_000
 USS_BUDGET = 0.005  # share of one CPU the server's USS readings may take
 #: Shares of one CPU the clients' RSS and PSS readings may take: with many clients they
 #: are read less often than the server (samples between carry the last readings), so
@@ -385,11 +388,24 @@ class MemoryMonitor:
         return sample
 
     def history(self, since: float | None = None) -> list[Sample]:
-        """The kept samples, oldest first; only those taken after ``since`` (epoch s)."""
+        """The kept samples, oldest first; only those taken after ``since`` (epoch s).
+
+        An answer holds at most `HISTORY_ENTRIES` entries (a sample and each of its
+        clients count one): with 1,000 clients, about 100 samples.  After ``since``, the
+        oldest that fit (ask again with ``since`` = the last one's ``t`` for the rest);
+        without it, the newest that fit.
+        """
         with self._lock:
-            if since is None:
-                return list(self._samples)
-            return [s for s in self._samples if s["t"] > since]
+            kept = list(self._samples) if since is None else \
+                [s for s in self._samples if s["t"] > since]
+        budget = HISTORY_ENTRIES
+        chosen: list[Sample] = []
+        for sample in (kept if since is not None else reversed(kept)):
+            budget -= 1 + len(sample["clients"])
+            if budget < 0 and chosen:
+                break
+            chosen.append(sample)
+        return chosen if since is not None else chosen[::-1]
 
     def clients(self) -> list[ClientInfo]:
         """Registered clients: pid, name, role, RSS and peak as of the last sample, and
