@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from ..core.backend import Backend, Sample, closed_backend
+from ..core.backend import ROLE_WORKER, Backend, Sample, closed_backend
 from ..core.codec import MsgpackCodec
 from ..core.errors import StoreUnavailable
 from ..core.limits import Limits
@@ -28,7 +28,7 @@ class LocalTable(CheckpointTable):
         self._monitor.sample()
         return self._monitor.history(since)
 
-    def register_client(self, pid: int, name: str = "", role: str = "worker",
+    def register_client(self, pid: int, name: str = "", role: str = ROLE_WORKER,
                         leaving: bool = False) -> None:
         """Nothing to do: every caller of an in-process store is this process."""
 

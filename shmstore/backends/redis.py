@@ -92,6 +92,7 @@ from ..core.backend import (
     DONE,
     GRANTED,
     HELD,
+    ROLE_WORKER,
     SAVED,
     TABLE_OPS,
     Backend,
@@ -704,7 +705,7 @@ class RedisBackend:
                  "checkpoints": stats["checkpoints"], "payload_bytes": stats["payload_bytes"],
                  "segment_bytes": 0, "clients": {}}]
 
-    def register_client(self, pid: int, name: str = "", role: str = "worker",
+    def register_client(self, pid: int, name: str = "", role: str = ROLE_WORKER,
                         leaving: bool = False) -> None:
         """Nothing to do: Redis keeps no registry of client processes."""
 

@@ -338,7 +338,7 @@ class _Remote:
         samples: builtins.list[Sample] = self._store._request("memory_history", (since,))
         return samples
 
-    def register_client(self, pid: int, name: str = "", role: str = "worker",
+    def register_client(self, pid: int, name: str = "", role: str = ROLE_WORKER,
                         leaving: bool = False) -> None:
         self._store._request("register_client", (pid, name, role, leaving))
 

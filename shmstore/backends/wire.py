@@ -40,6 +40,7 @@ from typing import Any
 import msgpack
 
 from ..core import errors, segment
+from ..core.backend import ROLE_WORKER
 from ..core.config import Address, parse_url
 from ..core.errors import AccessDenied, ShmstoreError, StoreTimeout, StoreUnavailable
 
@@ -174,9 +175,11 @@ def pack(message: object) -> bytes:
     return data
 
 
-def unpack(data: bytes | bytearray | memoryview) -> Any:
-    """Decode one transport message; exceptions come back as shmstore exceptions."""
-    return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+def unpack(data: bytes | bytearray | memoryview,
+           ext_hook: Callable[[int, bytes], Any] = _ext_hook) -> Any:
+    """Decode one transport message; exceptions come back as shmstore exceptions (and
+    memory segments as ``ext_hook`` makes them: a channel's own takes descriptors)."""
+    return msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False)
 
 
 class WireConnection(connection.Connection):
@@ -460,7 +463,7 @@ class Channel:
             return unpack(data)
         incoming.taken = 0
         try:
-            return msgpack.unpackb(data, ext_hook=incoming, raw=False, strict_map_key=False)
+            return unpack(data, incoming)
         finally:
             incoming.drop()
 
@@ -647,7 +650,7 @@ class _Greeted(connection.Connection):
 
 def open_connection(address: Address, authkey: bytes, *, timeout: float,
                     name: str = "client", data_plane: bool = False,
-                    role: str = "worker") -> Channel:
+                    role: str = ROLE_WORKER) -> Channel:
     """Connect, authenticate and enter the server's request loop.
 
     With ``data_plane`` on a unix socket, the connection passes memory segments'

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..core.backend import ROLE_CLI, ROLE_MONITOR
 from ..core.errors import ConfigError, ShmstoreError
 from ..core.validate import duration
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 
-def _store(args: argparse.Namespace, role: str = "cli") -> Any:
+def _store(args: argparse.Namespace, role: str = ROLE_CLI) -> Any:
     """The store the command names; a server's client is in ``role`` (the store's own
     tools are hidden from its views by default)."""
     from ..core.config import ENV_CONNECTION_FILE, read_connection_file
@@ -217,7 +218,7 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
 
     if args.plot is not None:
         require_matplotlib()  # before connecting, not after a long recording
-    store = _store(args, role="monitor")
+    store = _store(args, role=ROLE_MONITOR)
     store.name = MONITOR_NAME  # how the server lists this process among its clients
     with store:
         return run_monitor(store, refresh=args.interval, duration=args.duration,
@@ -229,7 +230,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     from ..monitor.doctor import diagnose, format_diagnosis
     from ..monitor.recorder import MemoryRecorder
 
-    store = _store(args, role="monitor")
+    store = _store(args, role=ROLE_MONITOR)
     store.name = "shmstore-doctor"  # a tool: never judged among the workers
     with store:
         recorder = MemoryRecorder(store, trend=1_000_000, trend_seconds=args.window)

@@ -24,7 +24,7 @@ from .record import Record
 __all__ = ["ANSWERS_RECORDS", "BACKEND_OPS", "BUSY", "DONE", "GRANTED", "HELD", "ROLE_CLI",
            "ROLE_MONITOR", "ROLE_WORKER", "SAVED", "TABLE_OPS", "TOOL_ROLES", "Backend",
            "ClaimAnswer", "ClientInfo", "CompleteAnswer", "EncodedWhere", "Found", "Sample",
-           "StatsDict", "TableOps", "closed_backend"]
+           "StatsDict", "TableOps", "client_state", "closed_backend"]
 
 # What ``claim`` and ``complete`` answer, first item of their (kind, value) pair.
 DONE: Final = "done"          # value: the node's latest record
@@ -49,6 +49,12 @@ ROLE_WORKER: Final = "worker"
 ROLE_CLI: Final = "cli"
 ROLE_MONITOR: Final = "monitor"
 TOOL_ROLES: Final = frozenset({ROLE_CLI, ROLE_MONITOR})
+
+
+def client_state(alive: bool, state: str | None) -> str:
+    """A client's ``alive``/``exited``/``gone``: its ``state``, or from its alive flag
+    alone when a server from before client states sent none (an end it cannot tell)."""
+    return state or ("alive" if alive else "gone")
 
 
 class ClientInfo(TypedDict):
@@ -171,7 +177,7 @@ class Backend(TableOps, Protocol):
 
     def memory_history(self, since: float | None = None) -> builtins.list[Sample]: ...
 
-    def register_client(self, pid: int, name: str = "", role: str = "worker",
+    def register_client(self, pid: int, name: str = "", role: str = ROLE_WORKER,
                         leaving: bool = False) -> None: ...
 
 

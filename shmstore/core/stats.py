@@ -11,13 +11,19 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from .backend import TOOL_ROLES
+from .backend import ROLE_WORKER, TOOL_ROLES, client_state
 
-__all__ = ["RATIO_MIN_PAYLOAD", "StoreStats", "format_bytes"]
+__all__ = ["RATIO_MIN_PAYLOAD", "StoreStats", "format_bytes", "overhead_ratio"]
 
 #: RSS over payload is shown only from this much payload on: below it, RSS is mostly the
 #: interpreter's own.
 RATIO_MIN_PAYLOAD = 2**20
+
+
+def overhead_ratio(rss: int, heap_payload: int) -> float | None:
+    """A server's RSS per byte of the payload in its heap (None under
+    `RATIO_MIN_PAYLOAD`, where RSS is mostly the interpreter's own)."""
+    return rss / heap_payload if heap_payload >= RATIO_MIN_PAYLOAD else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +86,8 @@ class StoreStats:
 
     @property
     def overhead_ratio(self) -> float | None:
-        """The server's RSS per byte of heap payload (None under `RATIO_MIN_PAYLOAD`,
-        where RSS is mostly the interpreter's own)."""
-        heap = self.heap_payload_bytes
-        return self.server_rss / heap if heap >= RATIO_MIN_PAYLOAD else None
+        """The server's RSS per byte of heap payload (`overhead_ratio`)."""
+        return overhead_ratio(self.server_rss, self.heap_payload_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict of the fields and the derived figures (JSON-ready)."""
@@ -93,7 +97,7 @@ class StoreStats:
     @property
     def workers(self) -> list[dict[str, Any]]:
         """The clients that are not the store's own tools (``cli``/``monitor`` roles)."""
-        return [c for c in self.clients if c.get("role", "worker") not in TOOL_ROLES]
+        return [c for c in self.clients if c.get("role", ROLE_WORKER) not in TOOL_ROLES]
 
     def summary(self) -> str:
         """One line: counts, payload, the server's memory and its clients (the store's
@@ -127,7 +131,7 @@ class StoreStats:
                 f"{name} {format_bytes(nbytes)} in {count}"
                 for name, count, nbytes in self.largest_executions))
         for client in self.workers:
-            state = client.get("state") or ("alive" if client.get("alive") else "gone")
+            state = client_state(bool(client.get("alive")), client.get("state"))
             pss = client.get("pss")
             lines.append(f"client {client.get('pid')} {client.get('name', '')}: "
                          f"RSS {format_bytes(client.get('rss', 0))}"

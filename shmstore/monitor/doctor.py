@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..core.stats import RATIO_MIN_PAYLOAD, format_bytes
-from .growth import Growth
+from ..core.stats import format_bytes, overhead_ratio
+from .growth import Growth, format_per_minute
 from .recorder import ClientSample, MemoryRecorder
 
 __all__ = ["Diagnosis", "Finding", "diagnose", "format_diagnosis"]
@@ -74,15 +74,8 @@ class Diagnosis:
                 "leaking": [f.who for f in self.leaking]}
 
 
-def _rate(bytes_per_s: float) -> str:
-    if abs(bytes_per_s * 60) < 1:
-        return "+0 B/min"
-    sign = "+" if bytes_per_s >= 0 else "-"
-    return f"{sign}{format_bytes(abs(bytes_per_s) * 60)}/min"
-
-
 def _server_advice(g: Growth, rss: int, heap_payload: int) -> str:
-    ratio = rss / heap_payload if heap_payload >= RATIO_MIN_PAYLOAD else None
+    ratio = overhead_ratio(rss, heap_payload)
     if g.verdict == "leaking":
         return ("its RSS grows beyond what its payload explains: check `shmstore stats` for "
                 "connections and executions nobody clears, and report it if they do not "
@@ -116,7 +109,7 @@ def diagnose(recorder: MemoryRecorder, *, exclude_pids: frozenset[int] = frozens
     latest = recorder.latest
     if latest is None:
         return Diagnosis(None, (), 0, 0, 0, 0.0)
-    heap = latest.payload_bytes - latest.segment_bytes
+    heap = latest.heap_payload_bytes
     sg = recorder.server_verdict()
     server = Finding("server", 0, sg, latest.server_rss, True,
                      _server_advice(sg, latest.server_rss, heap))
@@ -124,13 +117,8 @@ def diagnose(recorder: MemoryRecorder, *, exclude_pids: frozenset[int] = frozens
     def judged(c: ClientSample) -> bool:  # (names: servers from before roles)
         return not c.tool and c.name not in TOOL_NAMES and c.pid not in exclude_pids
 
-    show, recorder.show_tools = recorder.show_tools, True  # judged() decides here
-    try:
-        clients = tuple(Finding(c.label, c.pid, g, c.rss, c.alive, _client_advice(g),
-                                c.status)
-                        for c, g in recorder.verdicts() if judged(c))
-    finally:
-        recorder.show_tools = show
+    clients = tuple(Finding(c.label, c.pid, g, c.rss, c.alive, _client_advice(g), c.status)
+                    for c, g in recorder.verdicts(tools=True) if judged(c))
     return Diagnosis(server, clients, latest.payload_bytes, heap, latest.segment_bytes,
                      sg.span)
 
@@ -143,11 +131,12 @@ def _line(f: Finding) -> str:
         head += f" ({f.status})"
     if g.verdict == "warming up":
         return f"{head}, {g.samples} samples so far: too few to judge"
-    body = f", {_rate(g.slope)} over {g.span:.0f} s"
+    body = f", {format_per_minute(g.slope)} over {g.span:.0f} s"
     if g.rank >= 2:
-        body += f" (95%: {_rate(g.low)} to {_rate(g.high)}; recent half {_rate(g.recent)})"
+        body += (f" (95%: {format_per_minute(g.low)} to {format_per_minute(g.high)}; "
+                 f"recent half {format_per_minute(g.recent)})")
     if f.who == "server" and g.explained:
-        body += f" beyond its payload's {_rate(g.explained)}"
+        body += f" beyond its payload's {format_per_minute(g.explained)}"
     return head + body
 
 

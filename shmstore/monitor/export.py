@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from ..core.errors import ConfigError
-from .growth import analyze
+from .growth import analyze, format_per_minute
 from .recorder import DEFAULT_TREND, MemorySample
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ class _Plot:
         verdict = analyze([(x, y * MiB) for x, y in zip(xs, ys, strict=True)][-DEFAULT_TREND:])
         notes = [ended] if ended else []
         if verdict.verdict == "leaking":
-            notes.append(f"leaking +{verdict.per_minute / MiB:.1f} MiB/min")
+            notes.append(f"leaking {format_per_minute(verdict.slope)}")
         return label + (f" ({', '.join(notes)})" if notes else "")
 
     def _client(self, ax: Axes, pid: int, label: str) -> None:

@@ -36,9 +36,12 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..core.stats import format_bytes
+
 __all__ = ["FLOOR_BYTES_PER_MIN", "FLOOR_SHARE_PER_MIN", "LEAK_MIN_BYTES", "LEAK_MIN_SHARE",
            "MIN_SAMPLES", "MIN_SPAN",
-           "Growth", "analyze", "bytes_per_explaining_byte", "theil_sen"]
+           "Growth", "analyze", "bytes_per_explaining_byte", "format_per_minute",
+           "theil_sen"]
 
 #: Fewer samples than this, or a window shorter than this many seconds: ``warming up``.
 MIN_SAMPLES = 8
@@ -108,6 +111,14 @@ def _thin(points: Sequence[tuple[float, float]]) -> Sequence[tuple[float, float]
         return points
     step = (len(points) - 1) / (MAX_POINTS - 1)
     return [points[round(i * step)] for i in range(MAX_POINTS)]
+
+
+def format_per_minute(bytes_per_s: float) -> str:
+    """A growth rate as people read it: ``+75.0 MiB/min``, ``-1.2 KiB/min``."""
+    if abs(bytes_per_s * 60) < 1:
+        return "+0 B/min"
+    sign = "+" if bytes_per_s >= 0 else "-"
+    return f"{sign}{format_bytes(abs(bytes_per_s) * 60)}/min"
 
 
 def theil_sen(points: Sequence[tuple[float, float]]) -> tuple[float, float, float]:

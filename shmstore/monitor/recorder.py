@@ -21,7 +21,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from ..core.backend import ROLE_WORKER, TOOL_ROLES, Sample
+from ..core.backend import ROLE_WORKER, TOOL_ROLES, Sample, client_state
 from ..core.errors import ConfigError
 from .growth import Growth, analyze
 
@@ -63,8 +63,8 @@ class ClientSample:
 
     @property
     def status(self) -> str:
-        """The state, from an older server's alive flag when it sent none."""
-        return self.state or ("alive" if self.alive else "gone")
+        """``alive``, ``exited`` or ``gone`` (`client_state`)."""
+        return client_state(self.alive, self.state)
 
     @property
     def tool(self) -> bool:
@@ -104,6 +104,11 @@ class MemorySample:
     payload_bytes: int
     clients: tuple[ClientSample, ...]
     segment_bytes: int = 0
+
+    @property
+    def heap_payload_bytes(self) -> int:
+        """The payload in the server's heap (shared segments are outside its RSS)."""
+        return self.payload_bytes - self.segment_bytes
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> MemorySample:
@@ -248,8 +253,7 @@ class MemoryRecorder:
         explains (payload in shared segments is outside its RSS)."""
         samples = list(self.trend)
         return analyze([(s.t, s.server_rss) for s in samples],
-                       explained_by=[(s.t, s.payload_bytes - s.segment_bytes)
-                                     for s in samples])
+                       explained_by=[(s.t, s.heap_payload_bytes) for s in samples])
 
     def client_verdict(self, pid: int) -> Growth:
         """A client's RSS growth over the trend window while it was alive; if it came
@@ -263,15 +267,16 @@ class MemoryRecorder:
             points = points[WARMUP_SAMPLES:]
         return analyze(points)
 
-    def visible(self) -> list[ClientSample]:
-        """The newest sample's clients, the store's own tools left out unless
-        `show_tools`."""
+    def visible(self, tools: bool | None = None) -> list[ClientSample]:
+        """The newest sample's clients, the store's own tools left out unless ``tools``
+        (default `show_tools`)."""
         if self.latest is None:
             return []
-        return [c for c in self.latest.clients if self.show_tools or not c.tool]
+        keep_tools = self.show_tools if tools is None else tools
+        return [c for c in self.latest.clients if keep_tools or not c.tool]
 
-    def verdicts(self) -> list[tuple[ClientSample, Growth]]:
+    def verdicts(self, tools: bool | None = None) -> list[tuple[ClientSample, Growth]]:
         """Every `visible` client of the newest sample with its verdict, the worst first
         (leaking, then growing, by growth per minute)."""
-        judged = [(c, self.client_verdict(c.pid)) for c in self.visible()]
+        judged = [(c, self.client_verdict(c.pid)) for c in self.visible(tools)]
         return sorted(judged, key=lambda cg: (-cg[1].rank, -cg[1].slope, cg[0].pid))

@@ -196,36 +196,33 @@ class _Client:
             return "alive"
         return "exited" if self.leaving else "gone"
 
-    def check_alive(self) -> None:
-        """Whether it still runs, read now (stats asks; samples refresh the rest): one
-        read of its statm (a zombie's is all zeros)."""
-        if not self.alive or self.process is None:
-            return
+    def _read_rss(self, process: psutil.Process, verify: bool) -> int:
+        """Its resident bytes now, 0 once it has ended (a zombie, or exiting: its memory
+        already gone).  One read of its statm on Linux; through psutil with ``verify``
+        (or elsewhere), which also checks the pid still names this process."""
         try:
-            running = _statm_rss(self.pid) > 0 if _STATM else (
-                self.process.is_running() and self.process.status() != psutil.STATUS_ZOMBIE)
+            if _STATM and not verify:
+                return _statm_rss(self.pid)
+            if not process.is_running() or process.status() == psutil.STATUS_ZOMBIE:
+                return 0
+            return int(process.memory_info().rss)
         except (psutil.Error, OSError, ValueError, IndexError):
-            running = False
-        self.alive = running
+            return 0
+
+    def check_alive(self) -> None:
+        """Whether it still runs, read now (stats asks; samples refresh the rest)."""
+        if self.alive and self.process is not None:
+            self.alive = self._read_rss(self.process, verify=False) > 0
 
     def refresh(self, now: float) -> None:
         if not self.alive or self.process is None:
             return
         self.reads += 1
-        try:
-            if _STATM and self.reads % IDENTITY_EVERY:
-                rss = _statm_rss(self.pid)
-            else:  # psutil checks the pid is still this process (its start time)
-                if not self.process.is_running() or \
-                        self.process.status() == psutil.STATUS_ZOMBIE:
-                    raise psutil.NoSuchProcess(self.pid)
-                rss = self.process.memory_info().rss
-            if rss == 0:  # a zombie, or exiting: its memory is already gone
-                raise psutil.NoSuchProcess(self.pid)
-            self.rss = rss
-        except (psutil.Error, OSError, ValueError, IndexError):
+        rss = self._read_rss(self.process, verify=self.reads % IDENTITY_EVERY == 0)
+        if not rss:
             self.alive = False
             return
+        self.rss = rss
         self.peak_rss = max(self.peak_rss, self.rss)
         self.last_seen = now
 

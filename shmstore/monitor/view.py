@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, TextIO
 
 from ..core import validate
 from ..core.errors import StoreTimeout, StoreUnavailable
-from ..core.stats import RATIO_MIN_PAYLOAD, format_bytes
+from ..core.stats import format_bytes, overhead_ratio
 from ..core.store import BaseStore
 from .export import require_matplotlib, write_csv, write_plot
-from .growth import Growth
+from .growth import Growth, format_per_minute
 from .recorder import DEFAULT_WINDOW, MemoryRecorder, MemorySample
 
 if TYPE_CHECKING:
@@ -52,10 +52,8 @@ def _clock(t: float) -> str:
 
 def _ratio(s: MemorySample) -> str:
     """RSS per byte of the payload in the server's heap (segments are outside RSS)."""
-    heap = s.payload_bytes - s.segment_bytes
-    if heap < RATIO_MIN_PAYLOAD:
-        return "—"
-    return f"{s.server_rss / heap:.2f}x"
+    ratio = overhead_ratio(s.server_rss, s.heap_payload_bytes)
+    return "—" if ratio is None else f"{ratio:.2f}x"
 
 
 def plain_line(recorder: MemoryRecorder) -> str:
@@ -131,7 +129,7 @@ def _clients_table(recorder: MemoryRecorder, s: MemorySample) -> Table:
 
     clients = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     # Narrow: seven columns in 80 characters (the window is the server table's); a live
-    # process's state is its growth verdict, a dead one's "dead".
+    # process's state is its growth verdict, an ended one's "exited" or "gone".
     for column, justify in (("pid", "right"), ("client", "left"), ("RSS", "right"),
                             ("PSS", "right"), ("peak", "right"), ("growth", "right"),
                             ("state", "left")):
@@ -152,9 +150,7 @@ _VERDICT_STYLE = {"leaking": "bold red", "growing": "yellow", "steady": "green",
 
 def _verdict(g: Growth) -> str:
     """A verdict with its rate where it matters: ``leaking +75.0 MiB/min``."""
-    if g.rank >= 2:
-        return f"{g.verdict} {'+' if g.slope >= 0 else ''}{format_bytes(g.per_minute)}/min"
-    return g.verdict
+    return f"{g.verdict} {format_per_minute(g.slope)}" if g.rank >= 2 else g.verdict
 
 
 class _Display:
