@@ -21,7 +21,7 @@ class LocalTable(CheckpointTable):
 
     def __init__(self, limits: Limits | dict[str, Any] | None = None) -> None:
         super().__init__(limits)
-        self._monitor = MemoryMonitor(self.figures)
+        self._monitor = MemoryMonitor(self.figures, largest=self.largest)
 
     def memory_history(self, since: float | None = None) -> list[Sample]:
         """Take a sample now; then the samples after ``since``, oldest first."""

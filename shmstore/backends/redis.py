@@ -703,7 +703,8 @@ class RedisBackend:
             return []
         return [{"t": now, "server_rss": stats["server_rss"], "server_uss": None,
                  "checkpoints": stats["checkpoints"], "payload_bytes": stats["payload_bytes"],
-                 "segment_bytes": 0, "clients": {}}]
+                 "segment_bytes": 0, "clients": {},
+                 "executions": [list(e) for e in stats["largest_executions"]]}]
 
     def register_client(self, pid: int, name: str = "", role: str = ROLE_WORKER,
                         leaving: bool = False) -> None:

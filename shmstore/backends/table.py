@@ -652,18 +652,26 @@ class CheckpointTable:
         """``(checkpoints, payload_bytes)`` right now, without taking the lock (a sample)."""
         return len(self._records), self._payload_bytes
 
+    def largest(self) -> builtins.list[tuple[str, int, int]]:
+        """The `LARGEST` executions by payload, largest first: ``(execution, checkpoints,
+        bytes)`` (kept incrementally: a sample can ask every time)."""
+        with self._lock:
+            return self._largest_now()
+
+    def _largest_now(self) -> builtins.list[tuple[str, int, int]]:
+        return [(ex.name, len(ex.versions), ex.nbytes)
+                for ex in self._by_size.top(self._executions)]
+
     def stats(self) -> StatsDict:
         """Counts, bytes, process figures and operation counters, as a plain dict."""
         with self._lock:
             self._ops["stats"] += 1
-            largest = self._by_size.top(self._executions)
             figures: StatsDict = {
                 "checkpoints": len(self._records),
                 "executions": self._live,
                 "payload_bytes": self._payload_bytes,
                 "ops": dict(self._ops),
-                "largest_executions": [(ex.name, len(ex.versions), ex.nbytes)
-                                       for ex in largest],
+                "largest_executions": self._largest_now(),
                 "evictions": self.evictions,
                 "rejections": self.rejections,
                 "pruned": self.pruned,

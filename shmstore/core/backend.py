@@ -115,6 +115,9 @@ class Sample(TypedDict):
     # pid -> [name, rss, alive, pss, role, state] (pss None between readings; an older
     # server sends the first four)
     clients: dict[str, builtins.list[str | int | bool | None]]
+    #: The largest executions then, largest first: ``[execution, checkpoints, bytes]``
+    #: (at most 5; the rest of ``payload_bytes`` is the others'; an older server sends none).
+    executions: builtins.list[builtins.list[str | int]]
 
 
 class TableOps(Protocol):
