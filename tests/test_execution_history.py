@@ -102,14 +102,14 @@ def test_the_views_and_the_doctor_say_which_execution_grows() -> None:
     assert "fixed:" not in text  # steady: not named
     assert d.to_dict()["executions"][0]["execution"] == "grows"
     line = plain_line(recorder)
-    assert "largest executions: grows=" in line and "[leaking +120.0 MiB/min]" in line
+    assert "largest executions: grows=" in line and "[grows +120.0 MiB/min]" in line
     assert "fixed=40.0 MiB " in line + " "
     from rich.console import Console
 
     out = io.StringIO()
     Console(file=out, width=120).print(rich_view(recorder, url="u", server_pid=1, refresh=1))
     shown = out.getvalue()
-    assert "the rest" in shown and "grows" in shown and "leaking +120.0 MiB/min" in shown
+    assert "the rest" in shown and "grows +120.0 MiB/min" in shown and "leaking" not in shown
 
 
 def test_the_plot_draws_each_large_execution(tmp_path: Path,

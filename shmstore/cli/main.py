@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.backend import ROLE_CLI, ROLE_MONITOR
 from ..core.errors import ConfigError, ShmstoreError
+from ..core.stats import parse_bytes
 from ..core.validate import duration
 
 if TYPE_CHECKING:
@@ -288,26 +289,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
-          "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
-
-
 def _size(text: str) -> int | None:
     """A byte count: ``1048576``, ``512MiB``, ``2GB``; ``none`` for no limit."""
-    spec = text.strip().lower()
-    if spec in ("none", "off", "0"):
+    if text.strip().lower() in ("none", "off", "0"):
         return None
-    number = spec.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = spec[len(number):]
     try:
-        value = float(number) * _UNITS[unit]
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size: use bytes or a unit, e.g. 512MiB, 2GB (or none)"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 byte, not {text!r}")
-    return int(value)
+        return parse_bytes(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or none)") from None
 
 
 def _count(text: str) -> int | None:

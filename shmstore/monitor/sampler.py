@@ -55,7 +55,7 @@ TRIM_STEP = 32 * 1024 * 1024  # payload freed since the last trim that makes a t
 PROC_STATUS = "/proc/self/status"
 
 
-def _malloc_trim() -> Callable[[], object] | None:
+def malloc_trimmer() -> Callable[[], object] | None:
     """glibc's ``malloc_trim(0)``: hand free heap pages back to the system (None elsewhere).
 
     Freed checkpoints leave free chunks between live ones; glibc only returns the top of
@@ -289,7 +289,7 @@ class MemoryMonitor:
         self._pss_next = 0  # the client whose PSS is read next (round robin)
         self._last_clients: dict[str, list[str | int | bool | None]] | None = None
         self._changed = False  # a client registered, left or ended since the last reading
-        self._trim = _malloc_trim() if trim else None
+        self._trim = malloc_trimmer() if trim else None
         self._trim_mark = 0  # highest payload since the last trim
         self.trims = 0
 

@@ -72,7 +72,7 @@ def plain_line(recorder: MemoryRecorder) -> str:
     last_uss = recorder.latest_uss()
     uss = "" if last_uss is None else f" USS {format_bytes(last_uss)}"
     executions = "".join(
-        f" {e.name}={format_bytes(e.payload_bytes)}" + (f"[{_verdict(g)}]" if g.rank >= 2 else "")
+        f" {e.name}={format_bytes(e.payload_bytes)}" + (f"[{_grows(g)}]" if g.rank >= 2 else "")
         for e, g in recorder.execution_verdicts())
     executions = f" | largest executions:{executions}" if executions else ""
     return (f"{_clock(s.t)} server RSS {format_bytes(s.server_rss)} "
@@ -162,7 +162,7 @@ def _executions_table(recorder: MemoryRecorder, s: MemorySample) -> Table:
         table.add_column(column, justify="left" if column == "execution" else "right")
     for e, g in recorder.execution_verdicts():
         table.add_row(e.name, f"{e.checkpoints:,}", format_bytes(e.payload_bytes),
-                      Text(_verdict(g), _VERDICT_STYLE[g.verdict]))
+                      Text(_grows(g), "yellow" if g.rank >= 2 else _VERDICT_STYLE[g.verdict]))
     table.add_row(Text("the rest", "dim"), "", format_bytes(s.rest_bytes), "")
     return table
 
@@ -174,6 +174,12 @@ _VERDICT_STYLE = {"leaking": "bold red", "growing": "yellow", "steady": "green",
 def _verdict(g: Growth) -> str:
     """A verdict with its rate where it matters: ``leaking +75.0 MiB/min``."""
     return f"{g.verdict} {format_per_minute(g.slope)}" if g.rank >= 2 else g.verdict
+
+
+def _grows(g: Growth) -> str:
+    """An execution's growth: its payload is what the store was given, so it "grows"
+    (a process that grows so is "leaking"; an execution keeps what it is sent)."""
+    return f"grows {format_per_minute(g.slope)}" if g.rank >= 2 else g.verdict
 
 
 class _Display:
