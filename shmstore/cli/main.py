@@ -549,7 +549,7 @@ def _parser() -> argparse.ArgumentParser:
         "bytes of state). Exit code 1 when the execution has no checkpoints.")
     client_options(ls)
     ls.add_argument("execution", nargs="?", help="list this execution's checkpoints")
-    ls.add_argument("--limit", type=_positive_int,
+    ls.add_argument("--limit", type=int,
                     help="at most this many checkpoints (the oldest; the newest with "
                     "--newest-first)")
     ls.add_argument("--newest-first", action="store_true", help="highest version first")
@@ -686,7 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except CheckpointNotFound as exc:
-        print(f"shmstore: {exc}", file=sys.stderr)
+        print(f"shmstore: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1  # "not found", as for an unknown execution
     except ShmstoreError as exc:
         # Usage errors (ConfigError), bad input (DecodeError), a store that is not there
