@@ -28,6 +28,7 @@ from ..core.validate import duration
 if TYPE_CHECKING:
     from ..core.config import Address
     from ..core.limits import Limits
+    from ..core.store import BaseStore
 
 __all__ = ["main"]
 
@@ -209,14 +210,14 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
-def _list_executions(store: Any, as_json: bool) -> int:
+def _list_executions(store: BaseStore, as_json: bool) -> int:
     """``shmstore ls``: each execution's checkpoints, bytes of state and latest save.
 
     No operation reports every execution's counts and bytes (``stats`` has the five
     largest), so each execution's records are listed, undecoded (`list_records`)."""
     from ..core.stats import format_bytes
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in store.executions():
         records = store.list_records(name)
         if records:  # emptied since executions() answered
@@ -232,8 +233,8 @@ def _list_executions(store: Any, as_json: bool) -> int:
         print("shmstore: the store has no checkpoints", file=sys.stderr)
         return 0
     table = [("EXECUTION", "CHECKPOINTS", "STATE", "LATEST", "LAST SAVED")] + [
-        (row["execution_id"], str(row["checkpoints"]), format_bytes(row["state_bytes"]),
-         str(row["latest_version"]), row["last_saved"]) for row in rows]
+        (str(row["execution_id"]), str(row["checkpoints"]), format_bytes(row["state_bytes"]),
+         str(row["latest_version"]), str(row["last_saved"])) for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(5)]
     for line in table:
         print(f"{line[0]:<{widths[0]}}  {line[1]:>{widths[1]}}  {line[2]:>{widths[2]}}  "
