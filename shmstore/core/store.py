@@ -32,7 +32,7 @@ from .segment import Segment
 from .stats import StoreStats
 from .validate import count, duration, optional_duration
 
-__all__ = ["DEFAULT_LEASE_S", "BaseStore", "OneOf"]
+__all__ = ["DEFAULT_LEASE_S", "BaseStore", "OneOf", "check_record"]
 
 log = logging.getLogger("shmstore")
 
@@ -81,6 +81,58 @@ def _with_version(cp: Checkpoint, version: int) -> Checkpoint:
     out.__dict__.update(cp.__dict__)
     out.__dict__["version"] = version
     return out
+
+
+def check_record(record: object, what: str = "record") -> Record:
+    """``record`` as a `Record` if it has a stored record's shape, else `ConfigError`.
+
+    For records that come from outside a store (a dump file, another store's
+    `BaseStore.list_records`): 8 fields; ids as `validate_id` takes them; ``node_name``
+    a str; ``version`` an int >= 0 (a store assigns its own); ``timestamp_us`` an int
+    that is a datetime; metadata and state bytes (or a read-only mapping of them).  The
+    bytes are not decoded.
+
+    Parameters:
+        record: a `Record`, or any 8-item tuple or list.
+        what: how a message names it, e.g. ``record 3 of dump.msgpack``.
+
+    Raises:
+        ConfigError: naming the first field that is wrong.
+
+    Example:
+        >>> check_record(["id-1", "run", "n", 1, 0, None, b"\\x80", b"\\xc0"]).node_name
+        'n'
+    """
+    fields = Record._fields
+    if not isinstance(record, (tuple, list)) or len(record) != len(fields):
+        got = type(record).__name__ + (f" of {len(record)}"
+                                       if isinstance(record, (tuple, list)) else "")
+        raise ConfigError(f"{what} must be an array of the {len(fields)} fields "
+                          f"{', '.join(fields)}, not a {got}", value=repr(record)[:80])
+    cid, execution_id, node_name, version, timestamp_us, parent_id, meta, state = record
+    validate_id(cid, f"{what}: id")
+    validate_id(execution_id, f"{what}: execution_id")
+    if parent_id is not None:
+        validate_id(parent_id, f"{what}: parent_id")
+    if type(node_name) is not str:
+        raise ConfigError(f"{what}: node_name must be a str, not {type(node_name).__name__}",
+                          value=repr(node_name)[:80])
+    if type(version) is not int or version < 0:
+        raise ConfigError(f"{what}: version must be an int >= 0, not {version!r:.80}",
+                          value=repr(version)[:80])
+    try:
+        if type(timestamp_us) is not int:
+            raise TypeError(type(timestamp_us).__name__)
+        us_to_timestamp(timestamp_us)
+    except (TypeError, OverflowError):
+        raise ConfigError(f"{what}: timestamp_us must be an int of microseconds since the "
+                          f"epoch within the years 1-9999, not {timestamp_us!r:.80}",
+                          value=repr(timestamp_us)[:80]) from None
+    for name, value in (("metadata", meta), ("state", state)):
+        if not isinstance(value, (bytes, memoryview)):
+            raise ConfigError(f"{what}: {name} must be bytes, not {type(value).__name__}",
+                              value=repr(value)[:80])
+    return record if type(record) is Record else Record._make(record)
 
 
 class OneOf:
@@ -199,18 +251,23 @@ class BaseStore(abc.ABC):
         size = len(encoded) + len(meta)
         largest = self._max_checkpoint_bytes
         if largest is False or (largest is not None and size > largest):
-            # Asked once, and again before refusing: Redis limits belong to the data set,
-            # and another client may have raised them since we asked.
-            largest = self._max_checkpoint_bytes = self.limits().max_checkpoint_bytes
-        if largest is not None and size > largest:
-            raise rules.store_full("max_checkpoint_bytes", largest, size, size,
-                                   checkpoint_id=cp.id, unsent=True)
+            self._check_size(size, cp.id)
         state = encoded if threshold is None else segment.share(encoded, threshold)
         # tuple.__new__: a fifth of the cost of Record(...), on every save.
         return tuple.__new__(Record, (
             cp.id, cp.execution_id, cp.node_name, 0, timestamp_to_us(cp.timestamp),
             cp.parent_id, meta, state,
         ))
+
+    def _check_size(self, size: int, checkpoint_id: str) -> None:
+        """Refuse a checkpoint of ``size`` bytes above ``max_checkpoint_bytes``; callers
+        come here only when the bound is not known yet or ``size`` is above it."""
+        # Asked once, and again before refusing: Redis limits belong to the data set, and
+        # another client may have raised them since we asked.
+        largest = self._max_checkpoint_bytes = self.limits().max_checkpoint_bytes
+        if largest is not None and size > largest:
+            raise rules.store_full("max_checkpoint_bytes", largest, size, size,
+                                   checkpoint_id=checkpoint_id, unsent=True)
 
     def limits(self) -> Limits:
         """The `Limits` the store enforces."""
@@ -271,6 +328,71 @@ class BaseStore(abc.ABC):
             return cps, (op(records) if records else [])
         finally:
             _release(records)
+
+    def save_records(self, records: Iterable[Record]) -> builtins.list[int]:
+        """Store records as another store kept them, in one round trip; all or nothing.
+
+        What `save_many` does, for records already encoded (from `list_records`, or a
+        ``shmstore dump`` file): ids, nodes, parents, timestamps, metadata and state bytes
+        are kept as given, never decoded or re-encoded.  Each record is checked first
+        (`check_record`, and ``max_checkpoint_bytes``: nothing is sent if one fails).
+        Versions are the store's: each record gets its execution's next one, so records
+        saved in version order into an empty execution whose versions are 1..n without a
+        gap get the same versions again.
+
+        Returns:
+            The version each record got, in order.
+
+        Raises:
+            ConfigError: a record is malformed (naming its field).
+            StoreFull: one is larger than ``max_checkpoint_bytes``, or they do not fit
+                under the store's limits; nothing was written.
+
+        Example:
+            >>> target.save_records(source.list_records("run"))
+            [1, 2, 3]
+        """
+        threshold = self._plane_threshold
+        sent: builtins.list[Record] = []
+        try:
+            for record in records:
+                cid, execution_id, node, _version, ts, parent, meta, state = check_record(record)
+                size = len(state) + len(meta)
+                largest = self._max_checkpoint_bytes
+                if largest is False or (largest is not None and size > largest):
+                    self._check_size(size, cid)
+                if threshold is not None and not isinstance(state, Segment):
+                    state = segment.share(bytes(state), threshold)
+                sent.append(Record(cid, execution_id, node, 0, ts, parent, bytes(meta), state))
+            return self._backend.save_many(sent) if sent else []
+        finally:
+            _release(sent)
+
+    def list_records(
+        self,
+        execution_id: str,
+        *,
+        limit: int | None = None,
+        before_version: int | None = None,
+        newest_first: bool = False,
+    ) -> builtins.list[Record]:
+        """The records of one execution as the store keeps them: `list` without decoding.
+
+        Parameters are those of `list`.  Each `Record` holds its metadata and state as
+        the encoded bytes (a state that came through the shared-memory data plane as a
+        read-only ``memoryview`` of the mapping): for copying, dumping or measuring
+        checkpoints without decoding them (`save_records` takes them back).
+
+        Example:
+            >>> sum(len(r.state) for r in store.list_records("run"))  # bytes of state
+            1234
+        """
+        validate_id(execution_id, "execution_id")
+        limit = _check_limit(limit, "limit")
+        before_version = _check_limit(before_version, "before_version")
+        records = self._backend.list(execution_id, limit, before_version, bool(newest_first))
+        return [r._replace(state=segment.mapped(r.state)) if isinstance(r.state, Segment)
+                else r for r in records]
 
     def load(self, checkpoint_id: str, *, copy: bool | None = None) -> Checkpoint:
         """The checkpoint with this id, as a fresh snapshot.
