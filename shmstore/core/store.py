@@ -18,7 +18,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from . import rules, segment
@@ -30,6 +30,7 @@ from .limits import Limits
 from .record import Record
 from .segment import Segment
 from .stats import StoreStats
+from .stream import Cleared, FollowCursor, ListAbove
 from .validate import count, duration, optional_duration
 
 __all__ = ["DEFAULT_LEASE_S", "BaseStore", "OneOf", "check_record"]
@@ -429,6 +430,7 @@ class BaseStore(abc.ABC):
         *,
         limit: int | None = None,
         before_version: int | None = None,
+        after_version: int | None = None,
         newest_first: bool = False,
     ) -> builtins.list[Checkpoint]:
         """The checkpoints of one execution, ordered by version.
@@ -436,13 +438,25 @@ class BaseStore(abc.ABC):
         Parameters:
             limit: at most this many (the oldest, or the newest with ``newest_first``).
             before_version: only versions strictly below this one.
+            after_version: only versions strictly above this one; with ``limit`` (and
+                oldest first), the oldest ``limit`` above it: the next page of a reader
+                that keeps its position (`follow` reads so).
             newest_first: highest version first.
+
+        Raises:
+            ConfigError: a bad id, or a ``limit`` or version that is not an int >= 0.
+
+        Example:
+            >>> [c.version for c in store.list("run", after_version=2, limit=2)]
+            [3, 4]
         """
         validate_id(execution_id, "execution_id")
         limit = _check_limit(limit, "limit")
         before_version = _check_limit(before_version, "before_version")
+        after_version = _check_limit(after_version, "after_version")
         codec = self.codec
-        records = self._backend.list(execution_id, limit, before_version, bool(newest_first))
+        records = self._backend.list(execution_id, limit, before_version, bool(newest_first),
+                                     after_version)
         return [_checkpoint(r, codec, self.copy_on_load) for r in records]
 
     def latest(self, execution_id: str) -> Checkpoint | None:
@@ -490,6 +504,78 @@ class BaseStore(abc.ABC):
                     f"within {total} s",
                     timeout=total,
                 )
+
+    def follow(
+        self, execution_id: str, *, after_version: int = 0, timeout: float | None = None
+    ) -> Iterator[Checkpoint | Cleared]:
+        """Every checkpoint of the execution, in version order, as it is saved.
+
+        The iterator returns what is stored above ``after_version`` first (read in pages
+        of `stream.FOLLOW_BATCH`), then each new checkpoint as it arrives: it waits in
+        the store between them (woken by the save, nothing polls).  A checkpoint deleted
+        before it was read is skipped.  When the execution is emptied (cleared, or its
+        last checkpoint deleted) it yields a `Cleared` marker, then the new checkpoints
+        from version 1: a clear is seen at the first save after it (at once if there is
+        one already).  The logic is `stream.FollowCursor`'s (see there for exactly when
+        a clear is seen); this method runs its requests.
+
+        Parameters:
+            after_version: yield only what comes after this version.  To resume, pass
+                the ``version`` of the last checkpoint seen: the new iterator goes on
+                exactly after it.
+            timeout: the longest wait for the next item, in seconds (None: for ever); when
+                it runs out the iterator ends (no exception).
+
+        The iterator also ends when the store is closed, from another thread too: that
+        wakes a blocked wait (on every backend).
+
+        Raises:
+            ConfigError: a bad execution id, ``after_version`` or ``timeout`` (when called,
+                before anything is sent).
+            StoreUnavailable: the store cannot be reached (not when it was closed).
+
+        Example:
+            >>> for item in store.follow("run", timeout=30):
+            ...     if isinstance(item, Cleared):
+            ...         continue           # the run restarted; versions from 1 follow
+            ...     handle(item.state)     # item.version: where to resume
+        """
+        cursor = FollowCursor(execution_id, after_version=after_version)
+        return self._follow(cursor, _check_timeout(timeout))
+
+    def _follow(self, cursor: FollowCursor,
+                total: float | None) -> Iterator[Checkpoint | Cleared]:
+        """Run ``cursor``'s requests with blocking calls; yield what it returns."""
+        execution_id = cursor.execution_id
+        deadline = None if total is None else time.monotonic() + total
+        while not self._is_closed():
+            request = cursor.request()
+            ran_out = False
+            try:
+                if isinstance(request, ListAbove):
+                    items = cursor.on_list(self._backend.list(
+                        execution_id, request.limit, None, False, request.after_version))
+                else:
+                    chunk = 0.0
+                    if request.block:
+                        left = self.wait_slice if deadline is None \
+                            else deadline - time.monotonic()
+                        chunk = max(0.0, min(left, self.wait_slice))
+                    record, generation = self._backend.wait(
+                        execution_id, request.after_version, chunk, request.generation)
+                    items = cursor.on_wait(record, generation)
+                    ran_out = request.block and record is None
+            except ShmstoreError:
+                if self._is_closed():  # closed under us (another thread): the end
+                    return
+                raise
+            for item in items:
+                yield item if isinstance(item, Cleared) \
+                    else _checkpoint(item, self.codec, self.copy_on_load)
+            if items and total is not None:
+                deadline = time.monotonic() + total
+            elif ran_out and deadline is not None and time.monotonic() >= deadline:
+                return
 
     def load_or_compute(
         self,
@@ -753,6 +839,10 @@ class BaseStore(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - a store with nothing to release needs no override
         """Release the store's resources; closing twice is fine."""
+
+    def _is_closed(self) -> bool:
+        """True once `close` was called (a follower ends then; each store says)."""
+        return False
 
     def __enter__(self) -> BaseStore:
         return self
