@@ -450,3 +450,55 @@ def test_dump_draws_a_progress_bar_only_on_a_terminal(cli: Cli, tmp_path: Path) 
     assert b"dumping" in drawn
     plain = _shmstore("dump", str(tmp_path / "e"), "--url", cli.url)
     assert plain.returncode == 0 and plain.stderr == b""  # not a terminal: no bar
+
+
+# -- watch ----------------------------------------------------------------------------------
+
+
+def test_watch_prints_every_checkpoint_in_order_then_stops_at_count(cli: Cli) -> None:
+    ids = [cli.store.save(Checkpoint(execution_id="w", node_name=f"n{i}", state=i)).id
+           for i in range(3)]
+    code, out, err = cli.run("watch", "w", "--count", "3")
+    assert code == 0, err
+    lines = [line.split("\t") for line in out.splitlines()]
+    assert [(v, cid, node) for v, cid, node, _ in lines] == [
+        (str(i + 1), ids[i], f"n{i}") for i in range(3)]
+    rows = [json.loads(line) for line in cli.run("watch", "w", "--after-version", "1",
+                                                  "--count", "2", "--json")[1].splitlines()]
+    assert [r["version"] for r in rows] == [2, 3]  # resumed after version 1
+
+
+def test_watch_ends_when_idle_and_says_so_by_exit_code(cli: Cli) -> None:
+    cp = cli.store.save(Checkpoint(execution_id="w", state=1))
+    code, out, _ = cli.run("watch", "w", "--idle", "0.2")
+    assert code == 0 and out.split("\t")[:2] == ["1", cp.id]  # no --count: the end is fine
+    code, out, _ = cli.run("watch", "w", "--idle", "0.2", "--count", "2")
+    assert code == 1 and len(out.splitlines()) == 1  # one came, the second never did
+    code, _, err = cli.run("watch", "w", "--idle", "-1")
+    assert code == 2 and "ConfigError" in err
+
+
+def test_watch_follows_live_saves_and_reports_a_clear(cli: Cli) -> None:
+    cli.store.save(Checkpoint(execution_id="live", state="first"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shmstore", "watch", "live", "--count", "3", "--json",
+         "--idle", "60", "--url", cli.url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        assert proc.stdout is not None
+        first = json.loads(proc.stdout.readline())  # it runs, and has read version 1
+        assert first["version"] == 1
+        cli.store.save(Checkpoint(execution_id="live", state="second"))
+        assert json.loads(proc.stdout.readline())["version"] == 2
+        cli.store.clear("live")
+        again = cli.store.save(Checkpoint(execution_id="live", state="after the clear"))
+        assert json.loads(proc.stdout.readline()) == {"cleared": "live", "last_version": 2}
+        assert json.loads(proc.stdout.readline())["id"] == again.id
+        assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()

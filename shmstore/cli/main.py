@@ -279,6 +279,32 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_watch(args: argparse.Namespace) -> int:
+    """``shmstore watch``: one line per checkpoint of an execution as it is saved."""
+    from ..core.stream import Cleared
+
+    seen = 0
+    with _store(args) as store:
+        for item in store.follow(args.execution, after_version=args.after_version,
+                                 timeout=args.idle):
+            if isinstance(item, Cleared):
+                row: dict[str, Any] = {"cleared": item.execution_id,
+                                       "last_version": item.last_version}
+                text = (f"-- execution {item.execution_id!r} was emptied after version "
+                        f"{item.last_version}; following it from version 1")
+            else:
+                seen += 1
+                row = {"version": item.version, "id": item.id, "node_name": item.node_name,
+                       "timestamp": item.timestamp.isoformat(), "parent_id": item.parent_id}
+                text = "\t".join(str(row[k]) for k in ("version", "id", "node_name",
+                                                        "timestamp"))
+            print(json.dumps(row, default=repr) if args.json else text, flush=True)
+            if args.count is not None and seen >= args.count:
+                return 0
+    # --idle ran out (or the store closed) before --count checkpoints came
+    return 0 if args.count is None else 1
+
+
 def _cmd_rm(args: argparse.Namespace) -> int:
     from ..core.checkpoint import validate_id
 
@@ -471,6 +497,13 @@ def _size(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"{exc} (or none)") from None
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    return value
+
+
 def _count(text: str) -> int | None:
     if text.strip().lower() in ("none", "off"):
         return None
@@ -556,6 +589,25 @@ def _parser() -> argparse.ArgumentParser:
                       help="show this execution's latest checkpoint instead")
     show.add_argument("--json", action="store_true", help="as one JSON object")
     show.set_defaults(func=_cmd_show, subparser=show)
+
+    watch = sub.add_parser(
+        "watch", help="follow an execution: one line per checkpoint as it is saved",
+        description="Print every checkpoint of EXECUTION in version order as it is saved "
+        "(version, id, node, timestamp), waiting in the server between "
+        "them; a clear of the execution is a line of its own, then it goes on from "
+        "version 1. Ends on Ctrl-C, after --idle seconds without a new checkpoint, or "
+        "after --count checkpoints (exit code 1 if --idle ran out first).")
+    client_options(watch)
+    watch.add_argument("execution", help="the execution to follow")
+    watch.add_argument("--after-version", type=_non_negative_int, default=0, metavar="N",
+                       help="start after this version (default 0: every checkpoint it has; "
+                       "resume with the last version printed)")
+    watch.add_argument("--idle", type=float, default=None, metavar="S",
+                       help="stop after S seconds without a new checkpoint (default: never)")
+    watch.add_argument("--count", type=_positive_int, default=None, metavar="N",
+                       help="stop after N checkpoints")
+    watch.add_argument("--json", action="store_true", help="one JSON object per line")
+    watch.set_defaults(func=_cmd_watch)
 
     rm = sub.add_parser(
         "rm", help="delete checkpoints by id",
