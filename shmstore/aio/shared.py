@@ -23,6 +23,7 @@ import functools
 import os
 import socket
 import threading
+import weakref
 from collections.abc import Awaitable
 from typing import Any
 
@@ -268,13 +269,22 @@ class AsyncChannel:
             return
         self.closed = True
         waiter, self._waiter = self._waiter, None
-        self._loop.remove_reader(self.fd)
-        self._loop.remove_writer(self.fd)
+        if not self._loop.is_closed():
+            self._loop.remove_reader(self.fd)
+            self._loop.remove_writer(self.fd)
         if waiter is not None and not waiter.done():
             waiter.set_exception(OSError("the connection was closed"))
         if self._in is not None:
             self._in.drop()
         self._sock.close()
+
+
+    def __del__(self) -> None:
+        # A channel dropped unclosed (its store dropped with its event loop) closes its
+        # socket quietly; no call can be waiting on it, or it would still be referenced.
+        if not getattr(self, "closed", True):
+            self.closed = True
+            self._sock.close()
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
@@ -343,7 +353,9 @@ class AsyncSharedStore(AsyncStore):
         self._conns: set[AsyncChannel] = set()
         self._slots = asyncio.Semaphore(self.max_connections)
         self._closed = False
-        self._backend = self
+        # Not ``self``: a store in a cycle would keep its sockets open until the cyclic
+        # collector ran, and then close them in no set order (unclosed, warning).
+        self._backend = _Pooled(self)
 
     def __repr__(self) -> str:
         return f"<AsyncSharedStore {self.url}>"
@@ -386,9 +398,9 @@ class AsyncSharedStore(AsyncStore):
         self._conns.discard(conn)
         conn.close()
 
-    async def call(self, op: str, *args: Any) -> Any:
+    async def _request(self, op: str, args: tuple[Any, ...]) -> Any:
         """Run ``op`` in the server: one round trip on a pooled connection; the answer
-        rebuilt as `SharedStore`'s backend rebuilds it (the `AsyncBackend` of this store)."""
+        rebuilt as `SharedStore`'s backend rebuilds it."""
         if self._closed:
             raise self._closed_error()
         async with self._slots:
@@ -418,8 +430,25 @@ class AsyncSharedStore(AsyncStore):
         if not self._closed and self._idle:
             self._idle[-1].send_nowait(("register_client",
                                         (os.getpid(), self.name, self.role, True)))
+        self.close_now()
+
+    def close_now(self) -> None:
+        """Close every connection at once, from any thread once its loop has ended (no
+        goodbye to the server: `aclose` says it)."""
         self._closed = True
         conns, self._conns = self._conns, set()
         self._idle = []
         for conn in conns:
             conn.close()
+
+
+class _Pooled:
+    """`AsyncSharedStore`'s `AsyncBackend`: each call one `AsyncSharedStore._request`."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: AsyncSharedStore) -> None:
+        self._store = weakref.proxy(store)
+
+    async def call(self, op: str, *args: Any) -> Any:
+        return await self._store._request(op, args)
