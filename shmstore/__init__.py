@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .core.limits import Limits
     from .core.stats import StoreStats
     from .core.store import BaseStore
+    from .core.stream import Cleared
     from .integrations.pipeline import CheckpointConfig, Pipeline
     from .server.process import StoreServer, serve
 
@@ -54,6 +55,7 @@ _EXPORTS = {
     "Checkpoint": "core.checkpoint",
     "CheckpointConfig": "integrations.pipeline",
     "CheckpointNotFound": "core.errors",
+    "Cleared": "core.stream",
     "ConfigError": "core.errors",
     "DecodeError": "core.errors",
     "EncodeError": "core.errors",
@@ -80,6 +82,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointConfig",
     "CheckpointNotFound",
+    "Cleared",
     "ConfigError",
     "DecodeError",
     "EncodeError",

@@ -16,7 +16,7 @@ import contextvars
 import inspect
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 from shmstore.aio import AsyncStore
@@ -86,6 +86,10 @@ class _Loop:
         self.thread.join(30)
 
 
+async def _made(make: Callable[[], Any]) -> Any:
+    return make()  # (an async generator is made inside the loop's thread)
+
+
 class _SyncBackend:
     """The async store's backend as a sync `Backend` (tests that call ops directly)."""
 
@@ -131,6 +135,20 @@ class SyncOverAsync:
 
     def __repr__(self) -> str:
         return f"<SyncOverAsync {self.astore!r}>"
+
+    def follow(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        """`AsyncStore.follow`'s async iterator, stepped on the loop: a sync iterator.
+        (Its arguments are checked at the call, as the sync store checks them.)"""
+        agen = self._loop.run(_made(lambda: self.astore.follow(*args, **kwargs)))
+
+        def items() -> Iterator[Any]:
+            while True:
+                try:
+                    yield self._loop.run(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+
+        return items()
 
     def close(self) -> None:
         """Close the async store; its loop runs on (later calls must fail as the async

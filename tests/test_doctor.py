@@ -95,6 +95,10 @@ def test_the_doctor_names_the_leaking_writer_and_only_it(
         if p.pid != leaker:
             assert verdicts[p.pid] in ("steady", "growing"), format_diagnosis(d)
     text = format_diagnosis(d)
+    # every writer's execution keeps its growing states: the payload grows in each
+    assert {e.name for e, g in d.executions if g.rank >= 2} == \
+        {f"w{i}" for i in range(WRITERS)}, text
+    assert "the payload grows in:" in text
     assert f"LEAKING    {leaker}/writer-{LEAKER}" in text
     assert f"leaking: {leaker}/writer-{LEAKER}" in text
 

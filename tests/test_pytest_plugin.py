@@ -482,3 +482,69 @@ def test_a_bad_shmstore_url_is_a_usage_error(project: Project, url: str, message
     result = project.run("--shmstore-url", url)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
+
+
+# -- memory per test ------------------------------------------------------------------------
+
+LEAKY = """
+import pytest
+
+KEPT = []
+MIB = 1024 * 1024
+
+def test_leaks_40_mib():
+    KEPT.append(bytes(range(256)) * (40 * MIB // 256))  # touched pages: RSS grows
+
+@pytest.mark.parametrize("i", range(6))
+def test_steady(i):
+    assert sum(range(1000)) == 499500
+
+@pytest.mark.shmstore_limit_growth("10 MiB")
+def test_limited_and_leaking():
+    KEPT.append(bytes(range(256)) * (24 * MIB // 256))
+
+@pytest.mark.shmstore_limit_growth("10 MiB")
+def test_limited_and_steady():
+    scratch = bytes(range(256)) * (24 * MIB // 256)  # allocated, then given back
+    assert len(scratch) == 24 * MIB
+
+@pytest.mark.shmstore_limit_growth("ten megabytes")
+def test_limited_badly():
+    pass
+"""
+
+
+@pytest.mark.parametrize("xdist", XDIST_RUNS[:2])
+def test_shmstore_memory_names_the_test_after_which_a_worker_grew(
+        project: Project, xdist: list[str]) -> None:
+    project.write(LEAKY)
+    result = project.run(*xdist, "--shmstore-memory", "-p", "no:randomly")
+    # the marker: the leaking limited test fails, the steady one passes, a bad size errors
+    result.assert_outcomes(passed=8, failed=1, errors=1)
+    result.stdout.fnmatch_lines([
+        "*test_limited_and_leaking*: this process grew by 2?.? MiB during the test, more "
+        "than the 10.0 MiB its @pytest.mark.shmstore_limit_growth allows*"])
+    result.stdout.fnmatch_lines(["*'ten megabytes' is not a size*"])
+    result.stdout.fnmatch_lines([
+        "*- shmstore memory per test -*",
+        "10 tests measured in * process*:",
+    ])
+    out = result.stdout.str()
+    report = out[out.index("shmstore memory per test"):]
+    ranked = [line for line in report.splitlines() if "::test_" in line]
+    # the two tests that kept memory head the list, the one that kept 40 MiB first
+    assert "test_leaks_40_mib" in ranked[0], report
+    assert "test_limited_and_leaking" in ranked[1], report
+    assert ranked[0].split()[0].startswith("+4"), report  # +40.x MiB
+    if xdist:
+        result.stdout.fnmatch_lines(["  gw0: * tests, RSS * -> *", "  gw1: * tests, RSS * -> *"])
+    else:
+        result.stdout.fnmatch_lines(["  main: 10 tests, RSS * -> * (+*)"])
+
+
+def test_the_marker_works_without_the_option_and_saves_nothing(project: Project) -> None:
+    project.write(LEAKY)
+    result = project.run("-p", "no:randomly", "--shmstore-report")
+    result.assert_outcomes(passed=8, failed=1, errors=1)
+    result.stdout.no_fnmatch_line("*shmstore memory per test*")
+    result.stdout.fnmatch_lines(["no test used the shared store: no server was started"])

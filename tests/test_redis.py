@@ -226,6 +226,22 @@ def test_wait_sleeps_in_redis_a_bounded_number_of_calls(rstore: RedisStore, raw:
     assert after.get("evalsha", 0) - before.get("evalsha", 0) <= 5
 
 
+def test_a_followers_generation_key_lives_while_the_execution_has_checkpoints(
+    rstore: RedisStore, raw: Any,
+) -> None:
+    # A follower may be busy with a checkpoint for longer than a waiter's grace: the key
+    # that tells it of a clear must not expire under it meanwhile.
+    rstore.save(cp(state="one"))
+    it = rstore.follow("run", timeout=10)
+    assert next(it).state == "one"  # type: ignore[union-attr]
+    assert raw.pttl("shmstore:{run}:g") == -1  # no TTL: kept while "run" has checkpoints
+    rstore.clear("run")
+    assert raw.pttl("shmstore:{run}:g") > 0   # emptied: it goes once nobody waits
+    rstore.save(cp(state="two"))
+    assert [getattr(i, "state", i) for i in (next(it), next(it))] == [
+        shmstore.Cleared("run", 1), "two"]
+
+
 def test_a_lease_expiry_hands_over_on_the_redis_clock(rstore: RedisStore, raw: Any) -> None:
     kind, _token = rstore._backend.claim("run", "n", "ghost:1:1", 0.6, 0.0)
     assert kind == "granted"

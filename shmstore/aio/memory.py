@@ -64,6 +64,7 @@ class AsyncMemoryStore(AsyncStore):
 
     def __init__(self, store: MemoryStore | None = None, *, codec: MsgpackCodec | None = None,
                  limits: Limits | dict[str, Any] | None = None) -> None:
+        self._own_table = store is None  # (a shared table's waits are its owner's too)
         if store is None:
             store = MemoryStore(codec=codec, limits=limits)
         elif not isinstance(store, MemoryStore) or limits is not None:
@@ -75,7 +76,16 @@ class AsyncMemoryStore(AsyncStore):
         if not isinstance(table, LocalTable):
             raise ConfigError("that MemoryStore is closed", value=repr(store)[:80])
         self._backend = _InLoop(table)
+        self._table = table
 
     async def aclose(self) -> None:
-        """Later calls raise `StoreUnavailable` (a shared `MemoryStore` stays open)."""
+        """Later calls raise `StoreUnavailable` (a shared `MemoryStore` stays open); a
+        blocked `wait`/`follow` of its own table ends at once (on a shared table, at the
+        end of its slice, `wait_slice`)."""
         self._backend = closed_async_backend(_closed)
+        self._ended = True
+        if self._own_table:
+            self._table.end_waits()
+
+    def _is_closed(self) -> bool:
+        return getattr(self, "_ended", False)

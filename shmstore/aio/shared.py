@@ -424,6 +424,9 @@ class AsyncSharedStore(AsyncStore):
         value = answer(kind, result, self.url)
         return value if rebuild is None else rebuild(value)
 
+    def _is_closed(self) -> bool:
+        return self._closed
+
     async def aclose(self) -> None:
         """Close every connection; calls under way raise `StoreUnavailable`, and so do
         later ones.  The server hears that this process is done, without a wait."""

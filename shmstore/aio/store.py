@@ -17,7 +17,7 @@ import inspect
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, NoReturn, Protocol
 
 from ..core.backend import ClaimAnswer, CompleteAnswer, Sample
@@ -31,10 +31,13 @@ from ..core.store import (
     DEFAULT_LEASE_S,
     StoreLogic,
     _check_limit,
+    _check_timeout,
     _release,
     _with_version,
+    check_record,
     renewed,
 )
+from ..core.stream import Cleared, FollowCursor, ListAbove
 
 __all__ = ["AsyncBackend", "AsyncStore", "closed_async_backend"]
 
@@ -158,11 +161,91 @@ class AsyncStore(StoreLogic):
         return self._decode_all(await self._call("load_many", ids), copy) if ids else []
 
     async def list(self, execution_id: str, *, limit: int | None = None,
-                   before_version: int | None = None,
+                   before_version: int | None = None, after_version: int | None = None,
                    newest_first: bool = False) -> builtins.list[Checkpoint]:
-        """The checkpoints of one execution, ordered by version (`BaseStore.list`)."""
+        """The checkpoints of one execution, ordered by version; strictly between
+        ``after_version`` and ``before_version`` when given (`BaseStore.list`)."""
+        args = self._list_args(execution_id, limit, before_version, newest_first,
+                               after_version)
+        # without after_version, the request has the shape older servers know
+        return self._decode_all(await self._call("list", *(args if args[4] is not None
+                                                          else args[:4])))
+
+    async def list_records(self, execution_id: str, *, limit: int | None = None,
+                           before_version: int | None = None,
+                           newest_first: bool = False) -> builtins.list[Record]:
+        """The records of one execution as the store keeps them (`BaseStore.list_records`)."""
         args = self._list_args(execution_id, limit, before_version, newest_first)
-        return self._decode_all(await self._call("list", *args))
+        return self._as_stored(await self._call("list", *args[:4]))
+
+    async def save_records(self, records: Iterable[Record]) -> builtins.list[int]:
+        """Store records as another store kept them, in one round trip; all or nothing
+        (`BaseStore.save_records`)."""
+        threshold = self._plane_threshold
+        sent: builtins.list[Record] = []
+        try:
+            for record in records:
+                checked = check_record(record)
+                if self._asks_limit(len(checked.state) + len(checked.metadata)):
+                    self._max_checkpoint_bytes = (await self.limits()).max_checkpoint_bytes
+                sent.append(self._to_save(checked, threshold))
+            return builtins.list(await self._call("save_many", sent)) if sent else []
+        finally:
+            _release(sent)
+
+    def follow(self, execution_id: str, *, after_version: int = 0,
+               timeout: float | None = None) -> AsyncIterator[Checkpoint | Cleared]:
+        """Every checkpoint of the execution, in version order, as it is saved: an async
+        iterator (``async for``), `BaseStore.follow`'s twin (the same `FollowCursor`).
+
+        It waits in the store between checkpoints without blocking the event loop, yields
+        a `Cleared` marker when the execution was emptied, and ends when ``timeout``
+        seconds pass without a new item or the store is closed; to stop it sooner, cancel
+        its task (the connection of a call cut off so is discarded).
+
+        Raises:
+            ConfigError: a bad execution id, ``after_version`` or ``timeout`` (when called).
+        """
+        cursor = FollowCursor(execution_id, after_version=after_version)
+        return self._follow(cursor, _check_timeout(timeout))
+
+    async def _follow(self, cursor: FollowCursor,
+                      total: float | None) -> AsyncIterator[Checkpoint | Cleared]:
+        """Run ``cursor``'s requests with awaited calls; yield what it returns."""
+        loop = asyncio.get_running_loop()
+        execution_id = cursor.execution_id
+        deadline = None if total is None else loop.time() + total
+        while not self._is_closed():
+            request = cursor.request()
+            ran_out = False
+            try:
+                if isinstance(request, ListAbove):
+                    items = cursor.on_list(await self._call(
+                        "list", execution_id, request.limit, None, False,
+                        request.after_version))
+                else:
+                    chunk = 0.0
+                    if request.block:
+                        left = self.wait_slice if deadline is None else deadline - loop.time()
+                        chunk = max(0.0, min(left, self.wait_slice))
+                    record, generation = await self._call(
+                        "wait", execution_id, request.after_version, chunk, request.generation)
+                    items = cursor.on_wait(record, generation)
+                    ran_out = request.block and record is None
+            except ShmstoreError:
+                if self._is_closed():  # closed under us (another task): the end
+                    return
+                raise
+            for item in items:
+                yield item if isinstance(item, Cleared) else self._decoded(item)
+            if items and total is not None:
+                deadline = loop.time() + total
+            elif ran_out and deadline is not None and loop.time() >= deadline:
+                return
+
+    def _is_closed(self) -> bool:
+        """True once `aclose` was called (a follower ends then; each store says)."""
+        return False
 
     async def latest(self, execution_id: str) -> Checkpoint | None:
         """The execution's checkpoint with the highest version, or None."""

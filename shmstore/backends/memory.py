@@ -21,7 +21,7 @@ class LocalTable(CheckpointTable):
 
     def __init__(self, limits: Limits | dict[str, Any] | None = None) -> None:
         super().__init__(limits)
-        self._monitor = MemoryMonitor(self.figures)
+        self._monitor = MemoryMonitor(self.figures, largest=self.largest)
 
     def memory_history(self, since: float | None = None) -> list[Sample]:
         """Take a sample now; then the samples after ``since``, oldest first."""
@@ -36,7 +36,7 @@ class LocalTable(CheckpointTable):
 _LOCAL: Final[type[Backend]] = LocalTable  # mypy checks that it is a complete Backend
 
 
-def _closed() -> StoreUnavailable:
+def _closed_error() -> StoreUnavailable:
     return StoreUnavailable("this MemoryStore was closed", address="memory://")
 
 
@@ -66,7 +66,15 @@ class MemoryStore(BaseStore):
         super().__init__(codec=codec)
         # The table itself is the backend: a call is a method call, nothing in between.
         self._backend = LocalTable(limits)
+        self._closed = False
 
     def close(self) -> None:
-        """Drop every checkpoint; later calls raise `StoreUnavailable`."""
-        self._backend = closed_backend(_closed)
+        """Drop every checkpoint; later calls raise `StoreUnavailable`; a ``wait`` or
+        ``follow`` blocked in another thread returns (``follow`` ends) at once."""
+        backend, self._backend = self._backend, closed_backend(_closed_error)
+        self._closed = True
+        if isinstance(backend, LocalTable):
+            backend.end_waits()
+
+    def _is_closed(self) -> bool:
+        return self._closed

@@ -30,7 +30,9 @@ expiry.  Every save and released lease ``PUBLISH``es one message, which wakes ev
 waiter; a message needs no memory, so waits still wake when Redis is at ``maxmemory``
 (a stream entry, as this module first used, could not be written then).  A waiter keeps
 its execution's generation (bumped when the execution empties, see the contract's
-``wait``) in ``P{E}:g``, which lives as long as its waiters.
+``wait``) in ``P{E}:g``, which lives as long as its waiters, and while the execution
+has checkpoints once someone waited on it (so a follower busy between two waits still
+sees a clear).
 
 Key layout (``P`` is the prefix, ``shmstore:`` by default; ``{E}`` is the execution id
 as a Redis Cluster hash tag, so one execution's keys share a slot)::
@@ -43,7 +45,8 @@ as a Redis Cluster hash tag, so one execution's keys share a slot)::
     P{E}:l:<node>   hash   the load_or_compute lease on a node: t token, o owner; its
                            TTL is the lease
     P{E}:w          channel wake-ups for waiters (pub/sub: not a key, holds nothing)
-    P{E}:g          string the execution's generation while someone waits on it
+    P{E}:g          string the execution's generation while someone waits on it, and
+                           while it has checkpoints once someone did
     Pids            hash   checkpoint id -> execution id (load by id, re-saves)
     Porder          zset   checkpoint id -> store-wide save sequence (eviction order)
     Pexecs          hash   execution id -> checkpoints
@@ -79,6 +82,8 @@ import json
 import math
 import os
 import re
+import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -320,6 +325,9 @@ class RedisStore(BaseStore):
     def _closed(self) -> bool:
         return self._backend._closed
 
+    def _is_closed(self) -> bool:
+        return self._backend._closed
+
     def flush(self) -> int:
         """Drop every key of this prefix (checkpoints, counters, limits); return how many.
 
@@ -331,7 +339,8 @@ class RedisStore(BaseStore):
         """Close this store's connections (a client passed in is left open).
 
         Calls in flight in other threads finish; their connections close as they end.
-        Later calls raise `StoreUnavailable`.
+        A ``wait`` or ``follow`` blocked in another thread is woken (``wait`` raises
+        `StoreUnavailable`, ``follow`` ends).  Later calls raise `StoreUnavailable`.
         """
         self._backend.close()
 
@@ -353,6 +362,10 @@ def _guarded(op: Callable[..., _R]) -> Callable[..., _R]:
         except ShmstoreError:
             raise
         except Exception as exc:
+            if self._closed:  # closed by another thread under this call (close wakes waits)
+                raise StoreUnavailable(f"this RedisStore was closed while its {op.__name__!r} "
+                                       f"call ran ({self.address})",
+                                       address=self.address) from None
             raise self._translate(exc) from None
         finally:
             if self._closed:  # closed by another thread meanwhile: drop what we used
@@ -376,6 +389,9 @@ class RedisBackend:
         self.address = address
         self._owns_client = owns_client
         self._closed = False
+        # The subscriptions waits sleep on now: close() wakes them.
+        self._sleeping: set[_WakeUps] = set()
+        self._sleeping_lock = threading.Lock()
 
     def _translate(self, exc: Exception) -> ShmstoreError | Exception:
         """Map a redis-py error to the exception tree."""
@@ -431,8 +447,20 @@ class RedisBackend:
         return client.execute_command("EVALSHA", _SHAS[name], 0, self._prefix, *args)
 
     def _subscribe(self, execution_id: str) -> _WakeUps:
-        """Listen to the execution's wake-up channel; subscribed when this returns."""
-        return _WakeUps(self._client, self._key(execution_id, "w"), self.timeout)
+        """Listen to the execution's wake-up channel; subscribed when this returns.
+        Close it with `_unsubscribe`."""
+        wakeups = _WakeUps(self._client, self._key(execution_id, "w"), self.timeout)
+        with self._sleeping_lock:
+            self._sleeping.add(wakeups)
+            closed = self._closed
+        if closed:  # closed meanwhile: its close() did not see this one
+            wakeups.interrupt()
+        return wakeups
+
+    def _unsubscribe(self, wakeups: _WakeUps) -> None:
+        with self._sleeping_lock:
+            self._sleeping.discard(wakeups)
+        wakeups.close()
 
     def _key(self, execution_id: str, suffix: str) -> bytes:
         return self._prefix + b"{" + _b(execution_tag(execution_id)) + b"}:" + _b(suffix)
@@ -546,11 +574,12 @@ class RedisBackend:
         return [_record(raw) for raw in value]
 
     def list(self, execution_id: str, limit: int | None = None,
-             before_version: int | None = None,
-             newest_first: bool = False) -> builtins.list[Record]:
+             before_version: int | None = None, newest_first: bool = False,
+             after_version: int | None = None) -> builtins.list[Record]:
         raws = self._run("list", _b(execution_id), -1 if limit is None else limit,
                          b"" if before_version is None else b"%d" % before_version,
-                         b"1" if newest_first else b"0")
+                         b"1" if newest_first else b"0",
+                         b"" if after_version is None else b"%d" % after_version)
         return [_record(raw) for raw in raws]
 
     def latest(self, execution_id: str) -> Record | None:
@@ -577,8 +606,7 @@ class RedisBackend:
             while True:
                 ms = 60_000 if deadline is None else int((deadline - time.monotonic()) * 1000)
                 found, value, generation = self._run("wait", name, after_version, count,
-                                                     ms + WAKE_GRACE_MS if ms >= 1 else 0,
-                                                     generation)
+                                                     max(ms, 0) + WAKE_GRACE_MS, generation)
                 generation = int(generation)
                 count = b"0"
                 if found:
@@ -592,7 +620,7 @@ class RedisBackend:
                 wakeups.sleep(ms / 1000)
         finally:
             if wakeups is not None:
-                wakeups.close()
+                self._unsubscribe(wakeups)
 
     def claim(self, execution_id: str, node_name: str, owner: str, lease_s: float,
               timeout: float = 0.0) -> ClaimAnswer:
@@ -623,7 +651,7 @@ class RedisBackend:
                 wakeups.sleep(max(1, min(ms, pttl)) / 1000)
         finally:
             if wakeups is not None:
-                wakeups.close()
+                self._unsubscribe(wakeups)
 
     def renew(self, execution_id: str, node_name: str, token: str, lease_s: float) -> bool:
         return bool(self._run("renew", _b(execution_id), _b(node_name), _b(token),
@@ -703,7 +731,8 @@ class RedisBackend:
             return []
         return [{"t": now, "server_rss": stats["server_rss"], "server_uss": None,
                  "checkpoints": stats["checkpoints"], "payload_bytes": stats["payload_bytes"],
-                 "segment_bytes": 0, "clients": {}}]
+                 "segment_bytes": 0, "clients": {},
+                 "executions": [list(e) for e in stats["largest_executions"]]}]
 
     def register_client(self, pid: int, name: str = "", role: str = ROLE_WORKER,
                         leaving: bool = False) -> None:
@@ -733,9 +762,13 @@ class RedisBackend:
 
     def close(self) -> None:
         """Close the store's connections (`RedisStore.close`)."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._sleeping_lock:
+            if self._closed:
+                return
+            self._closed = True
+            sleeping = builtins.list(self._sleeping)
+        for wakeups in sleeping:  # a wait blocked in another thread returns now
+            wakeups.interrupt()
         self._disconnect_idle()
 
     def _disconnect_idle(self) -> None:
@@ -779,6 +812,17 @@ class _WakeUps:
             message = self._pubsub.get_message(timeout=remaining)
             if message is not None and message["type"] == "message":
                 return
+
+    def interrupt(self) -> None:
+        """Wake a `sleep` in another thread: shut its connection's socket down (its read
+        fails, so the wait raises and its store, closed, ends it)."""
+        connection = self._pubsub.connection
+        sock = None if connection is None else getattr(connection, "_sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
 
     def close(self) -> None:
         """Drop the subscription and its connection."""

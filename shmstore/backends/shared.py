@@ -198,7 +198,7 @@ class SharedStore(BaseStore):
         except BaseException as exc:
             # Whatever happened, this connection may be out of step: never reuse it.
             self._discard(conn)
-            if self._closed and isinstance(exc, OSError):  # closed under us, not lost
+            if self._closed and isinstance(exc, (OSError, EOFError)):  # closed under us
                 raise self._closed_error(op) from None
             raise translate(exc, self.url, self.timeout) from None
         if self._closed:
@@ -208,7 +208,8 @@ class SharedStore(BaseStore):
         return answer(kind, result, self.url)
 
     def close(self) -> None:
-        """Close every connection this store opened; later calls raise `StoreUnavailable`.
+        """Close every connection this store opened; later calls raise `StoreUnavailable`
+        (a call blocked in another thread too, at once; a ``follow`` ends).
 
         The server is told this process is done (so its monitor shows it "exited" once it
         ends, not "gone"), over an idle connection and without waiting for an answer:
@@ -223,12 +224,19 @@ class SharedStore(BaseStore):
         self._closed = True
         with self._conns_lock:
             conns, self._conns = self._conns, set()
-        self._idle = []
+        idle, self._idle = self._idle, []
         for conn in conns:
+            # A call in flight (a wait, a follow) sleeps in select() on its socket, which
+            # closing alone does not wake on Linux; shutting the socket down does.
+            if not any(conn is other for other in idle):
+                conn.shutdown()
             try:
                 conn.close()
             except OSError:
                 pass
+
+    def _is_closed(self) -> bool:
+        return self._closed
 
 
 # A record in an answer: the server sent a `Record`, msgpack made it a list.
@@ -301,10 +309,13 @@ class _Remote:
         return _records(self._store._request("load_many", (checkpoint_ids,)))
 
     def list(self, execution_id: str, limit: int | None = None,
-             before_version: int | None = None,
-             newest_first: bool = False) -> builtins.list[Record]:
-        return _records(self._store._request("list", (execution_id, limit, before_version,
-                                                      newest_first)))
+             before_version: int | None = None, newest_first: bool = False,
+             after_version: int | None = None) -> builtins.list[Record]:
+        # after_version is last, so that a request without it has the older shape.
+        args: tuple[object, ...] = (execution_id, limit, before_version, newest_first)
+        if after_version is not None:
+            args += (after_version,)
+        return _records(self._store._request("list", args))
 
     def latest(self, execution_id: str) -> Record | None:
         return _optional(self._store._request("latest", (execution_id,)))

@@ -210,6 +210,7 @@ class CheckpointTable:
         self.rejections = 0  # saves refused by a limit
         self.pruned = 0  # dropped by retention (max_per_execution)
         self._evicted = 0  # oldest-first removals since ``_records`` was last compacted
+        self._closing = False  # set by `end_waits`: every wait returns at once
 
     # -- writes -------------------------------------------------------------------------
 
@@ -436,8 +437,12 @@ class CheckpointTable:
         limit: int | None = None,
         before_version: int | None = None,
         newest_first: bool = False,
+        after_version: int | None = None,
     ) -> builtins.list[Record]:
-        """Records of one execution in version order; cost grows with that execution only."""
+        """Records of one execution in version order, only versions strictly between
+        ``after_version`` and ``before_version`` (each None: no bound), at most ``limit``
+        (the oldest, or the newest with ``newest_first``); cost grows with that execution
+        only, and above an ``after_version`` inside it with what is returned."""
         with self._lock:
             self._ops["list"] += 1
             execution = self._executions.get(execution_id)
@@ -445,22 +450,39 @@ class CheckpointTable:
                 return []
             records = self._records
             versions = execution.versions
-            if before_version is None and limit is None:
+            if before_version is None and limit is None and after_version is None:
                 ids: Iterable[str] = versions.values()
                 if newest_first:
                     ids = reversed(versions.values())
                 return [records[cid] for cid in ids]
+            low = 0 if after_version is None else after_version
+            high = None if before_version is None else before_version
             out: builtins.list[Record] = []
             if newest_first:
                 for version in reversed(versions):
-                    if before_version is not None and version >= before_version:
+                    if version <= low:
+                        break
+                    if high is not None and version >= high:
                         continue
                     out.append(records[versions[version]])
                     if limit is not None and len(out) >= limit:
                         break
             else:
+                if versions and low >= next(iter(versions)):
+                    # A follower reads above its position, inside the execution: look
+                    # the versions up from there (a version is a dict key), not walk up
+                    # from the oldest; the cost is what it returns plus the versions in
+                    # between that were re-saved or deleted.
+                    top = execution.high if high is None else min(execution.high, high - 1)
+                    for version in range(low + 1, top + 1):
+                        cid = versions.get(version)
+                        if cid is not None:
+                            out.append(records[cid])
+                            if limit is not None and len(out) >= limit:
+                                break
+                    return out
                 for version, cid in versions.items():
-                    if before_version is not None and version >= before_version:
+                    if high is not None and version >= high:
                         break
                     out.append(records[cid])
                     if limit is not None and len(out) >= limit:
@@ -497,9 +519,10 @@ class CheckpointTable:
             generation: what an earlier slice of the same wait returned (0: the wait
                 starts now, in the execution's present generation).
 
-        Returns ``(latest record, generation)``, or ``(None, generation)`` if ``timeout``
-        seconds ran out first: pass that generation to the next slice.  The thread sleeps
-        on a condition that the matching save notifies: no polling.
+        Returns ``(latest record, the execution's generation now)``: different from the
+        waiter's when the execution restarted since; or ``(None, generation)`` if
+        ``timeout`` seconds ran out first: pass that generation to the next slice.  The
+        thread sleeps on a condition that the matching save notifies: no polling.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
@@ -510,16 +533,27 @@ class CheckpointTable:
                 while not execution.versions or (execution.generation == start
                                                  and execution.latest_version() <= after_version):
                     remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
+                    if (remaining is not None and remaining <= 0) or self._closing:
                         # An empty execution without a restart is forgotten when its last
                         # waiter leaves; its next generation would look like a restart.
                         seen = execution.generation != start or execution.versions
                         return (None, start if seen else 0)
                     assert execution.waiters is not None
                     execution.waiters.wait(remaining)
-                return (self._latest(execution_id), start)
+                # The generation now, not the waiter's: it tells whether the execution
+                # restarted meanwhile (a follower reports that, `BaseStore.follow`).
+                return (self._latest(execution_id), execution.generation)
             finally:
                 self._leave_wait(execution)
+
+    def end_waits(self) -> None:
+        """Make every ``wait`` return now, as if its time ran out, and later ones at once:
+        the owner of an in-process table is closing (a blocked follower ends then)."""
+        with self._lock:
+            self._closing = True
+            for execution in self._executions.values():
+                if execution.waiters is not None:
+                    execution.waiters.notify_all()
 
     def _enter_wait(self, execution_id: str) -> _Execution:
         """Register a waiter on an execution (under the lock); create its condition."""
@@ -652,18 +686,26 @@ class CheckpointTable:
         """``(checkpoints, payload_bytes)`` right now, without taking the lock (a sample)."""
         return len(self._records), self._payload_bytes
 
+    def largest(self) -> builtins.list[tuple[str, int, int]]:
+        """The `LARGEST` executions by payload, largest first: ``(execution, checkpoints,
+        bytes)`` (kept incrementally: a sample can ask every time)."""
+        with self._lock:
+            return self._largest_now()
+
+    def _largest_now(self) -> builtins.list[tuple[str, int, int]]:
+        return [(ex.name, len(ex.versions), ex.nbytes)
+                for ex in self._by_size.top(self._executions)]
+
     def stats(self) -> StatsDict:
         """Counts, bytes, process figures and operation counters, as a plain dict."""
         with self._lock:
             self._ops["stats"] += 1
-            largest = self._by_size.top(self._executions)
             figures: StatsDict = {
                 "checkpoints": len(self._records),
                 "executions": self._live,
                 "payload_bytes": self._payload_bytes,
                 "ops": dict(self._ops),
-                "largest_executions": [(ex.name, len(ex.versions), ex.nbytes)
-                                       for ex in largest],
+                "largest_executions": self._largest_now(),
                 "evictions": self.evictions,
                 "rejections": self.rejections,
                 "pruned": self.pruned,

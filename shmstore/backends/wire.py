@@ -490,6 +490,23 @@ class Channel:
         """True if bytes of a next message are already buffered."""
         return self._end > self._start
 
+    def shutdown(self) -> None:
+        """Wake a thread blocked reading this connection (it reads the end of the stream);
+        closing the descriptor alone does not wake it on Linux."""
+        sock = self._sock
+        try:
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+                return
+            # A socket object that borrows the descriptor for the call, then lets go.
+            sock = socket.socket(fileno=self.fd)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            finally:
+                sock.detach()
+        except OSError:  # closed or not connected any more: nothing waits on it
+            pass
+
     def close(self) -> None:
         self._drop_fds()
         self._release_socket()

@@ -1,4 +1,8 @@
-"""The ``shmstore`` command: serve, stats, monitor, doctor, ls, show, demo.
+"""The ``shmstore`` command: serve, stats, monitor, doctor, ls, show, rm, clear, dump,
+load, demo.
+
+Exit codes: 0 success; 1 not found (an unknown checkpoint or execution, nothing
+matched); 2 usage errors, bad input, a store that is not there or refuses.
 
 Secrets never travel on the command line: a server's key comes from ``SHMSTORE_AUTHKEY``
 or a connection file (``--connection-file`` / ``SHMSTORE_CONNECTION_FILE``).
@@ -18,12 +22,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..core.backend import ROLE_CLI, ROLE_MONITOR
-from ..core.errors import ConfigError, ShmstoreError
+from ..core.errors import CheckpointNotFound, ConfigError, ShmstoreError
+from ..core.stats import parse_bytes
 from ..core.validate import duration
 
 if TYPE_CHECKING:
     from ..core.config import Address
     from ..core.limits import Limits
+    from ..core.store import BaseStore
 
 __all__ = ["main"]
 
@@ -187,28 +193,221 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 def _cmd_ls(args: argparse.Namespace) -> int:
     with _store(args) as store:
         if args.execution is None:
-            for name in store.executions():
-                latest = store.latest(name)
-                print(f"{name}\t{latest.version if latest else 0}")
-            return 0
-        checkpoints = store.list(args.execution, limit=args.limit,
-                                 newest_first=args.newest_first)
-    if not checkpoints:
+            return _list_executions(store, args.json)
+        records = store.list_records(args.execution, limit=args.limit,
+                                     newest_first=args.newest_first)
+    if not records:
         print(f"shmstore: no checkpoints in execution {args.execution!r}", file=sys.stderr)
         return 1
-    for cp in checkpoints:
-        print(f"{cp.version}\t{cp.id}\t{cp.node_name}\t{cp.timestamp.isoformat()}")
+    rows = [{"version": r.version, "id": r.id, "node_name": r.node_name,
+             "timestamp": _iso(r.timestamp_us), "parent_id": r.parent_id,
+             "state_bytes": len(r.state)} for r in records]
+    if args.json:
+        _print_json(rows)
+    else:
+        for row in rows:
+            print("\t".join(str(row[k]) for k in ("version", "id", "node_name", "timestamp",
+                                                   "state_bytes")))
     return 0
 
 
+def _list_executions(store: BaseStore, as_json: bool) -> int:
+    """``shmstore ls``: each execution's checkpoints, bytes of state and latest save.
+
+    No operation reports every execution's counts and bytes (``stats`` has the five
+    largest), so each execution's records are listed, undecoded (`list_records`)."""
+    from ..core.stats import format_bytes
+
+    rows: list[dict[str, Any]] = []
+    for name in store.executions():
+        records = store.list_records(name)
+        if records:  # emptied since executions() answered
+            latest = records[-1]
+            rows.append({"execution_id": name, "checkpoints": len(records),
+                         "state_bytes": sum(len(r.state) for r in records),
+                         "latest_version": latest.version,
+                         "last_saved": _iso(latest.timestamp_us)})
+    if as_json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print("shmstore: the store has no checkpoints", file=sys.stderr)
+        return 0
+    table = [("EXECUTION", "CHECKPOINTS", "STATE", "LATEST", "LAST SAVED")] + [
+        (str(row["execution_id"]), str(row["checkpoints"]), format_bytes(row["state_bytes"]),
+         str(row["latest_version"]), str(row["last_saved"])) for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(5)]
+    for line in table:
+        print(f"{line[0]:<{widths[0]}}  {line[1]:>{widths[1]}}  {line[2]:>{widths[2]}}  "
+              f"{line[3]:>{widths[3]}}  {line[4]}")
+    return 0
+
+
+def _iso(timestamp_us: int) -> str:
+    from ..core.checkpoint import us_to_timestamp
+
+    return us_to_timestamp(timestamp_us).isoformat()
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, default=repr))
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
+    if (args.checkpoint_id is None) == (args.latest is None):
+        args.subparser.error("give a checkpoint ID or --latest EXECUTION (one of them)")
     with _store(args) as store:
-        cp = store.load(args.checkpoint_id)
-    print(json.dumps({
-        "id": cp.id, "execution_id": cp.execution_id, "node_name": cp.node_name,
-        "version": cp.version, "timestamp": cp.timestamp.isoformat(),
-        "parent_id": cp.parent_id, "metadata": cp.metadata, "state": cp.state,
-    }, indent=2, default=repr))
+        if args.latest is None:
+            cp = store.load(args.checkpoint_id)
+        else:
+            cp = store.latest(args.latest)
+            if cp is None:
+                print(f"shmstore: no checkpoints in execution {args.latest!r}",
+                      file=sys.stderr)
+                return 1
+    shown = {"id": cp.id, "execution_id": cp.execution_id, "node_name": cp.node_name,
+             "version": cp.version, "timestamp": cp.timestamp.isoformat(),
+             "parent_id": cp.parent_id, "metadata": cp.metadata, "state": cp.state}
+    if args.json:
+        _print_json(shown)
+        return 0
+    for key in ("id", "execution_id", "node_name", "version", "timestamp", "parent_id"):
+        print(f"{key + ':':<14}{shown[key]}")
+    print(f"{'metadata:':<14}{json.dumps(cp.metadata, default=repr)}")
+    print("state:")
+    print(json.dumps(cp.state, indent=2, default=repr))
+    return 0
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    """``shmstore watch``: one line per checkpoint of an execution as it is saved."""
+    from ..core.stream import Cleared
+
+    seen = 0
+    with _store(args) as store:
+        for item in store.follow(args.execution, after_version=args.after_version,
+                                 timeout=args.idle):
+            if isinstance(item, Cleared):
+                row: dict[str, Any] = {"cleared": item.execution_id,
+                                       "last_version": item.last_version}
+                text = (f"-- execution {item.execution_id!r} was emptied after version "
+                        f"{item.last_version}; following it from version 1")
+            else:
+                seen += 1
+                row = {"version": item.version, "id": item.id, "node_name": item.node_name,
+                       "timestamp": item.timestamp.isoformat(), "parent_id": item.parent_id}
+                text = "\t".join(str(row[k]) for k in ("version", "id", "node_name",
+                                                        "timestamp"))
+            print(json.dumps(row, default=repr) if args.json else text, flush=True)
+            if args.count is not None and seen >= args.count:
+                return 0
+    # --idle ran out (or the store closed) before --count checkpoints came
+    return 0 if args.count is None else 1
+
+
+def _cmd_rm(args: argparse.Namespace) -> int:
+    from ..core.checkpoint import validate_id
+
+    ids = [validate_id(cid) for cid in args.checkpoint_ids]  # all, before deleting any
+    with _store(args) as store:
+        deleted = [cid for cid in dict.fromkeys(ids) if store.delete(cid)]
+    missing = [cid for cid in dict.fromkeys(ids) if cid not in deleted]
+    if args.json:
+        _print_json({"deleted": deleted, "not_found": missing})
+    else:
+        print(f"deleted {_plural(len(deleted), 'checkpoint')}")
+        for cid in missing:
+            print(f"shmstore: no checkpoint {cid!r}", file=sys.stderr)
+    return 1 if missing else 0
+
+
+def _cmd_clear(args: argparse.Namespace) -> int:
+    from ..core.checkpoint import validate_id
+
+    if bool(args.all) == bool(args.executions):
+        args.subparser.error("name the executions to clear, or pass --all (one of them)")
+    names = [validate_id(name, "execution_id") for name in dict.fromkeys(args.executions)]
+    if not args.yes and not sys.stdin.isatty():
+        print("shmstore: clear asks before dropping checkpoints, and stdin is not a "
+              "terminal: pass --yes to clear without asking", file=sys.stderr)
+        return 2
+    with _store(args) as store:
+        if args.all:
+            names = store.executions()
+            if not names:
+                print("shmstore: the store has no checkpoints; nothing to clear",
+                      file=sys.stderr)
+                return 0
+        if not args.yes and not _confirm(
+                f"drop every checkpoint of {_plural(len(names), 'execution')} "
+                f"({', '.join(names[:5])}{' ...' if len(names) > 5 else ''})?"):
+            print("shmstore: nothing cleared", file=sys.stderr)
+            return 1
+        cleared = {name: store.clear(name) for name in names}
+    missing = [name for name, dropped in cleared.items() if not dropped and not args.all]
+    if args.json:
+        _print_json({"cleared": cleared, "not_found": missing})
+    else:
+        for name, dropped in cleared.items():
+            if dropped or args.all:
+                print(f"{name}\t{dropped}")
+        for name in missing:
+            print(f"shmstore: no checkpoints in execution {name!r}", file=sys.stderr)
+    return 1 if missing else 0
+
+
+def _confirm(question: str) -> bool:
+    """Ask on the terminal; True for y/yes."""
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _cmd_dump(args: argparse.Namespace) -> int:
+    from .dump import Progress, dump_store, write_atomically
+
+    if args.file == "-" and sys.stdout.isatty():
+        raise ConfigError("a dump is binary and stdout is a terminal: redirect it "
+                          "(shmstore dump - > FILE) or give a FILE", value="-")
+    with _store(args) as store, Progress(enabled=args.progress) as bar:
+        if args.file == "-":
+            records, executions = dump_store(store, sys.stdout.buffer, progress=bar)
+            sys.stdout.buffer.flush()
+        else:
+            with write_atomically(args.file) as out:
+                records, executions = dump_store(store, out, progress=bar)
+    print(f"dumped {_plural(records, 'checkpoint')} of {_plural(executions, 'execution')} "
+          f"to {'stdout' if args.file == '-' else args.file}",
+          file=sys.stderr if args.file == "-" else sys.stdout)
+    return 0
+
+
+def _cmd_load(args: argparse.Namespace) -> int:
+    from .dump import Progress, load_dump, read_dump
+
+    with Progress(enabled=args.progress) as bar:
+        if args.file == "-":
+            if sys.stdin.isatty():
+                raise ConfigError("stdin is a terminal, not a dump: redirect one "
+                                  "(shmstore load - < FILE) or give a FILE", value="-")
+            dump = read_dump(sys.stdin.buffer, "stdin", progress=bar)
+        else:
+            try:
+                stream = open(args.file, "rb")  # closed below (with)
+            except OSError as exc:
+                raise ConfigError(f"cannot read dump file {args.file!r}: "
+                                  f"{exc.strerror or exc}", value=args.file) from None
+            with stream:
+                dump = read_dump(stream, args.file, size=os.fstat(stream.fileno()).st_size,
+                                 progress=bar)
+        with _store(args) as store:
+            loaded = load_dump(store, dump, replace=args.replace, renumber=args.renumber,
+                               progress=bar)
+    print(f"loaded {_plural(sum(loaded.values()), 'checkpoint')} into "
+          f"{_plural(len(loaded), 'execution')}")
     return 0
 
 
@@ -288,26 +487,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
-          "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
-
-
 def _size(text: str) -> int | None:
     """A byte count: ``1048576``, ``512MiB``, ``2GB``; ``none`` for no limit."""
-    spec = text.strip().lower()
-    if spec in ("none", "off", "0"):
+    if text.strip().lower() in ("none", "off", "0"):
         return None
-    number = spec.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = spec[len(number):]
     try:
-        value = float(number) * _UNITS[unit]
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size: use bytes or a unit, e.g. 512MiB, 2GB (or none)"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 byte, not {text!r}")
-    return int(value)
+        return parse_bytes(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or none)") from None
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    return value
 
 
 def _count(text: str) -> int | None:
@@ -361,24 +555,115 @@ def _parser() -> argparse.ArgumentParser:
     def client_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--url", help="server URL (default: SHMSTORE_URL)")
         p.add_argument("--connection-file", help="read url and authkey from this file")
-        p.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds per call "
+                       "(default 10)")
 
     stats = sub.add_parser("stats", help="print a server's stats")
     client_options(stats)
     stats.add_argument("--json", action="store_true", help="as JSON")
     stats.set_defaults(func=_cmd_stats)
 
-    ls = sub.add_parser("ls", help="list executions, or the checkpoints of one")
+    ls = sub.add_parser(
+        "ls", help="list executions (checkpoints, bytes of state, last save), or the "
+        "checkpoints of one",
+        description="Without EXECUTION: one line per execution with its checkpoints, the "
+        "bytes of their states, its latest version and the timestamp of its latest "
+        "checkpoint. With EXECUTION: one line per checkpoint (version, id, node, timestamp, "
+        "bytes of state). Exit code 1 when the execution has no checkpoints.")
     client_options(ls)
-    ls.add_argument("execution", nargs="?")
-    ls.add_argument("--limit", type=int)
-    ls.add_argument("--newest-first", action="store_true")
+    ls.add_argument("execution", nargs="?", help="list this execution's checkpoints")
+    ls.add_argument("--limit", type=int,
+                    help="at most this many checkpoints (the oldest; the newest with "
+                    "--newest-first)")
+    ls.add_argument("--newest-first", action="store_true", help="highest version first")
+    ls.add_argument("--json", action="store_true", help="as JSON")
     ls.set_defaults(func=_cmd_ls)
 
-    show = sub.add_parser("show", help="print one checkpoint as JSON")
+    show = sub.add_parser(
+        "show", help="print one checkpoint: by id, or an execution's latest",
+        description="Print a checkpoint's fields and its state (values JSON cannot hold "
+        "are shown as their repr). Exit code 1 when there is no such checkpoint.")
     client_options(show)
-    show.add_argument("checkpoint_id")
-    show.set_defaults(func=_cmd_show)
+    show.add_argument("checkpoint_id", nargs="?", help="the checkpoint's id")
+    show.add_argument("--latest", metavar="EXECUTION",
+                      help="show this execution's latest checkpoint instead")
+    show.add_argument("--json", action="store_true", help="as one JSON object")
+    show.set_defaults(func=_cmd_show, subparser=show)
+
+    watch = sub.add_parser(
+        "watch", help="follow an execution: one line per checkpoint as it is saved",
+        description="Print every checkpoint of EXECUTION in version order as it is saved "
+        "(version, id, node, timestamp), waiting in the server between "
+        "them; a clear of the execution is a line of its own, then it goes on from "
+        "version 1. Ends on Ctrl-C, after --idle seconds without a new checkpoint, or "
+        "after --count checkpoints (exit code 1 if --idle ran out first).")
+    client_options(watch)
+    watch.add_argument("execution", help="the execution to follow")
+    watch.add_argument("--after-version", type=_non_negative_int, default=0, metavar="N",
+                       help="start after this version (default 0: every checkpoint it has; "
+                       "resume with the last version printed)")
+    watch.add_argument("--idle", type=float, default=None, metavar="S",
+                       help="stop after S seconds without a new checkpoint (default: never)")
+    watch.add_argument("--count", type=_positive_int, default=None, metavar="N",
+                       help="stop after N checkpoints")
+    watch.add_argument("--json", action="store_true", help="one JSON object per line")
+    watch.set_defaults(func=_cmd_watch)
+
+    rm = sub.add_parser(
+        "rm", help="delete checkpoints by id",
+        description="Delete each checkpoint named. Exit code 1 when any was not found "
+        "(the others are deleted).")
+    client_options(rm)
+    rm.add_argument("checkpoint_ids", nargs="+", metavar="ID", help="a checkpoint's id")
+    rm.add_argument("--json", action="store_true", help="say what was deleted as JSON")
+    rm.set_defaults(func=_cmd_rm)
+
+    clear = sub.add_parser(
+        "clear", help="drop every checkpoint of some executions, or of all",
+        description="Drop every checkpoint of the executions named (or of all, --all) and "
+        "say how many per execution. Asks first on a terminal; without one, --yes is "
+        "needed (exit code 2 without it). Exit code 1 when a named execution had no "
+        "checkpoints, or the answer was no.")
+    client_options(clear)
+    clear.add_argument("executions", nargs="*", metavar="EXECUTION",
+                       help="an execution to clear")
+    clear.add_argument("--all", action="store_true", help="clear every execution")
+    clear.add_argument("--yes", "-y", action="store_true", help="do not ask")
+    clear.add_argument("--json", action="store_true", help="say what was cleared as JSON")
+    clear.set_defaults(func=_cmd_clear, subparser=clear)
+
+    dump = sub.add_parser(
+        "dump", help="write every checkpoint to a file (a msgpack stream, byte-exact)",
+        description="Write every record as stored (ids, nodes, parents, versions, "
+        "timestamps, metadata and state bytes, never decoded) to FILE: mode 0600, written "
+        "beside it and renamed over it (a symlink there is replaced, not followed). "
+        "`shmstore load` puts them into any store, a server or Redis.")
+    client_options(dump)
+    dump.add_argument("file", metavar="FILE", help="where to write ('-': stdout)")
+    dump.add_argument("--no-progress", dest="progress", action="store_false",
+                      help="no progress bar (there is one only when stderr is a terminal "
+                      "and rich is installed: the [cli] extra)")
+    dump.set_defaults(func=_cmd_dump)
+
+    load = sub.add_parser(
+        "load", help="put the checkpoints of a dump file into the store",
+        description="Read FILE whole and check it (format, every record, its checksum) "
+        "before saving anything; then save its records with their ids, versions, "
+        "timestamps, metadata and state bytes. An execution that already has checkpoints "
+        "is refused unless --replace, one whose versions have gaps unless --renumber (exit "
+        "code 2, nothing loaded). If saving fails, the executions loaded so far are "
+        "cleared again.")
+    client_options(load)
+    load.add_argument("file", metavar="FILE", help="the dump to read ('-': stdin)")
+    load.add_argument("--replace", action="store_true",
+                      help="clear the dump's executions in the store before loading them")
+    load.add_argument("--renumber", action="store_true",
+                      help="load executions whose versions have gaps (after deletes or "
+                      "retention) as versions 1..n, in the same order")
+    load.add_argument("--no-progress", dest="progress", action="store_false",
+                      help="no progress bar (there is one only when stderr is a terminal "
+                      "and rich is installed: the [cli] extra)")
+    load.set_defaults(func=_cmd_load)
 
     monitor = sub.add_parser(
         "monitor", help="watch server and client memory live, or record it to CSV and PNG",
@@ -442,7 +727,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except CheckpointNotFound as exc:
+        print(f"shmstore: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1  # "not found", as for an unknown execution
     except ShmstoreError as exc:
+        # Usage errors (ConfigError), bad input (DecodeError), a store that is not there
+        # (StoreUnavailable, AccessDenied) or that refuses (StoreFull ...).
         print(f"shmstore: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -115,6 +115,9 @@ class Sample(TypedDict):
     # pid -> [name, rss, alive, pss, role, state] (pss None between readings; an older
     # server sends the first four)
     clients: dict[str, builtins.list[str | int | bool | None]]
+    #: The largest executions then, largest first: ``[execution, checkpoints, bytes]``
+    #: (at most 5; the rest of ``payload_bytes`` is the others'; an older server sends none).
+    executions: builtins.list[builtins.list[str | int]]
 
 
 class TableOps(Protocol):
@@ -129,8 +132,8 @@ class TableOps(Protocol):
     def load_many(self, checkpoint_ids: Sequence[str]) -> builtins.list[Record]: ...
 
     def list(self, execution_id: str, limit: int | None = None,
-             before_version: int | None = None,
-             newest_first: bool = False) -> builtins.list[Record]: ...
+             before_version: int | None = None, newest_first: bool = False,
+             after_version: int | None = None) -> builtins.list[Record]: ...
 
     def latest(self, execution_id: str) -> Record | None: ...
 

@@ -19,8 +19,8 @@ from urllib.parse import unquote, urlsplit
 from .errors import ConfigError, StoreUnavailable
 
 __all__ = ["AUTHKEY_BYTES", "DEFAULT_TIMEOUT", "ENV_AUTHKEY", "ENV_CONNECTION_FILE", "ENV_URL",
-           "Address", "coerce_authkey", "is_redis_url", "parse_url", "read_connection_file",
-           "write_connection_file"]
+           "Address", "coerce_authkey", "is_redis_url", "open_private_temp", "parse_url",
+           "read_connection_file", "write_connection_file"]
 
 ENV_URL = "SHMSTORE_URL"
 ENV_AUTHKEY = "SHMSTORE_AUTHKEY"
@@ -158,7 +158,7 @@ def write_connection_file(path: str, url: str, authkey: bytes, pid: int) -> None
     data = json.dumps({"url": url, "authkey": authkey.hex(), "pid": pid}).encode()
     tmp = ""
     try:
-        tmp, fd = _open_private_temp(directory, os.path.basename(path))
+        tmp, fd = open_private_temp(directory, os.path.basename(path))
         try:
             os.fchmod(fd, 0o600)  # whatever the umask
             os.write(fd, data)
@@ -177,8 +177,14 @@ def write_connection_file(path: str, url: str, authkey: bytes, pid: int) -> None
                           "path", value=path) from None
 
 
-def _open_private_temp(directory: str, base: str) -> tuple[str, int]:
-    """A new file ``.BASE.RANDOM`` in ``directory`` (mode 0600), never an existing one."""
+def open_private_temp(directory: str, base: str) -> tuple[str, int]:
+    """A new file ``.BASE.RANDOM`` in ``directory`` (mode 0600), never an existing one,
+    opened for writing (``O_EXCL|O_NOFOLLOW``): write it, then rename it over the target
+    (connection files, ``shmstore dump``).  Returns its path and descriptor.
+
+    Raises:
+        OSError: the directory is missing or not writable (the caller words it).
+    """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):  # a name taken by someone else: O_EXCL refuses it, try another
         tmp = os.path.join(directory, f".{base}.{os.urandom(8).hex()}")

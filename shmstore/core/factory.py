@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from .backend import ROLE_WORKER
 from .config import (
     DEFAULT_TIMEOUT,
     ENV_AUTHKEY,
@@ -35,6 +36,7 @@ def connect(
     authkey: bytes | str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     name: str | None = None,
+    role: str = ROLE_WORKER,
     data_plane: bool = True,
     data_plane_threshold: int | None = None,
     copy_on_load: bool = False,
@@ -47,10 +49,12 @@ def connect(
 
     Parameters:
         url: ``unix:///path`` or ``tcp://host:port``; a Redis URL gives a `RedisStore`
-            (same contract; ``authkey`` and ``name`` do not apply).
+            (same contract; ``authkey``, ``name`` and ``role`` do not apply).
         authkey: bytes or hex; default from the environment.
         timeout: seconds any call may take before `StoreTimeout`.
         name: a name for this client, shown by the server.
+        role: what this process is to the server's monitor: ``worker`` (the default),
+            ``cli``/``monitor`` (the store's tools, hidden in views), or your own.
         data_plane: on a unix socket, large states travel as sealed shared memory and
             loads map them (`SharedStore`); False: bytes on the socket.
         data_plane_threshold: the smallest encoded state that travels as shared memory
@@ -80,7 +84,7 @@ def connect(
     plane: dict[str, Any] = {"data_plane": data_plane, "copy_on_load": copy_on_load}
     if data_plane_threshold is not None:
         plane["data_plane_threshold"] = data_plane_threshold
-    return SharedStore(url, authkey=authkey, timeout=timeout, name=name, **plane)
+    return SharedStore(url, authkey=authkey, timeout=timeout, name=name, role=role, **plane)
 
 
 def _url_from_environment(authkey: bytes | str | None) -> tuple[str, bytes | str | None]:

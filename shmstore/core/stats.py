@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .backend import ROLE_WORKER, TOOL_ROLES, client_state
+from .errors import ConfigError
 
 __all__ = ["RATIO_MIN_PAYLOAD", "StoreStats", "format_bytes", "overhead_ratio"]
 
@@ -144,6 +145,28 @@ class StoreStats:
         lines.append(f"evictions {self.evictions}, rejections {self.rejections}, "
                      f"pruned {self.pruned}")
         return "\n".join(lines)
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+          "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_bytes(text: str) -> int:
+    """A byte count as people write it: ``1048576``, ``512MiB``, ``10 MiB``, ``2GB``.
+
+    Raises:
+        ConfigError: not a size, or under one byte.
+    """
+    spec = str(text).strip().lower()
+    number = spec.rstrip("abcdefghijklmnopqrstuvwxyz")
+    try:
+        value = float(number) * _UNITS[spec[len(number):]]
+    except (ValueError, KeyError):
+        raise ConfigError(f"{text!r} is not a size: use bytes or a unit, e.g. 512MiB, 2GB",
+                          value=repr(text)) from None
+    if not value >= 1 or value == float("inf"):
+        raise ConfigError(f"a size must be at least 1 byte, not {text!r}", value=repr(text))
+    return int(value)
 
 
 def format_bytes(n: float) -> str:

@@ -18,7 +18,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from . import rules, segment
@@ -41,9 +41,11 @@ from .limits import Limits
 from .record import Record
 from .segment import Segment
 from .stats import StoreStats
+from .stream import Cleared, FollowCursor, ListAbove
 from .validate import count, duration, optional_duration
 
-__all__ = ["DEFAULT_LEASE_S", "BaseStore", "Deadline", "OneOf", "StoreLogic", "renewed"]
+__all__ = ["DEFAULT_LEASE_S", "BaseStore", "Deadline", "OneOf", "StoreLogic", "check_record",
+           "renewed"]
 
 log = logging.getLogger("shmstore")
 
@@ -92,6 +94,58 @@ def _with_version(cp: Checkpoint, version: int) -> Checkpoint:
     out.__dict__.update(cp.__dict__)
     out.__dict__["version"] = version
     return out
+
+
+def check_record(record: object, what: str = "record") -> Record:
+    """``record`` as a `Record` if it has a stored record's shape, else `ConfigError`.
+
+    For records that come from outside a store (a dump file, another store's
+    `BaseStore.list_records`): 8 fields; ids as `validate_id` takes them; ``node_name``
+    a str; ``version`` an int >= 0 (a store assigns its own); ``timestamp_us`` an int
+    that is a datetime; metadata and state bytes (or a read-only mapping of them).  The
+    bytes are not decoded.
+
+    Parameters:
+        record: a `Record`, or any 8-item tuple or list.
+        what: how a message names it, e.g. ``record 3 of dump.msgpack``.
+
+    Raises:
+        ConfigError: naming the first field that is wrong.
+
+    Example:
+        >>> check_record(["id-1", "run", "n", 1, 0, None, b"\\x80", b"\\xc0"]).node_name
+        'n'
+    """
+    fields = Record._fields
+    if not isinstance(record, (tuple, list)) or len(record) != len(fields):
+        got = type(record).__name__ + (f" of {len(record)}"
+                                       if isinstance(record, (tuple, list)) else "")
+        raise ConfigError(f"{what} must be an array of the {len(fields)} fields "
+                          f"{', '.join(fields)}, not a {got}", value=repr(record)[:80])
+    cid, execution_id, node_name, version, timestamp_us, parent_id, meta, state = record
+    validate_id(cid, f"{what}: id")
+    validate_id(execution_id, f"{what}: execution_id")
+    if parent_id is not None:
+        validate_id(parent_id, f"{what}: parent_id")
+    if type(node_name) is not str:
+        raise ConfigError(f"{what}: node_name must be a str, not {type(node_name).__name__}",
+                          value=repr(node_name)[:80])
+    if type(version) is not int or version < 0:
+        raise ConfigError(f"{what}: version must be an int >= 0, not {version!r:.80}",
+                          value=repr(version)[:80])
+    try:
+        if type(timestamp_us) is not int:
+            raise TypeError(type(timestamp_us).__name__)
+        us_to_timestamp(timestamp_us)
+    except (TypeError, OverflowError):
+        raise ConfigError(f"{what}: timestamp_us must be an int of microseconds since the "
+                          f"epoch within the years 1-9999, not {timestamp_us!r:.80}",
+                          value=repr(timestamp_us)[:80]) from None
+    for name, value in (("metadata", meta), ("state", state)):
+        if not isinstance(value, (bytes, memoryview)):
+            raise ConfigError(f"{what}: {name} must be bytes, not {type(value).__name__}",
+                              value=repr(value)[:80])
+    return record if type(record) is Record else Record._make(record)
 
 
 class OneOf:
@@ -248,8 +302,40 @@ class StoreLogic:
         """Whether the store's ``max_checkpoint_bytes`` must be asked before `_sealed`:
         once, and again before refusing (Redis limits belong to the data set, and another
         client may have raised them since we asked)."""
+        return self._asks_limit(encoded[3])
+
+    def _asks_limit(self, size: int) -> bool:
         largest = self._max_checkpoint_bytes
-        return largest is False or (largest is not None and encoded[3] > largest)
+        return largest is False or (largest is not None and size > largest)
+
+    def _to_save(self, record: Record, threshold: int | None) -> Record:
+        """A checked record (`check_record`) as `save_records` sends it: within
+        ``max_checkpoint_bytes`` (asked first where `_asks_limit` says so), version 0,
+        a large state in a memory segment."""
+        cid, execution_id, node, _version, ts, parent, meta, state = record
+        self._check_size(len(state) + len(meta), cid)
+        if threshold is not None and not isinstance(state, Segment):
+            state = segment.share(bytes(state), threshold)
+        return Record(cid, execution_id, node, 0, ts, parent, bytes(meta), state)
+
+    @staticmethod
+    def _as_stored(records: Iterable[Record]) -> builtins.list[Record]:
+        """Records as `list_records` gives them: a mapped segment's state as a read-only
+        memoryview of it."""
+        return [r._replace(state=segment.mapped(r.state)) if isinstance(r.state, Segment)
+                else r for r in records]
+
+    def _check_size(self, size: int, checkpoint_id: str) -> None:
+        """Refuse a checkpoint of ``size`` bytes above the ``max_checkpoint_bytes`` known
+        (ask first where `_asks_limit` says so).
+
+        Raises:
+            StoreFull: it is larger (nothing was sent).
+        """
+        largest = self._max_checkpoint_bytes
+        if largest is not None and largest is not False and size > largest:
+            raise rules.store_full("max_checkpoint_bytes", int(largest), size, size,
+                                   checkpoint_id=checkpoint_id, unsent=True)
 
     def _sealed(self, encoded: Encoded) -> Record:
         """The record of an encoded checkpoint, within the store's size limit.
@@ -258,10 +344,7 @@ class StoreLogic:
             StoreFull: it is larger than ``max_checkpoint_bytes`` (nothing was sent).
         """
         cp, meta, data, size = encoded
-        largest = self._max_checkpoint_bytes
-        if largest is not None and largest is not False and size > largest:
-            raise rules.store_full("max_checkpoint_bytes", int(largest), size, size,
-                                   checkpoint_id=cp.id, unsent=True)
+        self._check_size(size, cp.id)
         threshold = self._plane_threshold
         state = data if threshold is None else segment.share(data, threshold)
         # tuple.__new__: a fifth of the cost of Record(...), on every save.
@@ -296,10 +379,12 @@ class StoreLogic:
 
     @staticmethod
     def _list_args(execution_id: str, limit: int | None, before_version: int | None,
-                   newest_first: bool) -> tuple[str, int | None, int | None, bool]:
+                   newest_first: bool, after_version: int | None = None
+                   ) -> tuple[str, int | None, int | None, bool, int | None]:
         validate_id(execution_id, "execution_id")
         return (execution_id, _check_limit(limit, "limit"),
-                _check_limit(before_version, "before_version"), bool(newest_first))
+                _check_limit(before_version, "before_version"), bool(newest_first),
+                _check_limit(after_version, "after_version"))
 
     @staticmethod
     def _wait_args(execution_id: str, after_version: int, timeout: float | None,
@@ -506,6 +591,63 @@ class BaseStore(StoreLogic, abc.ABC):
         finally:
             _release(records)
 
+    def save_records(self, records: Iterable[Record]) -> builtins.list[int]:
+        """Store records as another store kept them, in one round trip; all or nothing.
+
+        What `save_many` does, for records already encoded (from `list_records`, or a
+        ``shmstore dump`` file): ids, nodes, parents, timestamps, metadata and state bytes
+        are kept as given, never decoded or re-encoded.  Each record is checked first
+        (`check_record`, and ``max_checkpoint_bytes``: nothing is sent if one fails).
+        Versions are the store's: each record gets its execution's next one, so records
+        saved in version order into an empty execution whose versions are 1..n without a
+        gap get the same versions again.
+
+        Returns:
+            The version each record got, in order.
+
+        Raises:
+            ConfigError: a record is malformed (naming its field).
+            StoreFull: one is larger than ``max_checkpoint_bytes``, or they do not fit
+                under the store's limits; nothing was written.
+
+        Example:
+            >>> target.save_records(source.list_records("run"))
+            [1, 2, 3]
+        """
+        threshold = self._plane_threshold
+        sent: builtins.list[Record] = []
+        try:
+            for record in records:
+                checked = check_record(record)
+                if self._asks_limit(len(checked.state) + len(checked.metadata)):
+                    self._max_checkpoint_bytes = self.limits().max_checkpoint_bytes
+                sent.append(self._to_save(checked, threshold))
+            return self._backend.save_many(sent) if sent else []
+        finally:
+            _release(sent)
+
+    def list_records(
+        self,
+        execution_id: str,
+        *,
+        limit: int | None = None,
+        before_version: int | None = None,
+        newest_first: bool = False,
+    ) -> builtins.list[Record]:
+        """The records of one execution as the store keeps them: `list` without decoding.
+
+        Parameters are those of `list`.  Each `Record` holds its metadata and state as
+        the encoded bytes (a state that came through the shared-memory data plane as a
+        read-only ``memoryview`` of the mapping): for copying, dumping or measuring
+        checkpoints without decoding them (`save_records` takes them back).
+
+        Example:
+            >>> sum(len(r.state) for r in store.list_records("run"))  # bytes of state
+            1234
+        """
+        args = self._list_args(execution_id, limit, before_version, newest_first)
+        return self._as_stored(self._backend.list(*args))
+
     def load(self, checkpoint_id: str, *, copy: bool | None = None) -> Checkpoint:
         """The checkpoint with this id, as a fresh snapshot.
 
@@ -537,6 +679,7 @@ class BaseStore(StoreLogic, abc.ABC):
         *,
         limit: int | None = None,
         before_version: int | None = None,
+        after_version: int | None = None,
         newest_first: bool = False,
     ) -> builtins.list[Checkpoint]:
         """The checkpoints of one execution, ordered by version.
@@ -544,9 +687,20 @@ class BaseStore(StoreLogic, abc.ABC):
         Parameters:
             limit: at most this many (the oldest, or the newest with ``newest_first``).
             before_version: only versions strictly below this one.
+            after_version: only versions strictly above this one; with ``limit`` (and
+                oldest first), the oldest ``limit`` above it: the next page of a reader
+                that keeps its position (`follow` reads so).
             newest_first: highest version first.
+
+        Raises:
+            ConfigError: a bad id, or a ``limit`` or version that is not an int >= 0.
+
+        Example:
+            >>> [c.version for c in store.list("run", after_version=2, limit=2)]
+            [3, 4]
         """
-        args = self._list_args(execution_id, limit, before_version, newest_first)
+        args = self._list_args(execution_id, limit, before_version, newest_first,
+                               after_version)
         return self._decode_all(self._backend.list(*args))
 
     def latest(self, execution_id: str) -> Checkpoint | None:
@@ -587,6 +741,78 @@ class BaseStore(StoreLogic, abc.ABC):
                 return self._decoded(record)
             if deadline.passed():
                 raise self._wait_timed_out(execution_id, after, deadline)
+
+    def follow(
+        self, execution_id: str, *, after_version: int = 0, timeout: float | None = None
+    ) -> Iterator[Checkpoint | Cleared]:
+        """Every checkpoint of the execution, in version order, as it is saved.
+
+        The iterator returns what is stored above ``after_version`` first (read in pages
+        of `stream.FOLLOW_BATCH`), then each new checkpoint as it arrives: it waits in
+        the store between them (woken by the save, nothing polls).  A checkpoint deleted
+        before it was read is skipped.  When the execution is emptied (cleared, or its
+        last checkpoint deleted) it yields a `Cleared` marker, then the new checkpoints
+        from version 1: a clear is seen at the first save after it (at once if there is
+        one already).  The logic is `stream.FollowCursor`'s (see there for exactly when
+        a clear is seen); this method runs its requests.
+
+        Parameters:
+            after_version: yield only what comes after this version.  To resume, pass
+                the ``version`` of the last checkpoint seen: the new iterator goes on
+                exactly after it.
+            timeout: the longest wait for the next item, in seconds (None: for ever); when
+                it runs out the iterator ends (no exception).
+
+        The iterator also ends when the store is closed, from another thread too: that
+        wakes a blocked wait (on every backend).
+
+        Raises:
+            ConfigError: a bad execution id, ``after_version`` or ``timeout`` (when called,
+                before anything is sent).
+            StoreUnavailable: the store cannot be reached (not when it was closed).
+
+        Example:
+            >>> for item in store.follow("run", timeout=30):
+            ...     if isinstance(item, Cleared):
+            ...         continue           # the run restarted; versions from 1 follow
+            ...     handle(item.state)     # item.version: where to resume
+        """
+        cursor = FollowCursor(execution_id, after_version=after_version)
+        return self._follow(cursor, _check_timeout(timeout))
+
+    def _follow(self, cursor: FollowCursor,
+                total: float | None) -> Iterator[Checkpoint | Cleared]:
+        """Run ``cursor``'s requests with blocking calls; yield what it returns."""
+        execution_id = cursor.execution_id
+        deadline = None if total is None else time.monotonic() + total
+        while not self._is_closed():
+            request = cursor.request()
+            ran_out = False
+            try:
+                if isinstance(request, ListAbove):
+                    items = cursor.on_list(self._backend.list(
+                        execution_id, request.limit, None, False, request.after_version))
+                else:
+                    chunk = 0.0
+                    if request.block:
+                        left = self.wait_slice if deadline is None \
+                            else deadline - time.monotonic()
+                        chunk = max(0.0, min(left, self.wait_slice))
+                    record, generation = self._backend.wait(
+                        execution_id, request.after_version, chunk, request.generation)
+                    items = cursor.on_wait(record, generation)
+                    ran_out = request.block and record is None
+            except ShmstoreError:
+                if self._is_closed():  # closed under us (another thread): the end
+                    return
+                raise
+            for item in items:
+                yield item if isinstance(item, Cleared) \
+                    else _checkpoint(item, self.codec, self.copy_on_load)
+            if items and total is not None:
+                deadline = time.monotonic() + total
+            elif ran_out and deadline is not None and time.monotonic() >= deadline:
+                return
 
     def load_or_compute(
         self,
@@ -781,6 +1007,10 @@ class BaseStore(StoreLogic, abc.ABC):
 
     def close(self) -> None:
         """Release the store's resources; closing twice is fine."""
+
+    def _is_closed(self) -> bool:
+        """True once `close` was called (a follower ends then; each store says)."""
+        return False
 
     def __enter__(self) -> BaseStore:
         return self

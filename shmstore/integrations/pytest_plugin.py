@@ -62,6 +62,7 @@ log = logging.getLogger("shmstore")
 SINGLE, CONTROLLER, WORKER = "single", "controller", "worker"
 PLAN_SOCKET = "shmstore_launch"      # workerinput key: the controller's launch socket
 PLAN_AUTHKEY = "shmstore_authkey"    # workerinput key: the run's authkey (hex)
+PLAN_RUN = "shmstore_run"            # workerinput key: the run's id (--shmstore-memory)
 OUTPUT_KEY = "shmstore"              # workeroutput key: the worker's figures
 HANDSHAKE_TIMEOUT = 10.0
 LAUNCH_TIMEOUT = 70.0                # above server.process.START_TIMEOUT: the start may take that
@@ -320,7 +321,11 @@ class _RunStore:
         self.role = _role(config)
         self.url: str | None = config.getoption("shmstore_url")
         self.report: bool = config.getoption("shmstore_report")
+        self.memory: bool = config.getoption("shmstore_memory")
         self.workerinput: dict[str, Any] = getattr(config, "workerinput", {})
+        # The run's id: the executions its per-test figures go to (--shmstore-memory).
+        self.run: str = self.workerinput.get(PLAN_RUN) or _memory().run_id()
+        self.tracker: Any = None  # this process's MemoryTracker, if it runs tests
         # Only a key and a lock: the server itself starts when first asked for.
         self.launcher = _Launcher() if self.role != WORKER and self.url is None else None
         self.listener: _LaunchListener | None = None
@@ -379,6 +384,8 @@ class _RunStore:
         return {PLAN_SOCKET: self.listener.path, PLAN_AUTHKEY: self.launcher.authkey.hex()}
 
     def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
         if self.listener is not None:
             self.listener.close()  # first: no server may start after this
         if self.launcher is not None:
@@ -387,6 +394,13 @@ class _RunStore:
 
 def _state(config: pytest.Config) -> _RunStore:
     return config.stash[_STATE]
+
+
+def _memory() -> Any:
+    """The per-test memory module (imported when used: it is not small)."""
+    from . import pytest_memory
+
+    return pytest_memory
 
 
 # -- hooks --------------------------------------------------------------------------------
@@ -404,16 +418,34 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--shmstore-report", dest="shmstore_report", action="store_true", default=False,
         help="show the shared store's figures and each worker's memory at the end",
     )
+    group.addoption(
+        "--shmstore-memory", dest="shmstore_memory", action="store_true", default=False,
+        help="measure every test's RSS and USS in every worker, save them to the shared "
+             "store, and report the tests after which workers grew most",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     url = config.getoption("shmstore_url")
     if url is not None:
         _check_url(url)
+    config.addinivalue_line(
+        "markers", "shmstore_limit_growth(size): fail the test if its process grows by "
+                   "more than size (e.g. \"10 MiB\") during its call (shmstore)")
     state = _RunStore(config)
     config.stash[_STATE] = state
     if state.role == CONTROLLER:
         config.pluginmanager.register(_XdistControllerHooks(state), "shmstore-xdist")
+    else:  # this process runs the tests: measure them (for the marker, and the option)
+        memory = _memory()
+        worker = str(state.workerinput.get("workerid", "main"))
+        opener = None
+        if state.memory:
+            def opener() -> BaseStore:
+                return state.server().connect(role=memory.ROLE, name=f"pytest-{worker}")
+        state.tracker = memory.MemoryTracker(
+            opener, execution=f"{memory.PREFIX}{state.run}/{worker}", worker=worker)
+        config.pluginmanager.register(state.tracker, "shmstore-memory")
 
 
 def _check_url(url: str) -> None:
@@ -443,11 +475,32 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     state = config.stash.get(_STATE, None)
-    if state is None or not state.report or state.role == WORKER:
+    if state is None or state.role == WORKER:
         return
-    terminalreporter.write_sep("-", "shmstore")
-    for line in _report_lines(state):
-        terminalreporter.write_line(line)
+    if state.report:
+        terminalreporter.write_sep("-", "shmstore")
+        for line in _report_lines(state):
+            terminalreporter.write_line(line)
+    if state.memory:
+        terminalreporter.write_sep("-", "shmstore memory per test")
+        for line in _memory_lines(state):
+            terminalreporter.write_line(line)
+
+
+def _memory_lines(state: _RunStore) -> list[str]:
+    """The per-test memory report, read back from the store (whose figures it clears)."""
+    from ..core.errors import ShmstoreError
+
+    memory = _memory()
+    if state.tracker is not None:
+        state.tracker.close()  # (single process: its figures are all saved)
+    try:
+        with state.server().connect(role="cli") as store:
+            figures = memory.collect(store, state.run)
+            memory.discard(store, state.run)
+    except ShmstoreError as exc:
+        return [f"no figures: the shared store is unavailable ({exc})"]
+    return list(memory.report_lines(figures))
 
 
 class _XdistControllerHooks:
@@ -457,6 +510,7 @@ class _XdistControllerHooks:
         self._state = state
 
     def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput[PLAN_RUN] = self._state.run
         if self._state.url is not None:
             return  # every worker reads --shmstore-url itself
         if not getattr(node.gateway.spec, "popen", False):

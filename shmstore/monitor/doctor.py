@@ -18,7 +18,7 @@ from typing import Any
 
 from ..core.stats import format_bytes, overhead_ratio
 from .growth import Growth, format_per_minute
-from .recorder import ClientSample, MemoryRecorder
+from .recorder import ClientSample, ExecutionSample, MemoryRecorder
 
 __all__ = ["Diagnosis", "Finding", "diagnose", "format_diagnosis"]
 
@@ -59,6 +59,8 @@ class Diagnosis:
     heap_payload_bytes: int
     segment_bytes: int
     span: float
+    #: The largest executions with the growth of their payload, the worst first.
+    executions: tuple[tuple[ExecutionSample, Growth], ...] = ()
 
     @property
     def leaking(self) -> tuple[Finding, ...]:
@@ -71,7 +73,10 @@ class Diagnosis:
                 "payload_bytes": self.payload_bytes,
                 "heap_payload_bytes": self.heap_payload_bytes,
                 "segment_bytes": self.segment_bytes, "window_s": self.span,
-                "leaking": [f.who for f in self.leaking]}
+                "leaking": [f.who for f in self.leaking],
+                "executions": [{"execution": e.name, "checkpoints": e.checkpoints,
+                                "payload_bytes": e.payload_bytes, "verdict": g.verdict,
+                                "bytes_per_min": g.per_minute} for e, g in self.executions]}
 
 
 def _server_advice(g: Growth, rss: int, heap_payload: int) -> str:
@@ -120,7 +125,7 @@ def diagnose(recorder: MemoryRecorder, *, exclude_pids: frozenset[int] = frozens
     clients = tuple(Finding(c.label, c.pid, g, c.rss, c.alive, _client_advice(g), c.status)
                     for c, g in recorder.verdicts(tools=True) if judged(c))
     return Diagnosis(server, clients, latest.payload_bytes, heap, latest.segment_bytes,
-                     sg.span)
+                     sg.span, tuple(recorder.execution_verdicts()))
 
 
 def _line(f: Finding) -> str:
@@ -151,6 +156,16 @@ def format_diagnosis(d: Diagnosis) -> str:
         lines.append(_line(f))
         if f.advice:
             lines.append(f"           {f.advice}")
+    growing = [(e, g) for e, g in d.executions if g.rank >= 2]
+    if growing:
+        lines.append("")
+        lines.append("the payload grows in:")
+        for e, g in growing:
+            lines.append(f"  {e.name}: {format_bytes(e.payload_bytes)} in "
+                         f"{e.checkpoints:,} checkpoints, {format_per_minute(g.slope)}")
+        lines.append("           the store keeps every checkpoint it is given: drop old ones "
+                     "(`purge(execution, keep=N)`, `clear`) or set the "
+                     "`max_per_execution` limit")
     leaking = d.leaking
     lines.append("")
     lines.append("leaking: " + ", ".join(f.who for f in leaking) if leaking

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,8 @@ PLOT_EXTRA = "shmstore[cli]"
 MiB = 1024 * 1024
 #: Fewer samples than this get a marker on each point (a line alone would hide them).
 _MARK_BELOW = 12
+#: The store panel draws the payload of at most this many executions (and the rest).
+PLOT_EXECUTIONS = 5
 #: This many clients or more get a two-column legend.
 _TWO_LEGEND_COLUMNS = 10
 
@@ -85,8 +88,9 @@ def write_plot(samples: Sequence[MemorySample], path: str, *, title: str | None 
     MiB, against seconds since the first sample; a client that is gone (killed, crashed)
     ends with an ``x``, one that exited with a dot, and one leaking over its newest
     samples is a thick line with ``leaking +X MiB/min`` in the legend.
-    Right: the payload bytes stored (MiB), the part of them in shared-memory segments
-    (outside the server's RSS), and on a second axis the checkpoint count.
+    Right: the payload bytes stored (MiB), that of each of the largest executions
+    (``+X MiB/min`` beside one that grows) and of the others, the part in shared-memory
+    segments (outside the server's RSS), and on a second axis the checkpoint count.
 
     Raises:
         ConfigError: matplotlib is not installed, or there is no sample to draw.
@@ -135,6 +139,7 @@ class _Plot:
         """The right panel: payload bytes and, on a second axis, the checkpoint count."""
         ax.plot(self.xs, [s.payload_bytes / MiB for s in self.samples], color="tab:green",
                 lw=2, marker=self.marker, label="payload")
+        self._executions(ax)
         if any(s.segment_bytes for s in self.samples):
             ax.plot(self.xs, [s.segment_bytes / MiB for s in self.samples], color="tab:olive",
                     lw=1.4, ls="--", label="in shared segments")
@@ -150,6 +155,27 @@ class _Plot:
         count.set_ylim(bottom=0)
         handles = ax.get_legend_handles_labels()[0] + count.get_legend_handles_labels()[0]
         ax.legend(handles=handles, fontsize="small", loc="lower right")
+
+    def _executions(self, ax: Axes) -> None:
+        """The payload of the largest executions (those largest at their own peak, at
+        most `PLOT_EXECUTIONS`; a gap where one was not among a sample's largest), and
+        of all the others; one growing fastest is named so in the legend."""
+        peaks: dict[str, int] = {}
+        for s in self.samples:
+            for e in s.executions:
+                peaks[e.name] = max(peaks.get(e.name, 0), e.payload_bytes)
+        if not peaks:
+            return  # an older server, or Redis before any checkpoint
+        names = sorted(peaks, key=lambda n: (-peaks[n], n))[:PLOT_EXECUTIONS]
+        for name in names:
+            ys = [next((e.payload_bytes / MiB for e in s.executions if e.name == name),
+                       math.nan) for s in self.samples]
+            points = [(x, y * MiB) for x, y in zip(self.xs, ys, strict=True) if y == y]
+            verdict = analyze(points[-DEFAULT_TREND:])
+            note = f" ({format_per_minute(verdict.slope)})" if verdict.rank >= 2 else ""
+            ax.plot(self.xs, ys, lw=1.0, marker=self.marker, label=f"{name}{note}")
+        ax.plot(self.xs, [s.rest_bytes / MiB for s in self.samples], lw=1.0, ls="-.",
+                color="tab:gray", label="other executions")
 
     def _server(self, ax: Axes) -> None:
         line = ax.plot(self.xs, [s.server_rss / MiB for s in self.samples], lw=2.2,

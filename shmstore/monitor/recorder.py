@@ -25,8 +25,8 @@ from ..core.backend import ROLE_WORKER, TOOL_ROLES, Sample, client_state
 from ..core.errors import ConfigError
 from .growth import Growth, analyze
 
-__all__ = ["DEFAULT_TREND", "DEFAULT_WINDOW", "ClientSample", "MemoryHistory", "MemoryRecorder",
-           "MemorySample"]
+__all__ = ["DEFAULT_TREND", "DEFAULT_WINDOW", "ClientSample", "ExecutionSample", "MemoryHistory",
+           "MemoryRecorder", "MemorySample"]
 
 #: Growth rates are taken over this many of the newest samples.
 DEFAULT_WINDOW = 10
@@ -83,6 +83,15 @@ class ClientSample:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExecutionSample:
+    """One of the largest executions in one sample: its id, checkpoints and payload bytes."""
+
+    name: str
+    checkpoints: int
+    payload_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
 class MemorySample:
     """One sample of the server: its memory, the store's figures, its clients.
 
@@ -95,6 +104,8 @@ class MemorySample:
         clients: registered clients, by pid.
         segment_bytes: the part of the payload held as sealed shared-memory segments
             (the data plane): outside the server's heap and RSS.
+        executions: the largest executions then, largest first (at most 5; empty from
+            an older server); `rest_bytes` is the payload of all the others.
     """
 
     t: float
@@ -104,6 +115,12 @@ class MemorySample:
     payload_bytes: int
     clients: tuple[ClientSample, ...]
     segment_bytes: int = 0
+    executions: tuple[ExecutionSample, ...] = ()
+
+    @property
+    def rest_bytes(self) -> int:
+        """The payload of the executions not in `executions`."""
+        return self.payload_bytes - sum(e.payload_bytes for e in self.executions)
 
     @property
     def heap_payload_bytes(self) -> int:
@@ -123,7 +140,9 @@ class MemorySample:
         )
         return cls(float(raw["t"]), int(raw["server_rss"]), _optional_int(raw.get("server_uss")),
                    int(raw["checkpoints"]), int(raw["payload_bytes"]), tuple(clients),
-                   int(raw.get("segment_bytes", 0)))
+                   int(raw.get("segment_bytes", 0)),
+                   tuple(ExecutionSample(str(e[0]), int(e[1]), int(e[2]))
+                         for e in raw.get("executions", ())))
 
 
 def _optional_int(value: Any) -> int | None:
@@ -266,6 +285,19 @@ class MemoryRecorder:
         if started_here and first is not None and points and points[0][0] <= first:
             points = points[WARMUP_SAMPLES:]
         return analyze(points)
+
+    def execution_verdicts(self) -> list[tuple[ExecutionSample, Growth]]:
+        """The newest sample's largest executions, each with the growth of its payload
+        over the trend window (the samples where it was among the largest), the worst
+        first: which execution makes the store grow."""
+        if self.latest is None:
+            return []
+        judged = []
+        for newest in self.latest.executions:
+            points = [(s.t, e.payload_bytes) for s in self.trend for e in s.executions
+                      if e.name == newest.name]
+            judged.append((newest, analyze(points)))
+        return sorted(judged, key=lambda eg: (-eg[1].rank, -eg[1].slope, eg[0].name))
 
     def visible(self, tools: bool | None = None) -> list[ClientSample]:
         """The newest sample's clients, the store's own tools left out unless ``tools``

@@ -55,7 +55,7 @@ TRIM_STEP = 32 * 1024 * 1024  # payload freed since the last trim that makes a t
 PROC_STATUS = "/proc/self/status"
 
 
-def _malloc_trim() -> Callable[[], object] | None:
+def malloc_trimmer() -> Callable[[], object] | None:
     """glibc's ``malloc_trim(0)``: hand free heap pages back to the system (None elsewhere).
 
     Freed checkpoints leave free chunks between live ones; glibc only returns the top of
@@ -246,6 +246,8 @@ class MemoryMonitor:
 
     Parameters:
         figures: returns ``(checkpoints, payload_bytes)`` of the store being watched.
+        largest: returns its largest executions, ``(execution, checkpoints, bytes)``
+            largest first, for each sample's ``executions`` (None: samples have none).
         interval: seconds between samples (> 0).
         history_size: how many samples are kept (>= 1); older ones drop out.
         client_ttl: seconds a dead client stays listed.
@@ -262,6 +264,7 @@ class MemoryMonitor:
         self,
         figures: Callable[[], tuple[int, int]],
         *,
+        largest: Callable[[], list[tuple[str, int, int]]] | None = None,
         interval: float = DEFAULT_INTERVAL,
         history_size: int = DEFAULT_HISTORY,
         client_ttl: float = DEFAULT_CLIENT_TTL,
@@ -272,6 +275,7 @@ class MemoryMonitor:
         self.history_size = history_size
         self.client_ttl = client_ttl
         self._figures = figures
+        self._largest = largest
         self._process = psutil.Process(os.getpid())
         self._samples: collections.deque[Sample] = collections.deque(maxlen=history_size)
         self._clients: dict[int, _Client] = {}
@@ -285,7 +289,7 @@ class MemoryMonitor:
         self._pss_next = 0  # the client whose PSS is read next (round robin)
         self._last_clients: dict[str, list[str | int | bool | None]] | None = None
         self._changed = False  # a client registered, left or ended since the last reading
-        self._trim = _malloc_trim() if trim else None
+        self._trim = malloc_trimmer() if trim else None
         self._trim_mark = 0  # highest payload since the last trim
         self.trims = 0
 
@@ -349,6 +353,8 @@ class MemoryMonitor:
         rss, uss = self._server_memory()
         self._clients_pss()
         checkpoints, payload = self._figures()
+        executions: list[list[str | int]] = [] if self._largest is None else \
+            [[name, n, size] for name, n, size in self._largest()]
         if self._trim is not None:
             # Only payload on the heap: a freed segment's pages go back to the system
             # when its descriptor closes, and a trim (which holds the allocator's locks,
@@ -380,7 +386,8 @@ class MemoryMonitor:
             # (between readings, samples share the last readings' dict: nobody writes it)
             sample: Sample = {"t": now, "server_rss": rss, "server_uss": uss,
                               "checkpoints": checkpoints, "payload_bytes": payload,
-                              "segment_bytes": segment.held()[1], "clients": clients}
+                              "segment_bytes": segment.held()[1], "clients": clients,
+                              "executions": executions}
             self._samples.append(sample)
         return sample
 

@@ -71,12 +71,16 @@ def plain_line(recorder: MemoryRecorder) -> str:
     shared = f", {format_bytes(s.segment_bytes)} shared" if s.segment_bytes else ""
     last_uss = recorder.latest_uss()
     uss = "" if last_uss is None else f" USS {format_bytes(last_uss)}"
+    executions = "".join(
+        f" {e.name}={format_bytes(e.payload_bytes)}" + (f"[{_grows(g)}]" if g.rank >= 2 else "")
+        for e, g in recorder.execution_verdicts())
+    executions = f" | largest executions:{executions}" if executions else ""
     return (f"{_clock(s.t)} server RSS {format_bytes(s.server_rss)} "
             f"(peak {format_bytes(recorder.peak_server_rss)}, "
             f"{format_rate(recorder.server_growth())}, {_verdict(recorder.server_verdict())})"
             f"{uss} | {s.checkpoints:,} checkpoints, "
             f"{format_bytes(s.payload_bytes)} payload{shared}, RSS/heap payload {_ratio(s)} | "
-            f"clients {alive} alive, {len(shown) - alive} ended: {clients}")
+            f"clients {alive} alive, {len(shown) - alive} ended: {clients}{executions}")
 
 
 def rich_view(recorder: MemoryRecorder, *, url: str, server_pid: int | None,
@@ -97,7 +101,11 @@ def rich_view(recorder: MemoryRecorder, *, url: str, server_pid: int | None,
         clients = Text("no clients but the store's own tools (--all shows them)", "dim")
     else:
         clients = Text("no registered clients", "dim")
-    return Group(head, Text(""), _server_table(recorder, s), Text(""), clients,
+    parts: list[Text | Table] = [head, Text(""), _server_table(recorder, s), Text(""),
+                                 clients]
+    if s.executions:
+        parts += [Text(""), _executions_table(recorder, s)]
+    return Group(*parts,
                  Text(f"\nrefresh every {refresh:g} s; {recorder.read} samples read; "
                       "Ctrl-C to stop", "dim"))
 
@@ -144,6 +152,21 @@ def _clients_table(recorder: MemoryRecorder, s: MemorySample) -> Table:
     return clients
 
 
+def _executions_table(recorder: MemoryRecorder, s: MemorySample) -> Table:
+    """The largest executions: checkpoints, payload and its growth, the worst first."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for column in ("execution", "checkpoints", "payload", "growth"):
+        table.add_column(column, justify="left" if column == "execution" else "right")
+    for e, g in recorder.execution_verdicts():
+        table.add_row(e.name, f"{e.checkpoints:,}", format_bytes(e.payload_bytes),
+                      Text(_grows(g), "yellow" if g.rank >= 2 else _VERDICT_STYLE[g.verdict]))
+    table.add_row(Text("the rest", "dim"), "", format_bytes(s.rest_bytes), "")
+    return table
+
+
 _VERDICT_STYLE = {"leaking": "bold red", "growing": "yellow", "steady": "green",
                   "warming up": "dim"}
 
@@ -151,6 +174,12 @@ _VERDICT_STYLE = {"leaking": "bold red", "growing": "yellow", "steady": "green",
 def _verdict(g: Growth) -> str:
     """A verdict with its rate where it matters: ``leaking +75.0 MiB/min``."""
     return f"{g.verdict} {format_per_minute(g.slope)}" if g.rank >= 2 else g.verdict
+
+
+def _grows(g: Growth) -> str:
+    """An execution's growth: its payload is what the store was given, so it "grows"
+    (a process that grows so is "leaking"; an execution keeps what it is sent)."""
+    return f"grows {format_per_minute(g.slope)}" if g.rank >= 2 else g.verdict
 
 
 class _Display:

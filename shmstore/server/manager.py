@@ -138,7 +138,7 @@ class TableServer(managers.Server):
         self.authkey = authkey
         self.table = table
         self.monitor = MemoryMonitor(
-            table.figures,
+            table.figures, largest=table.largest,
             interval=interval, history_size=history_size, trim=True,
         )
         # What a client may call: every `Backend` operation, the server's own where it

@@ -52,8 +52,12 @@ local function wake(e)
   redis.call('PUBLISH', ekey(e, 'w'), '1')
 end
 
--- The execution's generation for waiters (a store-wide unique number; P{E}:g lives as
--- long as its waiters), made if there is none; 0 at maxmemory.
+-- The execution's generation for waiters (a store-wide unique number), made if there is
+-- none; 0 at maxmemory.  P{E}:g outlives its last waiter's slice by ttl while the
+-- execution is empty, and lives on without a TTL while it has checkpoints: a follower
+-- busy between two waits must still see a clear then (restart() gives the key a TTL
+-- back).  A missing key reads as a new generation, so it may vanish only after a restart.
+local RESTART_TTL_MS = 65000
 local function generation(e, ttl)
   local gk = ekey(e, 'g')
   local g = redis.call('GET', gk)
@@ -62,19 +66,30 @@ local function generation(e, ttl)
     if type(ok) ~= 'number' then return 0 end
     local set = redis.pcall('SET', gk, ok, 'PX', ttl)
     if set.err then return 0 end
-    return ok
+    g = ok
   end
-  if redis.call('PTTL', gk) < ttl then redis.pcall('PEXPIRE', gk, ttl) end
+  if redis.call('ZCARD', ekey(e, 'v')) > 0 then
+    redis.pcall('PERSIST', gk)
+  elseif redis.call('PTTL', gk) < ttl then
+    redis.pcall('PEXPIRE', gk, ttl)
+  end
   return tonumber(g)
 end
 
--- An execution left empty restarts: versions from 1, and its waiters get a new generation.
+-- An execution left empty restarts: versions from 1, and its waiters get a new generation
+-- (if none can be made at maxmemory, the key goes: a missing key reads as a new one).
 local function restart(e)
   redis.call('DEL', ekey(e, 'hi'))
   local gk = ekey(e, 'g')
   if redis.call('EXISTS', gk) == 1 then
     local ok = redis.pcall('HINCRBY', K_STATS, 'generations', 1)
-    if type(ok) == 'number' then redis.pcall('SET', gk, ok, 'KEEPTTL') end
+    if type(ok) ~= 'number' then
+      redis.call('DEL', gk)
+    elseif redis.call('PTTL', gk) == -1 then
+      redis.pcall('SET', gk, ok, 'PX', RESTART_TTL_MS)
+    else
+      redis.pcall('SET', gk, ok, 'KEEPTTL')
+    end
   end
 end
 
