@@ -31,6 +31,7 @@ keep the figures).  A step is one node run; steps/s of an invocation is 10 / its
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import multiprocessing
 import os
@@ -84,6 +85,61 @@ def invoke_once(app: Any, text: str, durability: str) -> float:
     elapsed = time.perf_counter() - start
     assert out["n"] == NODES
     return elapsed
+
+
+async def ainvoke_once(app: Any, text: str, durability: str) -> float:
+    """Seconds for one ``ainvoke`` in the running loop."""
+    conf = {"configurable": {"thread_id": uuid.uuid4().hex}}
+    start = time.perf_counter()
+    out = await app.ainvoke({"n": 0, "text": text}, conf, durability=durability)
+    elapsed = time.perf_counter() - start
+    assert out["n"] == NODES
+    return elapsed
+
+
+def async_section(rounds: int, per_round: int, text: str, pinned: bool,
+                  ) -> dict[str, dict[str, list[float]]]:
+    """Steps/s of ``ainvoke``: the saver's async methods natively on an async store
+    (``native``) against the sync call on a worker thread (``threads``, before
+    shmstore.aio), interleaved in one event loop; InMemorySaver for scale."""
+    server = shmstore.serve(export=False)
+    shared, memory = server.connect(), shmstore.MemoryStore()
+    if pinned:
+        cpu = min(os.sched_getaffinity(0))
+        for tid in os.listdir(f"/proc/{server.pid}/task"):
+            os.sched_setaffinity(int(tid), {cpu})
+    savers = {
+        "shmstore-shared threads": ShmstoreSaver(shared, native_async=False),
+        "shmstore-shared native": ShmstoreSaver(shared),
+        "shmstore-memory threads": ShmstoreSaver(memory, native_async=False),
+        "shmstore-memory native": ShmstoreSaver(memory),
+        "inmemory": InMemorySaver(),
+    }
+    apps = {name: build(saver) for name, saver in savers.items()}
+    results: dict[str, dict[str, list[float]]] = {m: {n: [] for n in apps} for m in MODES}
+
+    async def run() -> None:
+        for mode in MODES:
+            for app in apps.values():
+                await ainvoke_once(app, text, mode)
+        for _ in range(rounds):
+            for mode in MODES:
+                order = list(apps.items())
+                random.shuffle(order)
+                for name, app in order:
+                    for _ in range(per_round):
+                        results[mode][name].append(NODES / await ainvoke_once(app, text, mode))
+        for saver in savers.values():
+            if isinstance(saver, ShmstoreSaver):
+                await saver.__aexit__(None, None, None)
+
+    try:
+        asyncio.run(run())
+    finally:
+        shared.close()
+        memory.close()
+        server.shutdown()
+    return results
 
 
 def sqlite_file_saver(path: str) -> SqliteSaver:
@@ -147,9 +203,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the shared run")
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to a CPU")
+    parser.add_argument("--only-async", action="store_true",
+                        help="only the ainvoke section (native async store against threads)")
     args = parser.parse_args()
     rounds = args.rounds or (4 if args.quick else 12)
     text = "x" * args.state_bytes
+    if args.only_async:
+        print_async(async_section(rounds, args.per_round, text,
+                                  not args.no_pin and hasattr(os, "sched_setaffinity")),
+                    rounds, args.per_round, args.json)
+        return
 
     tmp = tempfile.mkdtemp(prefix="shmstore-lg-bench-")
     server = shmstore.serve(export=False)
@@ -220,6 +283,30 @@ def main() -> None:
     print(f"shared server after the run: {summary['shared_server_after']}")
     if args.json:
         with open(args.json, "w") as fh:
+            json.dump(summary, fh, indent=2)
+
+
+def print_async(results: dict[str, dict[str, list[float]]], rounds: int, per_round: int,
+                json_path: str | None) -> None:
+    print(f"\nshmstore bench/langgraph_steps.py --only-async — python "
+          f"{sys.version.split()[0]}, {os.cpu_count()} cores, {rounds} interleaved rounds × "
+          f"{per_round} ainvoke, {NODES}-node graph\n")
+    summary: dict[str, Any] = {}
+    for mode in MODES:
+        meds = {name: statistics.median(s) for name, s in results[mode].items()}
+        print(f"durability={mode}\n")
+        print("| saver (ainvoke) | median steps/s | p10 | p90 | × its threads row |")
+        print("|---|---:|---:|---:|---:|")
+        for name, samples in results[mode].items():
+            base = meds.get(name.replace(" native", " threads"), meds[name])
+            print(f"| {name} | {meds[name]:.0f} | {pct(samples, 0.1):.0f} | "
+                  f"{pct(samples, 0.9):.0f} | {meds[name] / base:.2f} |")
+            summary[f"{mode} {name}"] = {"median_steps_s": meds[name],
+                                         "p10": pct(samples, 0.1), "p90": pct(samples, 0.9),
+                                         "over_threads": meds[name] / base}
+        print()
+    if json_path:
+        with open(json_path, "w") as fh:
             json.dump(summary, fh, indent=2)
 
 

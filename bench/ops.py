@@ -205,8 +205,128 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+ASYNC_TASKS = 100
+
+
+def async_section(rounds: int, n: int, pinned: bool) -> dict[str, list[float]]:
+    """The async client against the sync one, in the same run, interleaved.
+
+    Latency: a 1 KiB save and load, one call at a time, `AsyncSharedStore` (in one event
+    loop) against `SharedStore`.  Throughput: `ASYNC_TASKS` tasks on one async store
+    against as many threads on one sync store, each doing save+load pairs; calls/s.
+    """
+    import asyncio
+
+    import shmstore.aio
+
+    server = shmstore.serve(export=False)
+    sync_store = server.connect(data_plane=False)
+    state = make_state(1024)
+    if pinned:
+        cpu = min(os.sched_getaffinity(0))
+        for pid in (os.getpid(), server.pid):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(tid), {cpu})
+    out: dict[str, list[float]] = {k: [] for k in (
+        "save sync", "save async", "load sync", "load async", "tasks async", "threads sync")}
+    per_worker = max(2, n // ASYNC_TASKS)
+
+    def threads_round() -> float:
+        barrier = threading.Barrier(ASYNC_TASKS + 1)
+
+        def work(w: int) -> None:
+            barrier.wait()
+            for _ in range(per_worker):
+                saved = sync_store.save(Checkpoint(execution_id=f"t{w}", state=state))
+                sync_store.load(saved.id)
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(ASYNC_TASKS)]
+        for t in threads:
+            t.start()
+        t0 = time.perf_counter()
+        barrier.wait()
+        for t in threads:
+            t.join()
+        return 2 * ASYNC_TASKS * per_worker / (time.perf_counter() - t0)
+
+    async def run() -> None:
+        astore = await shmstore.aio.connect(server.url, authkey=server.authkey,
+                                            data_plane=False, max_connections=16)
+        clock = time.perf_counter
+
+        async def atimed(call: Callable[[], Any]) -> list[float]:
+            samples = []
+            for _ in range(n):
+                t0 = clock()
+                await call()
+                samples.append(clock() - t0)
+            return samples
+
+        async def work(w: int) -> None:
+            for _ in range(per_worker):
+                saved = await astore.save(Checkpoint(execution_id=f"a{w}", state=state))
+                await astore.load(saved.id)
+
+        cp = Checkpoint(execution_id="lat", state=state)
+        sync_id = sync_store.save(cp).id
+        await astore.save(cp)
+        await asyncio.gather(*[work(w) for w in range(ASYNC_TASKS)])  # warm the pool
+        for _ in range(rounds):
+            out["save sync"] += timed(lambda: sync_store.save(cp), n)
+            out["save async"] += await atimed(lambda: astore.save(cp))
+            out["load sync"] += timed(lambda: sync_store.load(sync_id), n)
+            out["load async"] += await atimed(lambda: astore.load(sync_id))
+            t0 = clock()
+            await asyncio.gather(*[work(w) for w in range(ASYNC_TASKS)])
+            out["tasks async"].append(2 * ASYNC_TASKS * per_worker / (clock() - t0))
+            out["threads sync"].append(threads_round())
+            for name in await astore.executions():
+                await astore.clear(name)
+        await astore.aclose()
+
+    try:
+        asyncio.run(run())
+    finally:
+        sync_store.close()
+        server.shutdown()
+    return out
+
+
+def print_async(out: dict[str, list[float]], rounds: int, pinned: bool) -> dict[str, Any]:
+    print(f"\nshmstore bench/ops.py async rows — python {sys.version.split()[0]}, "
+          f"{os.cpu_count()} cores, {rounds} interleaved rounds, "
+          f"{'pinned to one CPU' if pinned else 'not pinned'}\n")
+    print("| 1 KiB | system | median µs | p10 µs | p90 µs | p99 µs | async ÷ sync |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    summary: dict[str, Any] = {}
+    for op in ("save", "load"):
+        sync_med = statistics.median(out[f"{op} sync"])
+        for system in ("sync", "async"):
+            samples = out[f"{op} {system}"]
+            med = statistics.median(samples)
+            print(f"| {op} | {system} | {med * 1e6:.1f} | {pct(samples, 0.1) * 1e6:.1f} | "
+                  f"{pct(samples, 0.9) * 1e6:.1f} | {pct(samples, 0.99) * 1e6:.1f} | "
+                  f"{med / sync_med:.2f} |")
+            summary[f"1KiB {op} {system}"] = {"median_us": med * 1e6,
+                                              "p99_us": pct(samples, 0.99) * 1e6}
+    print(f"\n| {ASYNC_TASKS} at once, 1 KiB save+load | median calls/s | min | max | "
+          "÷ threads |")
+    print("|---|---:|---:|---:|---:|")
+    base = statistics.median(out["threads sync"])
+    for key, label in (("threads sync", f"{ASYNC_TASKS} threads, one SharedStore"),
+                       ("tasks async", f"{ASYNC_TASKS} tasks, one AsyncSharedStore")):
+        samples = out[key]
+        med = statistics.median(samples)
+        print(f"| {label} | {med:.0f} | {min(samples):.0f} | {max(samples):.0f} | "
+              f"{med / base:.2f} |")
+        summary[key] = {"median_calls_s": med, "min": min(samples), "max": max(samples)}
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only-async", action="store_true",
+                        help="only the async rows (shmstore.aio against the sync client)")
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated sizes")
@@ -214,6 +334,14 @@ def main() -> None:
     parser.add_argument("--no-redis", action="store_true", help="leave Redis out")
     args = parser.parse_args()
     rounds = 5 if args.quick else 15
+    if args.only_async:
+        pinned = not args.no_pin and hasattr(os, "sched_setaffinity")
+        summary = print_async(async_section(rounds, 200 if args.quick else 1000, pinned),
+                              rounds, pinned)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(summary, fh, indent=2)
+        return
 
     ctx = multiprocessing.get_context("spawn")
     tmp = tempfile.mkdtemp(prefix="shmstore-bench-")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import pytest
 
@@ -22,7 +23,11 @@ from .redis_server import RedisServer
 # "shared" is the server over its socket only; "shared-plane" the same server with the
 # data plane taking every state (threshold 1 byte), so that each contract test runs its
 # states through sealed memory segments too.
-BACKENDS = ["memory", "shared", "shared-plane", "redis"]
+# "aio-*" are the async stores (shmstore.aio) of the same backends, run through
+# `tests.aio_adapter.SyncOverAsync`: the same contract tests, unchanged.
+SYNC_BACKENDS = ["memory", "shared", "shared-plane", "redis"]
+ASYNC_BACKENDS = ["aio-memory", "aio-shared", "aio-shared-plane"]
+BACKENDS = SYNC_BACKENDS + ASYNC_BACKENDS
 #: A client of the data plane for every state, however small.
 PLANE_EVERYTHING = {"data_plane": True, "data_plane_threshold": 1}
 SOCKET_ONLY = {"data_plane": False}
@@ -94,8 +99,10 @@ def redis_limited_store(redis_server: RedisServer) -> Callable[[Limits], BaseSto
 @pytest.fixture(params=BACKENDS)
 def store(request: pytest.FixtureRequest) -> Iterator[BaseStore]:
     """Every backend, empty, behind the same contract."""
-    if request.param == "memory":
-        s: BaseStore = shmstore.MemoryStore()
+    if request.param.startswith("aio-"):
+        s: BaseStore = async_store(request)
+    elif request.param == "memory":
+        s = shmstore.MemoryStore()
     elif request.param == "redis":
         server_ = request.getfixturevalue("redis_server")
         server_.flush()
@@ -108,6 +115,32 @@ def store(request: pytest.FixtureRequest) -> Iterator[BaseStore]:
             s.clear(name)
     with s:
         yield s
+
+
+def async_store(request: pytest.FixtureRequest, limits: Limits | None = None,
+                server: shmstore.StoreServer | None = None) -> BaseStore:
+    """An ``aio-*`` param's async store, empty, behind the sync interface (the session's
+    server unless ``server`` is given; ``limits`` for an in-process one)."""
+    from shmstore.aio import AsyncMemoryStore, AsyncSharedStore
+
+    from .aio_adapter import SyncOverAsync
+
+    kind = request.param[len("aio-"):]
+    if kind == "memory":
+        async def memory() -> AsyncMemoryStore:
+            return AsyncMemoryStore(limits=limits)
+
+        return cast(BaseStore, SyncOverAsync(memory))
+    srv = server or request.getfixturevalue("shared_server")
+    plane = PLANE_EVERYTHING if kind == "shared-plane" else SOCKET_ONLY
+
+    async def shared() -> AsyncSharedStore:
+        store = AsyncSharedStore(srv.url, authkey=srv.authkey, timeout=10.0, **plane)
+        for name in await store.executions():
+            await store.clear(name)
+        return store
+
+    return cast(BaseStore, SyncOverAsync(shared))
 
 
 @pytest.fixture

@@ -423,3 +423,38 @@ def test_put_writes_mixing_special_and_regular_channels_as_in_memory_saver(
     else:
         with shmstore.serve(export=False) as server, server.connect(timeout=10.0) as shared:
             assert run(ShmstoreSaver(shared)) == expected
+
+
+def test_async_methods_run_on_an_async_twin_of_the_store_not_on_threads(
+        store: BaseStore) -> None:
+    from shmstore.aio import AsyncMemoryStore, AsyncSharedStore
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with ShmstoreSaver(store) as saver:
+            twin = saver._async_store()
+            if isinstance(store, shmstore.SharedStore):
+                assert isinstance(twin, AsyncSharedStore)
+            elif isinstance(store, MemoryStore):
+                assert isinstance(twin, AsyncMemoryStore)
+            else:  # Redis: no async twin yet, the sync call on a worker thread
+                assert twin is None
+            checkpoint = empty_checkpoint()
+            named = await saver.aput(config("async"), checkpoint, {"step": 1}, {})
+            await saver.aput_writes(named, [("a", 1), (ERROR, "boom")], "task")
+            got = await saver.aget_tuple(named)
+            assert got is not None and got.checkpoint["id"] == checkpoint["id"]
+            assert sorted(w[1] for w in got.pending_writes or []) == ["__error__", "a"]
+            assert [t.checkpoint["id"] async for t in saver.alist(config("async"))] == \
+                [checkpoint["id"]]
+            assert saver.get_tuple(named) is not None  # the sync path sees the same
+            await saver.adelete_thread("async")
+            assert await saver.aget_tuple(named) is None
+            # No call ran on a worker thread: asyncio makes its executor on first use, and
+            # a shared twin used it only for its one connection's handshake.
+            if isinstance(twin, AsyncMemoryStore):
+                assert loop._default_executor is None  # type: ignore[attr-defined]
+            if isinstance(twin, AsyncSharedStore):
+                assert twin.connections == 1
+
+    asyncio.run(main())

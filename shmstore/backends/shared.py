@@ -20,7 +20,7 @@ import os
 import select
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 
 from ..core import segment
@@ -45,11 +45,25 @@ from ..core.store import BaseStore
 from ..core.validate import count, duration
 from .wire import Channel, open_connection, translate
 
-__all__ = ["DEFAULT_TIMEOUT", "SharedStore"]
+__all__ = ["ANSWERS", "BLOCKING_OPS", "DEFAULT_TIMEOUT", "SharedStore", "answer"]
 
 # Operations that block in the server, and the position of their timeout argument: the
 # answer may take that long plus the usual time bound.
-_BLOCKING_OPS = {"wait": 2, "claim": 4}
+BLOCKING_OPS: Final = {"wait": 2, "claim": 4}
+
+
+def answer(kind: str, result: Any, url: str) -> Any:
+    """The result of a server's answer ``(kind, result)``, or the error it carries.
+
+    Raises:
+        ShmstoreError: the one the server raised (rebuilt by the wire), or one saying it
+            failed otherwise.
+    """
+    if kind == "#RETURN":
+        return result
+    if kind == "#ERROR" and isinstance(result, BaseException):
+        raise result
+    raise ShmstoreError(f"the server at {url} failed: {result}")
 
 
 class SharedStore(BaseStore):
@@ -175,7 +189,7 @@ class SharedStore(BaseStore):
         conn = self._connection()
         try:
             conn.send_message((op, args))
-            slot = _BLOCKING_OPS.get(op)
+            slot = BLOCKING_OPS.get(op)
             if slot is not None and not conn.pending() and not select.select(
                 [conn.fd], [], [], cast(float, args[slot]) + self.timeout
             )[0]:
@@ -191,11 +205,7 @@ class SharedStore(BaseStore):
             self._discard(conn)
         else:
             self._idle.append(conn)
-        if kind == "#RETURN":
-            return result
-        if kind == "#ERROR" and isinstance(result, BaseException):
-            raise result
-        raise ShmstoreError(f"the server at {self.url} failed: {result}")
+        return answer(kind, result, self.url)
 
     def close(self) -> None:
         """Close every connection this store opened; later calls raise `StoreUnavailable`
@@ -233,6 +243,43 @@ class SharedStore(BaseStore):
 _make = Record._make
 
 
+def _one(raw: Any) -> Record:
+    # tuple.__new__, not _make: half the cost, on the hottest read (the server's
+    # answer is the table's own record; a wrong length fails at the first field).
+    return tuple.__new__(Record, raw)
+
+
+def _records(raws: Any) -> builtins.list[Record]:
+    return [_make(r) for r in raws]
+
+
+def _optional(raw: Any) -> Record | None:
+    return None if raw is None else _make(raw)
+
+
+def _waited(answer: Any) -> tuple[Record | None, int]:
+    raw, generation = answer
+    return (None if raw is None else _make(raw), generation)
+
+
+def _leased(answer: Any) -> Any:
+    kind, value = answer
+    return (DONE, _make(value)) if kind == DONE else (kind, value)
+
+
+def _found(found: Any) -> builtins.list[Found]:
+    return [(_make(raw), [_make(kid) for kid in kids]) for raw, kids in found]
+
+
+#: How the answer of each op that holds records is rebuilt from msgpack's arrays (every
+#: other answer is used as decoded); the sync and the async client share it.
+ANSWERS: Final[dict[str, Callable[[Any], Any]]] = {
+    "load": _one, "load_many": _records, "list": _records, "latest": _optional,
+    "wait": _waited, "claim": _leased, "complete": _leased, "find": _found,
+}
+assert set(ANSWERS) == ANSWERS_RECORDS, "every op whose answer holds records is rebuilt"
+
+
 class _Remote:
     """`SharedStore`'s backend: every method is one `SharedStore._request` of its name.
 
@@ -256,12 +303,10 @@ class _Remote:
         return versions
 
     def load(self, checkpoint_id: str) -> Record:
-        # tuple.__new__, not _make: half the cost, on the hottest read (the server's
-        # answer is the table's own record; a wrong length fails at the first field).
-        return tuple.__new__(Record, self._store._request("load", (checkpoint_id,)))
+        return _one(self._store._request("load", (checkpoint_id,)))
 
     def load_many(self, checkpoint_ids: Sequence[str]) -> builtins.list[Record]:
-        return [_make(r) for r in self._store._request("load_many", (checkpoint_ids,))]
+        return _records(self._store._request("load_many", (checkpoint_ids,)))
 
     def list(self, execution_id: str, limit: int | None = None,
              before_version: int | None = None, newest_first: bool = False,
@@ -270,12 +315,10 @@ class _Remote:
         args: tuple[object, ...] = (execution_id, limit, before_version, newest_first)
         if after_version is not None:
             args += (after_version,)
-        raws = self._store._request("list", args)
-        return [_make(r) for r in raws]
+        return _records(self._store._request("list", args))
 
     def latest(self, execution_id: str) -> Record | None:
-        raw = self._store._request("latest", (execution_id,))
-        return None if raw is None else _make(raw)
+        return _optional(self._store._request("latest", (execution_id,)))
 
     def delete(self, checkpoint_id: str) -> bool:
         dropped: bool = self._store._request("delete", (checkpoint_id,))
@@ -291,9 +334,8 @@ class _Remote:
 
     def wait(self, execution_id: str, after_version: int = 0, timeout: float | None = None,
              generation: int = 0) -> tuple[Record | None, int]:
-        raw, generation = self._store._request("wait", (execution_id, after_version, timeout,
-                                                        generation))
-        return (None if raw is None else _make(raw), generation)
+        return _waited(self._store._request("wait", (execution_id, after_version, timeout,
+                                                     generation)))
 
     def stats(self) -> StatsDict:
         figures: StatsDict = self._store._request("stats", ())
@@ -301,9 +343,9 @@ class _Remote:
 
     def claim(self, execution_id: str, node_name: str, owner: str, lease_s: float,
               timeout: float = 0.0) -> ClaimAnswer:
-        kind, value = self._store._request("claim", (execution_id, node_name, owner, lease_s,
-                                                     timeout))
-        return (DONE, _make(value)) if kind == DONE else (kind, value)
+        answer: ClaimAnswer = _leased(self._store._request(
+            "claim", (execution_id, node_name, owner, lease_s, timeout)))
+        return answer
 
     def renew(self, execution_id: str, node_name: str, token: str, lease_s: float) -> bool:
         held: bool = self._store._request("renew", (execution_id, node_name, token, lease_s))
@@ -314,8 +356,8 @@ class _Remote:
         return held
 
     def complete(self, record: Record, token: str) -> CompleteAnswer:
-        kind, value = self._store._request("complete", (record, token))
-        return (DONE, _make(value)) if kind == DONE else (kind, value)
+        answer: CompleteAnswer = _leased(self._store._request("complete", (record, token)))
+        return answer
 
     def limits(self) -> LimitsDict:
         limits: LimitsDict = self._store._request("limits", ())
@@ -326,9 +368,9 @@ class _Remote:
              before_id: str | None = None, limit: int | None = None,
              checkpoint_id: str | None = None, children: str | None = None,
              by_id: bool = False) -> builtins.list[Found]:
-        found = self._store._request("find", (executions, prefix, node_name, where, before_id,
-                                              limit, checkpoint_id, children, by_id))
-        return [(_make(raw), [_make(kid) for kid in kids]) for raw, kids in found]
+        return _found(self._store._request("find", (executions, prefix, node_name, where,
+                                                    before_id, limit, checkpoint_id, children,
+                                                    by_id)))
 
     def save_new(self, records: Sequence[Record]) -> builtins.list[int]:
         versions: builtins.list[int] = self._store._request("save_new", (records,))

@@ -44,8 +44,8 @@ from ..core.backend import ROLE_WORKER
 from ..core.config import Address, parse_url
 from ..core.errors import AccessDenied, ShmstoreError, StoreTimeout, StoreUnavailable
 
-__all__ = ["Address", "Channel", "REFUSED", "WireListener", "open_connection", "pack",
-           "parse_url", "refuse", "unpack"]
+__all__ = ["Address", "Channel", "REFUSED", "WireListener", "handshake", "open_connection",
+           "pack", "parse_url", "refuse", "unpack"]
 
 HANDSHAKE_TIMEOUT = 10.0
 # Client side: longest wait for each step of the handshake (never longer than the call
@@ -167,6 +167,32 @@ class _Incoming:
     def drop(self) -> None:
         while self.fds:
             os.close(self.fds.popleft())
+
+    def take(self, ancillary: list[tuple[int, int, bytes]], flags: int) -> None:
+        """Queue the descriptors of one ``recvmsg``'s ancillary data.
+
+        Raises:
+            ShmstoreError: the kernel truncated them (more than a message may carry).
+        """
+        for level, kind, data in ancillary:
+            if (level, kind) == _RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+                self.fds.extend(fds)
+        if flags & _CTRUNC:
+            self.drop()
+            raise ShmstoreError("more descriptors came with a message than it may carry")
+
+    def unpack(self, data: bytes | bytearray | memoryview) -> Any:
+        """Decode one message with the descriptors received for it; those left over
+        belong to no message and are closed."""
+        if not self.fds:
+            return unpack(data)
+        self.taken = 0
+        try:
+            return unpack(data, self)
+        finally:
+            self.drop()
 
 
 def pack(message: object) -> bytes:
@@ -365,15 +391,8 @@ class Channel:
         if not self._with_fds or incoming is None or sock is None:
             return os.readv(self.fd, [view])
         n, ancillary, flags, _ = sock.recvmsg_into([view], _ANCILLARY, _CLOEXEC)
-        if ancillary:
-            for level, kind, data in ancillary:
-                if (level, kind) == _RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-                    incoming.fds.extend(fds)
-        if flags & _CTRUNC:
-            incoming.drop()
-            raise ShmstoreError("more descriptors came with a message than it may carry")
+        if ancillary or flags:
+            incoming.take(ancillary, flags)
         return n
 
     def _fill(self, need: int) -> None:
@@ -461,11 +480,7 @@ class Channel:
         incoming = self._in
         if incoming is None or not incoming.fds:
             return unpack(data)
-        incoming.taken = 0
-        try:
-            return unpack(data, incoming)
-        finally:
-            incoming.drop()
+        return incoming.unpack(data)
 
     def _drop_fds(self) -> None:
         if self._in is not None:
@@ -668,7 +683,21 @@ class _Greeted(connection.Connection):
 def open_connection(address: Address, authkey: bytes, *, timeout: float,
                     name: str = "client", data_plane: bool = False,
                     role: str = ROLE_WORKER) -> Channel:
-    """Connect, authenticate and enter the server's request loop.
+    """Connect, authenticate and enter the server's request loop (`handshake`); the
+    connection as a `Channel`.
+
+    Raises what `handshake` raises.
+    """
+    conn, passes_fds = handshake(address, authkey, timeout=timeout, name=name,
+                                 data_plane=data_plane, role=role)
+    return Channel(conn, passes_fds=passes_fds)
+
+
+def handshake(address: Address, authkey: bytes, *, timeout: float,
+              name: str = "client", data_plane: bool = False,
+              role: str = ROLE_WORKER) -> tuple[connection.Connection, bool]:
+    """Connect, authenticate and enter the server's request loop; the connection and
+    whether it passes descriptors.
 
     With ``data_plane`` on a unix socket, the connection passes memory segments'
     descriptors if the server takes them too (its answer to ``accept_connection``).
@@ -744,7 +773,7 @@ def open_connection(address: Address, authkey: bytes, *, timeout: float,
         if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
             raise _out_of_descriptors(exc, url) from None
         raise translate(exc, url, timeout) from None
-    return Channel(conn, passes_fds=passes_fds)
+    return conn, passes_fds
 
 
 def translate(exc: BaseException, url: str, timeout: float) -> BaseException:

@@ -22,7 +22,18 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from . import rules, segment
-from .backend import BUSY, DONE, GRANTED, HELD, Backend, EncodedWhere, Sample
+from .backend import (
+    BUSY,
+    DONE,
+    GRANTED,
+    HELD,
+    Backend,
+    ClaimAnswer,
+    CompleteAnswer,
+    EncodedWhere,
+    Found,
+    Sample,
+)
 from .checkpoint import Checkpoint, timestamp_to_us, us_to_timestamp, validate_id
 from .codec import DEFAULT_CODEC, EMPTY_MAP, MsgpackCodec, Split
 from .errors import ConfigError, ShmstoreError, StoreTimeout
@@ -33,7 +44,8 @@ from .stats import StoreStats
 from .stream import Cleared, FollowCursor, ListAbove
 from .validate import count, duration, optional_duration
 
-__all__ = ["DEFAULT_LEASE_S", "BaseStore", "OneOf", "check_record"]
+__all__ = ["DEFAULT_LEASE_S", "BaseStore", "Deadline", "OneOf", "StoreLogic", "check_record",
+           "renewed"]
 
 log = logging.getLogger("shmstore")
 
@@ -151,7 +163,6 @@ class OneOf:
     def __repr__(self) -> str:
         return f"OneOf{self.values!r}"
 
-
 def _check_limit(limit: object, name: str) -> int | None:
     return count(limit, name, optional=True)
 
@@ -172,6 +183,18 @@ def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
 
+def renewed(key: tuple[str, str], held: bool | ShmstoreError) -> bool:
+    """What a lease renewal's answer (``held``, or the error it raised) means for the
+    heartbeat: True to go on renewing; False (said in the log) to stop."""
+    if isinstance(held, ShmstoreError):
+        log.warning("cannot renew the lease on %s: %s", key, held)
+        return False
+    if not held:
+        log.warning("lost the lease on %s; another process may compute it too", key)
+        return False
+    return True
+
+
 class _Heartbeat:
     """Renews a lease every third of its length while the computation runs."""
 
@@ -183,13 +206,11 @@ class _Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self._lease / 3):
             try:
-                held = self._store._backend.renew(*self._key, self._token, self._lease)
+                held: bool | ShmstoreError = self._store._backend.renew(
+                    *self._key, self._token, self._lease)
             except ShmstoreError as exc:
-                log.warning("cannot renew the lease on %s: %s", self._key, exc)
-                return
-            if not held:
-                log.warning("lost the lease on %s; another process may compute it too",
-                            self._key)
+                held = exc
+            if not renewed(self._key, held):
                 return
 
     def __enter__(self) -> _Heartbeat:
@@ -205,21 +226,45 @@ def _check_timeout(timeout: object) -> float | None:
     return optional_duration(timeout, "timeout")
 
 
-class BaseStore(abc.ABC):
-    """The checkpoint-store contract; subclasses supply ``_backend``, a `Backend`.
+class Deadline:
+    """A blocking call's clock: the slices it waits in the store, and when it is over.
 
     Parameters:
-        codec: encodes states and metadata (default: msgpack with extension types); the
-            store's ``max_checkpoint_bytes`` bounds a save, and a ``max_bytes`` the codec
-            was made with applies on top (the stricter wins).
+        total: the call's timeout in seconds (None: none).
+        slice_s: the longest single wait in the store (`BaseStore.wait_slice`).
+    """
+
+    __slots__ = ("_at", "_slice", "total")
+
+    def __init__(self, total: float | None, slice_s: float) -> None:
+        self.total = total
+        self._slice = slice_s
+        self._at = None if total is None else time.monotonic() + total
+
+    def chunk(self) -> float:
+        """How long the next wait in the store may be."""
+        remaining = self._slice if self._at is None else self._at - time.monotonic()
+        return max(0.0, min(remaining, self._slice))
+
+    def passed(self) -> bool:
+        """Whether the call's time is up."""
+        return self._at is not None and time.monotonic() >= self._at
+
+
+# What `StoreLogic._encoded` hands `_sealed`: the checkpoint, its metadata's and state's
+# encodings, and their size.
+Encoded = tuple[Checkpoint, bytes, "bytes | Split", int]
+
+
+class StoreLogic:
+    """The pure half of a store, shared by `BaseStore` and ``aio.AsyncStore``: argument
+    checks, Checkpoint ↔ `Record`, and what each answer means.  No I/O: each store class
+    sends the requests these build (sync or async) and hands the answers back here.
     """
 
     #: Longest single server-side wait; a longer ``wait`` is several of these, so that a
     #: frozen server is noticed and the call stays interruptible.
     wait_slice: float = 10.0
-
-    #: Where the table operations run; set by the subclass's constructor.
-    _backend: Backend
 
     #: Whether loads give numpy arrays of data-plane states as private, writable copies
     #: (True) or as read-only views of the shared mapping (False: zero-copy).
@@ -234,7 +279,9 @@ class BaseStore(abc.ABC):
 
     # -- encoding -----------------------------------------------------------------------
 
-    def _record(self, cp: Checkpoint) -> Record:
+    def _encoded(self, cp: Checkpoint) -> Encoded:
+        """Check and encode one checkpoint (`_sealed` makes the record once the store's
+        size limit is known)."""
         if not isinstance(cp, Checkpoint):
             raise ConfigError(
                 f"expected a Checkpoint, not {type(cp).__name__}", value=repr(cp)[:80]
@@ -249,33 +296,247 @@ class BaseStore(abc.ABC):
         encoded: bytes | Split = codec.encode(cp.state, max_bytes=bound) \
             if threshold is None else codec.encode_split(cp.state, above=threshold,
                                                          max_bytes=bound)
-        size = len(encoded) + len(meta)
+        return cp, meta, encoded, len(encoded) + len(meta)
+
+    def _must_ask_limit(self, encoded: Encoded) -> bool:
+        """Whether the store's ``max_checkpoint_bytes`` must be asked before `_sealed`:
+        once, and again before refusing (Redis limits belong to the data set, and another
+        client may have raised them since we asked)."""
+        return self._asks_limit(encoded[3])
+
+    def _asks_limit(self, size: int) -> bool:
         largest = self._max_checkpoint_bytes
-        if largest is False or (largest is not None and size > largest):
-            self._check_size(size, cp.id)
-        state = encoded if threshold is None else segment.share(encoded, threshold)
+        return largest is False or (largest is not None and size > largest)
+
+    def _to_save(self, record: Record, threshold: int | None) -> Record:
+        """A checked record (`check_record`) as `save_records` sends it: within
+        ``max_checkpoint_bytes`` (asked first where `_asks_limit` says so), version 0,
+        a large state in a memory segment."""
+        cid, execution_id, node, _version, ts, parent, meta, state = record
+        self._check_size(len(state) + len(meta), cid)
+        if threshold is not None and not isinstance(state, Segment):
+            state = segment.share(bytes(state), threshold)
+        return Record(cid, execution_id, node, 0, ts, parent, bytes(meta), state)
+
+    @staticmethod
+    def _as_stored(records: Iterable[Record]) -> builtins.list[Record]:
+        """Records as `list_records` gives them: a mapped segment's state as a read-only
+        memoryview of it."""
+        return [r._replace(state=segment.mapped(r.state)) if isinstance(r.state, Segment)
+                else r for r in records]
+
+    def _check_size(self, size: int, checkpoint_id: str) -> None:
+        """Refuse a checkpoint of ``size`` bytes above the ``max_checkpoint_bytes`` known
+        (ask first where `_asks_limit` says so).
+
+        Raises:
+            StoreFull: it is larger (nothing was sent).
+        """
+        largest = self._max_checkpoint_bytes
+        if largest is not None and largest is not False and size > largest:
+            raise rules.store_full("max_checkpoint_bytes", int(largest), size, size,
+                                   checkpoint_id=checkpoint_id, unsent=True)
+
+    def _sealed(self, encoded: Encoded) -> Record:
+        """The record of an encoded checkpoint, within the store's size limit.
+
+        Raises:
+            StoreFull: it is larger than ``max_checkpoint_bytes`` (nothing was sent).
+        """
+        cp, meta, data, size = encoded
+        self._check_size(size, cp.id)
+        threshold = self._plane_threshold
+        state = data if threshold is None else segment.share(data, threshold)
         # tuple.__new__: a fifth of the cost of Record(...), on every save.
         return tuple.__new__(Record, (
             cp.id, cp.execution_id, cp.node_name, 0, timestamp_to_us(cp.timestamp),
             cp.parent_id, meta, state,
         ))
 
-    def _check_size(self, size: int, checkpoint_id: str) -> None:
-        """Refuse a checkpoint of ``size`` bytes above ``max_checkpoint_bytes``; callers
-        come here only when the bound is not known yet or ``size`` is above it."""
-        # Asked once, and again before refusing: Redis limits belong to the data set, and
-        # another client may have raised them since we asked.
-        largest = self._max_checkpoint_bytes = self.limits().max_checkpoint_bytes
-        if largest is not None and size > largest:
-            raise rules.store_full("max_checkpoint_bytes", largest, size, size,
-                                   checkpoint_id=checkpoint_id, unsent=True)
+    def _decode(self, record: Record | None) -> Checkpoint | None:
+        return None if record is None else _checkpoint(record, self.codec, self.copy_on_load)
+
+    def _decoded(self, record: Record, copy: bool | None = None) -> Checkpoint:
+        return _checkpoint(record, self.codec, self.copy_on_load if copy is None else copy)
+
+    def _decode_all(self, records: Iterable[Record],
+                    copy: bool | None = None) -> builtins.list[Checkpoint]:
+        codec, copies = self.codec, self.copy_on_load if copy is None else copy
+        return [_checkpoint(r, codec, copies) for r in records]
+
+    def _found(self, found: Iterable[Found],
+               ) -> builtins.list[tuple[Checkpoint, builtins.list[Checkpoint]]]:
+        codec, copies = self.codec, self.copy_on_load
+        return [(_checkpoint(record, codec, copies),
+                 [_checkpoint(kid, codec, copies) for kid in kids])
+                for record, kids in found]
+
+    # -- arguments: each returns the backend op's arguments, checked --------------------
+
+    @staticmethod
+    def _load_many_args(checkpoint_ids: Iterable[str]) -> builtins.list[str]:
+        return [validate_id(cid) for cid in checkpoint_ids]
+
+    @staticmethod
+    def _list_args(execution_id: str, limit: int | None, before_version: int | None,
+                   newest_first: bool, after_version: int | None = None
+                   ) -> tuple[str, int | None, int | None, bool, int | None]:
+        validate_id(execution_id, "execution_id")
+        return (execution_id, _check_limit(limit, "limit"),
+                _check_limit(before_version, "before_version"), bool(newest_first),
+                _check_limit(after_version, "after_version"))
+
+    @staticmethod
+    def _wait_args(execution_id: str, after_version: int, timeout: float | None,
+                   slice_s: float) -> tuple[str, int, Deadline]:
+        validate_id(execution_id, "execution_id")
+        after = _check_limit(after_version, "after_version") or 0
+        return execution_id, after, Deadline(_check_timeout(timeout), slice_s)
+
+    @staticmethod
+    def _wait_timed_out(execution_id: str, after: int, deadline: Deadline) -> StoreTimeout:
+        return StoreTimeout(
+            f"no checkpoint above version {after} of execution {execution_id!r} "
+            f"within {deadline.total} s",
+            timeout=deadline.total,
+        )
+
+    @staticmethod
+    def _claim_args(execution_id: str, node_name: str, compute: object, timeout: float | None,
+                    lease: float, slice_s: float) -> tuple[float, Deadline]:
+        """Check `load_or_compute`'s arguments; its lease and clock."""
+        validate_id(execution_id, "execution_id")
+        if type(node_name) is not str:
+            raise ConfigError(f"node_name must be a str, not {type(node_name).__name__}",
+                              value=repr(node_name)[:80])
+        if not callable(compute):
+            raise ConfigError(f"compute must be callable, not {type(compute).__name__}",
+                              value=repr(compute)[:80])
+        total = _check_timeout(timeout)
+        return _check_lease(lease), Deadline(total, slice_s)
+
+    def _claimed(self, answer: ClaimAnswer, execution_id: str, node_name: str,
+                 deadline: Deadline) -> Checkpoint | str | None:
+        """What a ``claim`` answer means: the node's checkpoint (done), the lease token
+        (ours to compute: a str), or None (busy: ask again).
+
+        Raises:
+            ConfigError: the caller holds the lease itself (a call from inside compute).
+            StoreTimeout: busy, and the call's time is up.
+        """
+        if answer[0] == DONE:
+            return _checkpoint(answer[1], self.codec, self.copy_on_load)
+        kind, value = answer
+        if kind == GRANTED:
+            return value
+        if kind == HELD:
+            raise ConfigError(
+                f"load_or_compute({execution_id!r}, {node_name!r}) was called again "
+                "from inside its own compute(); it would wait for itself",
+                value=node_name,
+            )
+        if kind != BUSY:
+            raise ShmstoreError(f"unexpected answer to claim: {kind!r}")
+        if deadline.passed():
+            raise StoreTimeout(
+                f"{value} was still computing node {node_name!r} of execution "
+                f"{execution_id!r} after {deadline.total} s",
+                timeout=deadline.total,
+            )
+        return None
+
+    def _completed(self, answer: CompleteAnswer, record: Record) -> Checkpoint:
+        """The checkpoint every caller of `load_or_compute` gets, from ``complete``'s
+        answer to our ``record``."""
+        if answer[0] == DONE:
+            _release((record,))
+            return _checkpoint(answer[1], self.codec, self.copy_on_load)
+        # Decode our own bytes: every caller gets an equal snapshot, none the live object.
+        return _checkpoint(record._replace(version=answer[1]), self.codec, self.copy_on_load)
+
+    def _scope(self, execution_id: str | Iterable[str], prefix: object) -> builtins.list[str]:
+        names = [execution_id] if isinstance(execution_id, str) else list(execution_id)
+        what = "execution id prefix" if prefix else "execution_id"
+        return [validate_id(name, what) for name in names]
+
+    def _where(self, where: Mapping[str, Any] | None) -> EncodedWhere | None:
+        if where is None:
+            return None
+        if not isinstance(where, Mapping):
+            raise ConfigError(f"where must be a mapping, not {type(where).__name__}",
+                              value=repr(where)[:80])
+        encode = self.codec.encode
+        bound = self.codec.own_max_bytes
+        out: dict[str, builtins.list[bytes]] = {}
+        for key, value in where.items():
+            if type(key) is not str:
+                raise ConfigError(f"where keys must be str, not {type(key).__name__}",
+                                  value=repr(key)[:80])
+            values = value.values if isinstance(value, OneOf) else (value,)
+            out[key] = [encode(v, root=f"where[{key!r}]", max_bytes=bound) for v in values]
+        return out
+
+    def _find_args(self, execution_id: str | Iterable[str], prefix: bool,
+                   node_name: str | None, where: Mapping[str, Any] | None,
+                   before_id: str | None, limit: int | None, checkpoint_id: str | None,
+                   children: str | None, by_id: bool) -> tuple[Any, ...] | None:
+        """``find``'s arguments, checked; None when its scope is empty (nothing to ask)."""
+        names = self._scope(execution_id, prefix)
+        if not names:
+            return None
+        limit = _check_limit(limit, "limit")
+        _check_optional_str(node_name=node_name, before_id=before_id,
+                            checkpoint_id=checkpoint_id, children=children)
+        return (names, bool(prefix), node_name, self._where(where), before_id, limit,
+                checkpoint_id, children, bool(by_id))
+
+    def _purge_args(self, execution_id: str | Iterable[str], prefix: bool,
+                    node_name: str | None, where: Mapping[str, Any] | None, keep: int,
+                    children: str | None) -> tuple[Any, ...] | None:
+        """``purge``'s arguments, checked; None when its scope is empty."""
+        names = self._scope(execution_id, prefix)
+        keep = _check_limit(keep, "keep") or 0
+        if not names:
+            return None
+        _check_optional_str(node_name=node_name, children=children)
+        return (names, bool(prefix), node_name, self._where(where), keep, children)
+
+    def _copy_args(self, source: str, target: str, prefix: bool) -> tuple[str, str, bool]:
+        self._scope((source, target), prefix)  # both valid ids
+        return source, target, bool(prefix)
+
+    @staticmethod
+    def _since(since: float | None) -> float | None:
+        if since is not None and (not isinstance(since, (int, float)) or isinstance(since, bool)
+                                  or math.isnan(since)):
+            raise ConfigError(f"since must be epoch seconds or None, not {since!r}",
+                              value=repr(since)[:80])
+        return None if since is None else float(since)
+
+
+class BaseStore(StoreLogic, abc.ABC):
+    """The checkpoint-store contract; subclasses supply ``_backend``, a `Backend`.
+
+    Parameters:
+        codec: encodes states and metadata (default: msgpack with extension types); the
+            store's ``max_checkpoint_bytes`` bounds a save, and a ``max_bytes`` the codec
+            was made with applies on top (the stricter wins).
+    """
+
+    #: Where the table operations run; set by the subclass's constructor.
+    _backend: Backend
+
+    # -- encoding -----------------------------------------------------------------------
+
+    def _record(self, cp: Checkpoint) -> Record:
+        encoded = self._encoded(cp)
+        if self._must_ask_limit(encoded):
+            self._max_checkpoint_bytes = self.limits().max_checkpoint_bytes
+        return self._sealed(encoded)
 
     def limits(self) -> Limits:
         """The `Limits` the store enforces."""
         return Limits.from_dict(self._backend.limits())
-
-    def _decode(self, record: Record | None) -> Checkpoint | None:
-        return None if record is None else _checkpoint(record, self.codec, self.copy_on_load)
 
     # -- the contract -------------------------------------------------------------------
 
@@ -357,14 +618,10 @@ class BaseStore(abc.ABC):
         sent: builtins.list[Record] = []
         try:
             for record in records:
-                cid, execution_id, node, _version, ts, parent, meta, state = check_record(record)
-                size = len(state) + len(meta)
-                largest = self._max_checkpoint_bytes
-                if largest is False or (largest is not None and size > largest):
-                    self._check_size(size, cid)
-                if threshold is not None and not isinstance(state, Segment):
-                    state = segment.share(bytes(state), threshold)
-                sent.append(Record(cid, execution_id, node, 0, ts, parent, bytes(meta), state))
+                checked = check_record(record)
+                if self._asks_limit(len(checked.state) + len(checked.metadata)):
+                    self._max_checkpoint_bytes = self.limits().max_checkpoint_bytes
+                sent.append(self._to_save(checked, threshold))
             return self._backend.save_many(sent) if sent else []
         finally:
             _release(sent)
@@ -388,12 +645,8 @@ class BaseStore(abc.ABC):
             >>> sum(len(r.state) for r in store.list_records("run"))  # bytes of state
             1234
         """
-        validate_id(execution_id, "execution_id")
-        limit = _check_limit(limit, "limit")
-        before_version = _check_limit(before_version, "before_version")
-        records = self._backend.list(execution_id, limit, before_version, bool(newest_first))
-        return [r._replace(state=segment.mapped(r.state)) if isinstance(r.state, Segment)
-                else r for r in records]
+        args = self._list_args(execution_id, limit, before_version, newest_first)
+        return self._as_stored(self._backend.list(*args))
 
     def load(self, checkpoint_id: str, *, copy: bool | None = None) -> Checkpoint:
         """The checkpoint with this id, as a fresh snapshot.
@@ -407,8 +660,7 @@ class BaseStore(abc.ABC):
         Raises:
             CheckpointNotFound: there is none (a KeyError naming the id).
         """
-        record = self._backend.load(validate_id(checkpoint_id))
-        return _checkpoint(record, self.codec, self.copy_on_load if copy is None else copy)
+        return self._decoded(self._backend.load(validate_id(checkpoint_id)), copy)
 
     def load_many(self, checkpoint_ids: Iterable[str], *,
                   copy: bool | None = None) -> list[Checkpoint]:
@@ -418,11 +670,8 @@ class BaseStore(abc.ABC):
         Raises:
             CheckpointNotFound: naming the first id that has none.
         """
-        ids = [validate_id(cid) for cid in checkpoint_ids]
-        if not ids:
-            return []
-        codec, copies = self.codec, self.copy_on_load if copy is None else copy
-        return [_checkpoint(r, codec, copies) for r in self._backend.load_many(ids)]
+        ids = self._load_many_args(checkpoint_ids)
+        return self._decode_all(self._backend.load_many(ids), copy) if ids else []
 
     def list(
         self,
@@ -450,14 +699,9 @@ class BaseStore(abc.ABC):
             >>> [c.version for c in store.list("run", after_version=2, limit=2)]
             [3, 4]
         """
-        validate_id(execution_id, "execution_id")
-        limit = _check_limit(limit, "limit")
-        before_version = _check_limit(before_version, "before_version")
-        after_version = _check_limit(after_version, "after_version")
-        codec = self.codec
-        records = self._backend.list(execution_id, limit, before_version, bool(newest_first),
-                                     after_version)
-        return [_checkpoint(r, codec, self.copy_on_load) for r in records]
+        args = self._list_args(execution_id, limit, before_version, newest_first,
+                               after_version)
+        return self._decode_all(self._backend.list(*args))
 
     def latest(self, execution_id: str) -> Checkpoint | None:
         """The execution's checkpoint with the highest version, or None."""
@@ -487,23 +731,16 @@ class BaseStore(abc.ABC):
         Raises:
             StoreTimeout: ``timeout`` seconds passed first.
         """
-        validate_id(execution_id, "execution_id")
-        after = _check_limit(after_version, "after_version") or 0
-        total = _check_timeout(timeout)
-        deadline = None if total is None else time.monotonic() + total
+        execution_id, after, deadline = self._wait_args(execution_id, after_version, timeout,
+                                                        self.wait_slice)
         generation = 0  # the execution's generation, carried from slice to slice
         while True:
-            remaining = self.wait_slice if deadline is None else deadline - time.monotonic()
-            chunk = max(0.0, min(remaining, self.wait_slice))
-            record, generation = self._backend.wait(execution_id, after, chunk, generation)
+            record, generation = self._backend.wait(execution_id, after, deadline.chunk(),
+                                                    generation)
             if record is not None:
-                return _checkpoint(record, self.codec, self.copy_on_load)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise StoreTimeout(
-                    f"no checkpoint above version {after} of execution {execution_id!r} "
-                    f"within {total} s",
-                    timeout=total,
-                )
+                return self._decoded(record)
+            if deadline.passed():
+                raise self._wait_timed_out(execution_id, after, deadline)
 
     def follow(
         self, execution_id: str, *, after_version: int = 0, timeout: float | None = None
@@ -618,40 +855,17 @@ class BaseStore(abc.ABC):
             >>> cp = store.load_or_compute("session", "dataset", lambda: build_dataset())
             >>> cp.state          # the same checkpoint in every process
         """
-        validate_id(execution_id, "execution_id")
-        if type(node_name) is not str:
-            raise ConfigError(f"node_name must be a str, not {type(node_name).__name__}",
-                              value=repr(node_name)[:80])
-        if not callable(compute):
-            raise ConfigError(f"compute must be callable, not {type(compute).__name__}",
-                              value=repr(compute)[:80])
-        total = _check_timeout(timeout)
-        lease_s = _check_lease(lease)
+        lease_s, deadline = self._claim_args(execution_id, node_name, compute, timeout,
+                                             lease, self.wait_slice)
         owner = _owner()
-        deadline = None if total is None else time.monotonic() + total
         while True:
-            remaining = self.wait_slice if deadline is None else deadline - time.monotonic()
-            chunk = max(0.0, min(remaining, self.wait_slice))
-            answer = self._backend.claim(execution_id, node_name, owner, lease_s, chunk)
-            if answer[0] == DONE:
-                return _checkpoint(answer[1], self.codec, self.copy_on_load)
-            kind, value = answer
-            if kind == GRANTED:
-                return self._compute(execution_id, node_name, compute, value, lease_s)
-            if kind == HELD:
-                raise ConfigError(
-                    f"load_or_compute({execution_id!r}, {node_name!r}) was called again "
-                    "from inside its own compute(); it would wait for itself",
-                    value=node_name,
-                )
-            if kind != BUSY:
-                raise ShmstoreError(f"unexpected answer to claim: {kind!r}")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise StoreTimeout(
-                    f"{value} was still computing node {node_name!r} of execution "
-                    f"{execution_id!r} after {total} s",
-                    timeout=total,
-                )
+            answer = self._backend.claim(execution_id, node_name, owner, lease_s,
+                                         deadline.chunk())
+            got = self._claimed(answer, execution_id, node_name, deadline)
+            if isinstance(got, str):
+                return self._compute(execution_id, node_name, compute, got, lease_s)
+            if got is not None:
+                return got
 
     def _compute(self, execution_id: str, node_name: str, compute: Callable[[], Any],
                  token: str, lease_s: float) -> Checkpoint:
@@ -671,35 +885,9 @@ class BaseStore(abc.ABC):
             except ShmstoreError as exc:
                 log.debug("cannot release the lease on %s: %s", key, exc)
             raise
-        if answer[0] == DONE:
-            _release((record,))
-            return _checkpoint(answer[1], self.codec, self.copy_on_load)
-        # Decode our own bytes: every caller gets an equal snapshot, none the live object.
-        return _checkpoint(record._replace(version=answer[1]), self.codec, self.copy_on_load)
+        return self._completed(answer, record)
 
     # -- queries over several executions (LangGraph support) --------------------------------
-
-    def _scope(self, execution_id: str | Iterable[str], prefix: object) -> builtins.list[str]:
-        names = [execution_id] if isinstance(execution_id, str) else list(execution_id)
-        what = "execution id prefix" if prefix else "execution_id"
-        return [validate_id(name, what) for name in names]
-
-    def _where(self, where: Mapping[str, Any] | None) -> EncodedWhere | None:
-        if where is None:
-            return None
-        if not isinstance(where, Mapping):
-            raise ConfigError(f"where must be a mapping, not {type(where).__name__}",
-                              value=repr(where)[:80])
-        encode = self.codec.encode
-        bound = self.codec.own_max_bytes
-        out: dict[str, builtins.list[bytes]] = {}
-        for key, value in where.items():
-            if type(key) is not str:
-                raise ConfigError(f"where keys must be str, not {type(key).__name__}",
-                                  value=repr(key)[:80])
-            values = value.values if isinstance(value, OneOf) else (value,)
-            out[key] = [encode(v, root=f"where[{key!r}]", max_bytes=bound) for v in values]
-        return out
 
     def find(
         self,
@@ -742,19 +930,9 @@ class BaseStore(abc.ABC):
             ...  store.find("run", node_name="step", children="log", limit=1)]
             [('step', 2)]
         """
-        names = self._scope(execution_id, prefix)
-        if not names:
-            return []
-        limit = _check_limit(limit, "limit")
-        _check_optional_str(node_name=node_name, before_id=before_id,
-                            checkpoint_id=checkpoint_id, children=children)
-        found = self._backend.find(names, bool(prefix), node_name, self._where(where),
-                                   before_id, limit, checkpoint_id, children, bool(by_id))
-        codec = self.codec
-        copies = self.copy_on_load
-        return [(_checkpoint(record, codec, copies),
-                 [_checkpoint(kid, codec, copies) for kid in kids])
-                for record, kids in found]
+        args = self._find_args(execution_id, prefix, node_name, where, before_id, limit,
+                               checkpoint_id, children, by_id)
+        return [] if args is None else self._found(self._backend.find(*args))
 
     def save_new(self, checkpoints: Iterable[Checkpoint]) -> builtins.list[Checkpoint | None]:
         """Store, in one round trip, each checkpoint whose id is not stored yet.
@@ -790,13 +968,8 @@ class BaseStore(abc.ABC):
         Example:
             >>> store.purge("run-", prefix=True, node_name="step", keep=1, children="log")
         """
-        names = self._scope(execution_id, prefix)
-        keep = _check_limit(keep, "keep") or 0
-        if not names:
-            return 0
-        _check_optional_str(node_name=node_name, children=children)
-        return int(self._backend.purge(names, bool(prefix), node_name, self._where(where),
-                                       keep, children))
+        args = self._purge_args(execution_id, prefix, node_name, where, keep, children)
+        return 0 if args is None else int(self._backend.purge(*args))
 
     def copy(self, source: str, target: str, *, prefix: bool = False) -> int:
         """Copy an execution (or, with ``prefix``, every execution whose id starts with
@@ -810,8 +983,7 @@ class BaseStore(abc.ABC):
             ConfigError: ``source`` equals ``target``.
             StoreFull: the copies do not fit under the limits; nothing was written.
         """
-        self._scope((source, target), prefix)  # both valid ids
-        return int(self._backend.copy(source, target, bool(prefix)))
+        return int(self._backend.copy(*self._copy_args(source, target, prefix)))
 
     def stats(self) -> StoreStats:
         """Counts, payload bytes, the server's pid, RSS and uptime, and per-op counters."""
@@ -831,13 +1003,9 @@ class BaseStore(abc.ABC):
         Raises:
             ConfigError: ``since`` is not a number or None.
         """
-        if since is not None and (not isinstance(since, (int, float)) or isinstance(since, bool)
-                                  or math.isnan(since)):
-            raise ConfigError(f"since must be epoch seconds or None, not {since!r}",
-                              value=repr(since)[:80])
-        return list(self._backend.memory_history(None if since is None else float(since)))
+        return list(self._backend.memory_history(self._since(since)))
 
-    def close(self) -> None:  # noqa: B027 - a store with nothing to release needs no override
+    def close(self) -> None:
         """Release the store's resources; closing twice is fine."""
 
     def _is_closed(self) -> bool:

@@ -37,9 +37,11 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import builtins
 import random
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 from urllib.parse import unquote
 
 try:  # first, so that without the extra the error says which one to install
@@ -66,6 +68,7 @@ from langgraph.checkpoint.base import (
 from langgraph.checkpoint.base import Checkpoint as LangGraphCheckpoint
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
+from ..aio.store import AsyncStore
 from ..core.checkpoint import Checkpoint
 from ..core.errors import ConfigError, EncodeError
 from ..core.store import BaseStore, OneOf
@@ -82,6 +85,8 @@ WRITE_NODE = "langgraph.write"
 PRUNE_STRATEGIES = ("keep_latest", "delete")
 
 _T = TypeVar("_T")
+#: What `BaseStore.find` answers: checkpoints with their children.
+_Found = list[tuple[Checkpoint, list[Checkpoint]]]
 
 
 def _escape(part: str) -> str:
@@ -140,7 +145,8 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
     """
 
     def __init__(self, store: BaseStore | None = None, *,
-                 serde: SerializerProtocol | None = None) -> None:
+                 serde: SerializerProtocol | None = None,
+                 astore: AsyncStore | None = None, native_async: bool = True) -> None:
         super().__init__(serde=serde)
         if store is None:
             from ..core.factory import connect
@@ -152,7 +158,30 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
                               value=repr(store)[:80])
         else:
             self._owns_store = False
+        if astore is not None and not isinstance(astore, AsyncStore):
+            raise ConfigError(f"astore must be a shmstore.aio store, not "
+                              f"{type(astore).__name__}", value=repr(astore)[:80])
         self.store: BaseStore = store
+        self.astore = astore
+        self._native = bool(native_async)
+        # The async twin of ``store`` opened for each event loop (an async store belongs
+        # to one loop); None where there is none (a Redis store: worker threads).
+        self._twins: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncStore | None] \
+            = weakref.WeakKeyDictionary()
+
+    def _async_store(self) -> AsyncStore | None:
+        """The async store for the running loop: ``astore``, or the twin of ``store`` opened
+        for this loop, or None (the sync call then runs on a worker thread)."""
+        if self.astore is not None:
+            return self.astore
+        if not self._native:
+            return None
+        loop = asyncio.get_running_loop()
+        try:
+            return self._twins[loop]
+        except KeyError:
+            twin = self._twins[loop] = _twin(self.store)
+            return twin
 
     async def _run_async(self, call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         """``call`` off the event loop, on a worker thread."""
@@ -161,7 +190,14 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
     # -- lifecycle ------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the store if the saver opened it (a store it was given stays open)."""
+        """Close the store if the saver opened it (a store it was given stays open), and
+        the async twins it opened."""
+        from ..aio.shared import AsyncSharedStore
+
+        for twin in list(self._twins.values()):
+            if isinstance(twin, AsyncSharedStore):
+                twin.close_now()
+        self._twins.clear()
         if self._owns_store:
             self.store.close()
 
@@ -175,6 +211,9 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        twin = self._twins.pop(asyncio.get_running_loop(), None)
+        if twin is not None:
+            await twin.aclose()
         self.close()
 
     # -- decoding -------------------------------------------------------------------------
@@ -222,19 +261,12 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         """The checkpoint named by ``config`` (its latest without ``checkpoint_id``), with
         its pending writes, or None."""
-        conf = config["configurable"]
-        thread_id = conf["thread_id"]
-        checkpoint_ns = conf.get("checkpoint_ns", "")
-        execution = _execution(thread_id, checkpoint_ns)
-        checkpoint_id = get_checkpoint_id(config)
-        # Without an id, the latest is the greatest checkpoint id, as LangGraph's savers
-        # have it (not the last saved: copies and late puts come out of id order).
-        found = self.store.find(
-            execution, node_name=CHECKPOINT_NODE, limit=1, children=WRITE_NODE, by_id=True,
-            checkpoint_id=None if not checkpoint_id else _record_id(execution, checkpoint_id))
-        if not found:
-            return None
-        return self._tuple(thread_id, checkpoint_ns, *found[0])
+        thread_id, checkpoint_ns, query = _get_query(config)
+        return self._got(thread_id, checkpoint_ns, self.store.find(**query))
+
+    def _got(self, thread_id: Any, checkpoint_ns: str,
+             found: _Found) -> CheckpointTuple | None:
+        return self._tuple(thread_id, checkpoint_ns, *found[0]) if found else None
 
     def list(
         self,
@@ -251,31 +283,22 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
         ``filter`` (metadata equality) and ``limit`` apply in the server; ``before`` too
         within one namespace.
         """
-        if limit is not None and limit <= 0:
-            return
+        query = _list_query(config, filter, before, limit)
+        if query is not None:
+            yield from self._listed(config, limit, query, self.store.find(**query.find))
+
+    def _listed(self, config: RunnableConfig | None, limit: int | None, query: _ListQuery,
+                found: _Found) -> Iterator[CheckpointTuple]:
+        """The tuples of ``find``'s answer to ``query`` (filtered here where it could not
+        be in the server)."""
         conf = config["configurable"] if config else {}
-        checkpoint_ns = conf.get("checkpoint_ns")
-        only = get_checkpoint_id(config) if config else None
-        before_id = get_checkpoint_id(before) if before else None
-        if config is None:
-            scope, exact = PREFIX, False
-        elif checkpoint_ns is None:
-            scope, exact = _thread_prefix(conf["thread_id"]), False
-        else:
-            scope, exact = _execution(conf["thread_id"], checkpoint_ns), True
-        # Within one execution ids compare as LangGraph's do; across several, filter here.
-        in_server = exact or (not before_id and not only)
-        found = self.store.find(
-            scope, prefix=not exact, node_name=CHECKPOINT_NODE, where=filter or None,
-            before_id=_record_id(scope, before_id) if exact and before_id else None,
-            checkpoint_id=_record_id(scope, only) if exact and only else None,
-            limit=limit if in_server else None, children=WRITE_NODE, by_id=True)
         count = 0
         for record, writes in found:
             thread_id, ns = _parse_execution(record.execution_id)
-            if not in_server:
+            if not query.in_server:
                 local = _local_id(record.id, record.execution_id)
-                if (only and local != only) or (before_id and local >= before_id):
+                if (query.only and local != query.only) or (
+                        query.before_id and local >= query.before_id):
                     continue
             yield self._tuple(conf.get("thread_id", thread_id) if config else thread_id,
                               ns, record, writes)
@@ -283,15 +306,9 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
             if limit is not None and count >= limit:
                 return
 
-    def put(
-        self,
-        config: RunnableConfig,
-        checkpoint: LangGraphCheckpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> RunnableConfig:
-        """Store a checkpoint (one record: its contents through ``serde``, its metadata as
-        ours) and return the config that names it."""
+    def _put_record(self, config: RunnableConfig, checkpoint: LangGraphCheckpoint,
+                    metadata: CheckpointMetadata) -> tuple[Checkpoint, RunnableConfig]:
+        """The record ``put`` saves, and the config it returns."""
         conf = config["configurable"]
         thread_id = conf["thread_id"]
         checkpoint_ns = conf.get("checkpoint_ns", "")
@@ -303,16 +320,54 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
             execution_id=execution, node_name=CHECKPOINT_NODE, state=state, metadata=meta,
             parent_id=_record_id(execution, parent) if parent else None,
             id=_record_id(execution, checkpoint["id"]))
+        return record, _config(thread_id, checkpoint_ns, checkpoint["id"])
+
+    def _unencodable(self, record: Checkpoint, exc: EncodeError) -> Checkpoint:
+        """``record`` with the metadata our codec could not encode moved into its state
+        (re-raises ``exc`` if the state was the problem)."""
+        if not str(exc.path).startswith("metadata"):
+            raise exc
+        meta, other = self._split_metadata(record.metadata)
+        return Checkpoint(
+            execution_id=record.execution_id, node_name=CHECKPOINT_NODE,
+            state=record.state + other, metadata=meta, parent_id=record.parent_id,
+            id=record.id)
+
+    def put(
+        self,
+        config: RunnableConfig,
+        checkpoint: LangGraphCheckpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        """Store a checkpoint (one record: its contents through ``serde``, its metadata as
+        ours) and return the config that names it."""
+        record, named = self._put_record(config, checkpoint, metadata)
         try:
             self.store.save(record)
         except EncodeError as exc:
-            if not str(exc.path).startswith("metadata"):
-                raise
-            meta, other = self._split_metadata(meta)
-            self.store.save(Checkpoint(
-                execution_id=execution, node_name=CHECKPOINT_NODE, state=state + other,
-                metadata=meta, parent_id=record.parent_id, id=record.id))
-        return _config(thread_id, checkpoint_ns, checkpoint["id"])
+            self.store.save(self._unencodable(record, exc))
+        return named
+
+    def _write_records(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
+                       task_id: str, task_path: str,
+                       ) -> tuple[builtins.list[Checkpoint], builtins.list[Checkpoint]]:
+        """The records of a task's writes: (regular ones, kept if new; special ones,
+        replacing what their slot held)."""
+        conf = config["configurable"]
+        execution = _execution(conf["thread_id"], conf.get("checkpoint_ns", ""))
+        parent = _record_id(execution, conf["checkpoint_id"])
+        dumps = self.serde.dumps_typed
+        special: list[Checkpoint] = []
+        regular: list[Checkpoint] = []
+        for idx, (channel, value) in enumerate(writes):
+            key = WRITES_IDX_MAP.get(channel, idx)
+            kind, data = dumps(value)
+            (special if channel in WRITES_IDX_MAP else regular).append(Checkpoint(
+                execution_id=execution, node_name=WRITE_NODE, parent_id=parent,
+                id=f"{parent}#{key}#{task_id}",
+                state=[task_id, channel, kind, data, task_path, key]))
+        return regular, special
 
     def put_writes(
         self,
@@ -329,19 +384,7 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
         """
         if not writes:
             return
-        conf = config["configurable"]
-        execution = _execution(conf["thread_id"], conf.get("checkpoint_ns", ""))
-        parent = _record_id(execution, conf["checkpoint_id"])
-        dumps = self.serde.dumps_typed
-        special: list[Checkpoint] = []
-        regular: list[Checkpoint] = []
-        for idx, (channel, value) in enumerate(writes):
-            key = WRITES_IDX_MAP.get(channel, idx)
-            kind, data = dumps(value)
-            (special if channel in WRITES_IDX_MAP else regular).append(Checkpoint(
-                execution_id=execution, node_name=WRITE_NODE, parent_id=parent,
-                id=f"{parent}#{key}#{task_id}",
-                state=[task_id, channel, kind, data, task_path, key]))
+        regular, special = self._write_records(config, writes, task_id, task_path)
         if regular:
             self.store.save_new(regular)
         if special:
@@ -349,23 +392,19 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
 
     def delete_thread(self, thread_id: str) -> None:
         """Drop every checkpoint and pending write of the thread, all namespaces."""
-        self.store.purge(_thread_prefix(thread_id), prefix=True)
+        self.store.purge(**_delete_thread(thread_id))
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
         """Drop the checkpoints whose metadata ``run_id`` is one of ``run_ids``, with their
         pending writes, in every thread."""
-        if not run_ids:
-            return
-        self.store.purge(PREFIX, prefix=True, node_name=CHECKPOINT_NODE,
-                         where={"run_id": OneOf(*run_ids)}, children=WRITE_NODE)
+        if run_ids:
+            self.store.purge(**_delete_for_runs(run_ids))
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         """Copy every checkpoint and pending write of a thread (all namespaces, the whole
         parent chain) to another thread, in their order."""
-        if str(source_thread_id) == str(target_thread_id):
-            return
-        self.store.copy(_thread_prefix(source_thread_id), _thread_prefix(target_thread_id),
-                        prefix=True)
+        if str(source_thread_id) != str(target_thread_id):
+            self.store.copy(**_copy_thread(source_thread_id, target_thread_id))
 
     def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         """Prune threads: ``"keep_latest"`` keeps the latest checkpoint of each namespace
@@ -377,17 +416,9 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
         Raises:
             ConfigError: an unknown strategy.
         """
-        if strategy not in PRUNE_STRATEGIES:
-            raise ConfigError(f"prune strategy must be one of {PRUNE_STRATEGIES}, not "
-                              f"{strategy!r}", value=repr(strategy)[:80])
-        if not thread_ids:
-            return
-        prefixes = [_thread_prefix(t) for t in thread_ids]
-        if strategy == "delete":
-            self.store.purge(prefixes, prefix=True)
-        else:
-            self.store.purge(prefixes, prefix=True, node_name=CHECKPOINT_NODE, keep=1,
-                             children=WRITE_NODE)
+        query = _prune(thread_ids, strategy)
+        if query is not None:
+            self.store.purge(**query)
 
     def get_next_version(self, current: str | None, channel: None) -> str:
         """The next channel version: an increasing counter and a random tie-breaker."""
@@ -399,11 +430,15 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
             number = int(current.split(".")[0])
         return f"{number + 1:032}.{random.random():016}"
 
-    # -- async twins: the sync call off the event loop --------------------------------------
+    # -- async twins: native on an async store, else the sync call on a worker thread ------
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
-        """`get_tuple` in a worker thread."""
-        return await self._run_async(self.get_tuple, config)
+        """`get_tuple`, as a coroutine."""
+        astore = self._async_store()
+        if astore is None:
+            return await self._run_async(self.get_tuple, config)
+        thread_id, checkpoint_ns, query = _get_query(config)
+        return self._got(thread_id, checkpoint_ns, await astore.find(**query))
 
     async def alist(
         self,
@@ -413,9 +448,15 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
         before: RunnableConfig | None = None,
         limit: int | None = None,
     ) -> AsyncIterator[CheckpointTuple]:
-        """`list` in a worker thread (one round trip), then yielded here."""
-        found = await self._run_async(
-            lambda: list(self.list(config, filter=filter, before=before, limit=limit)))
+        """`list`, as an async iterator (one round trip)."""
+        astore = self._async_store()
+        if astore is None:
+            found = await self._run_async(
+                lambda: list(self.list(config, filter=filter, before=before, limit=limit)))
+        else:
+            query = _list_query(config, filter, before, limit)
+            found = [] if query is None else list(self._listed(
+                config, limit, query, await astore.find(**query.find)))
         for item in found:
             yield item
 
@@ -426,8 +467,16 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
-        """`put` in a worker thread."""
-        return await self._run_async(self.put, config, checkpoint, metadata, new_versions)
+        """`put`, as a coroutine."""
+        astore = self._async_store()
+        if astore is None:
+            return await self._run_async(self.put, config, checkpoint, metadata, new_versions)
+        record, named = self._put_record(config, checkpoint, metadata)
+        try:
+            await astore.save(record)
+        except EncodeError as exc:
+            await astore.save(self._unencodable(record, exc))
+        return named
 
     async def aput_writes(
         self,
@@ -436,21 +485,149 @@ class ShmstoreSaver(BaseCheckpointSaver[str]):
         task_id: str,
         task_path: str = "",
     ) -> None:
-        """`put_writes` in a worker thread."""
-        await self._run_async(self.put_writes, config, writes, task_id, task_path)
+        """`put_writes`, as a coroutine."""
+        astore = self._async_store()
+        if astore is None:
+            await self._run_async(self.put_writes, config, writes, task_id, task_path)
+            return
+        if not writes:
+            return
+        regular, special = self._write_records(config, writes, task_id, task_path)
+        if regular:
+            await astore.save_new(regular)
+        if special:
+            await astore.save_many(special)
 
     async def adelete_thread(self, thread_id: str) -> None:
-        """`delete_thread` in a worker thread."""
-        await self._run_async(self.delete_thread, thread_id)
+        """`delete_thread`, as a coroutine."""
+        astore = self._async_store()
+        if astore is None:
+            await self._run_async(self.delete_thread, thread_id)
+        else:
+            await astore.purge(**_delete_thread(thread_id))
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
-        """`delete_for_runs` in a worker thread."""
-        await self._run_async(self.delete_for_runs, run_ids)
+        """`delete_for_runs`, as a coroutine."""
+        astore = self._async_store()
+        if astore is None:
+            await self._run_async(self.delete_for_runs, run_ids)
+        elif run_ids:
+            await astore.purge(**_delete_for_runs(run_ids))
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        """`copy_thread` in a worker thread."""
-        await self._run_async(self.copy_thread, source_thread_id, target_thread_id)
+        """`copy_thread`, as a coroutine."""
+        astore = self._async_store()
+        if astore is None:
+            await self._run_async(self.copy_thread, source_thread_id, target_thread_id)
+        elif str(source_thread_id) != str(target_thread_id):
+            await astore.copy(**_copy_thread(source_thread_id, target_thread_id))
 
     async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
-        """`prune` in a worker thread."""
-        await self._run_async(self.prune, thread_ids, strategy=strategy)
+        """`prune`, as a coroutine."""
+        astore = self._async_store()
+        if astore is None:
+            await self._run_async(self.prune, thread_ids, strategy=strategy)
+            return
+        query = _prune(thread_ids, strategy)
+        if query is not None:
+            await astore.purge(**query)
+
+
+def _twin(store: BaseStore) -> AsyncStore | None:
+    """An async store over the same checkpoints as ``store``, in the running loop (None
+    for a store without one: Redis)."""
+    from ..aio.memory import AsyncMemoryStore
+    from ..aio.shared import AsyncSharedStore
+    from ..backends.memory import MemoryStore
+    from ..backends.shared import SharedStore
+
+    if isinstance(store, SharedStore):
+        return AsyncSharedStore(store.url, authkey=store._authkey, timeout=store.timeout,
+                                name=store.name, codec=store.codec,
+                                **cast(dict[str, Any], store._options))
+    if isinstance(store, MemoryStore):
+        try:
+            return AsyncMemoryStore(store)
+        except ConfigError:  # closed: its calls fail on the sync path as they should
+            return None
+    return None
+
+
+class _ListQuery(NamedTuple):
+    find: dict[str, Any]  # find's arguments
+    in_server: bool  # every filter applied in the server
+    only: str | None  # else: the checkpoint id to keep ...
+    before_id: str | None  # ... and the one to stay below
+
+
+def _get_query(config: RunnableConfig) -> tuple[Any, str, dict[str, Any]]:
+    """``get_tuple``'s thread, namespace and ``find`` arguments."""
+    conf = config["configurable"]
+    thread_id = conf["thread_id"]
+    checkpoint_ns = conf.get("checkpoint_ns", "")
+    execution = _execution(thread_id, checkpoint_ns)
+    checkpoint_id = get_checkpoint_id(config)
+    # Without an id, the latest is the greatest checkpoint id, as LangGraph's savers
+    # have it (not the last saved: copies and late puts come out of id order).
+    return thread_id, checkpoint_ns, {
+        "execution_id": execution, "node_name": CHECKPOINT_NODE, "limit": 1,
+        "children": WRITE_NODE, "by_id": True,
+        "checkpoint_id": None if not checkpoint_id else _record_id(execution, checkpoint_id)}
+
+
+def _list_query(config: RunnableConfig | None, filter: dict[str, Any] | None,
+                before: RunnableConfig | None, limit: int | None) -> _ListQuery | None:
+    """``list``'s ``find`` (None: nothing to list)."""
+    if limit is not None and limit <= 0:
+        return None
+    conf = config["configurable"] if config else {}
+    checkpoint_ns = conf.get("checkpoint_ns")
+    only = get_checkpoint_id(config) if config else None
+    before_id = get_checkpoint_id(before) if before else None
+    if config is None:
+        scope, exact = PREFIX, False
+    elif checkpoint_ns is None:
+        scope, exact = _thread_prefix(conf["thread_id"]), False
+    else:
+        scope, exact = _execution(conf["thread_id"], checkpoint_ns), True
+    # Within one execution ids compare as LangGraph's do; across several, filter here.
+    in_server = exact or (not before_id and not only)
+    return _ListQuery(find={
+        "execution_id": scope, "prefix": not exact, "node_name": CHECKPOINT_NODE,
+        "where": filter or None,
+        "before_id": _record_id(scope, before_id) if exact and before_id else None,
+        "checkpoint_id": _record_id(scope, only) if exact and only else None,
+        "limit": limit if in_server else None, "children": WRITE_NODE, "by_id": True,
+    }, in_server=in_server, only=only, before_id=before_id)
+
+
+def _delete_thread(thread_id: str) -> dict[str, Any]:
+    return {"execution_id": _thread_prefix(thread_id), "prefix": True}
+
+
+def _delete_for_runs(run_ids: Sequence[str]) -> dict[str, Any]:
+    return {"execution_id": PREFIX, "prefix": True, "node_name": CHECKPOINT_NODE,
+            "where": {"run_id": OneOf(*run_ids)}, "children": WRITE_NODE}
+
+
+def _copy_thread(source_thread_id: str, target_thread_id: str) -> dict[str, Any]:
+    return {"source": _thread_prefix(source_thread_id),
+            "target": _thread_prefix(target_thread_id), "prefix": True}
+
+
+def _prune(thread_ids: Sequence[str], strategy: str) -> dict[str, Any] | None:
+    """``prune``'s ``purge`` (None: nothing to prune).
+
+    Raises:
+        ConfigError: an unknown strategy.
+    """
+    if strategy not in PRUNE_STRATEGIES:
+        raise ConfigError(f"prune strategy must be one of {PRUNE_STRATEGIES}, not "
+                          f"{strategy!r}", value=repr(strategy)[:80])
+    if not thread_ids:
+        return None
+    prefixes = [_thread_prefix(t) for t in thread_ids]
+    if strategy == "delete":
+        return {"execution_id": prefixes, "prefix": True}
+    return {"execution_id": prefixes, "prefix": True, "node_name": CHECKPOINT_NODE, "keep": 1,
+            "children": WRITE_NODE}

@@ -9,7 +9,7 @@ import pytest
 
 import shmstore
 from shmstore import BaseStore, Limits
-from tests.conftest import BACKENDS, PLANE_EVERYTHING, SOCKET_ONLY
+from tests.conftest import BACKENDS, PLANE_EVERYTHING, SOCKET_ONLY, async_store
 
 LimitedStore = Callable[..., BaseStore]
 
@@ -22,7 +22,13 @@ def limited_store(request: pytest.FixtureRequest) -> Iterator[LimitedStore]:
     def make(**fields: Any) -> BaseStore:
         limits = Limits(**fields)
         store: BaseStore
-        if request.param == "memory":
+        if request.param == "aio-memory":
+            store = async_store(request, limits=limits)
+        elif request.param.startswith("aio-"):
+            server = shmstore.serve(export=False, limits=limits)
+            opened.append(server)
+            store = async_store(request, server=server)
+        elif request.param == "memory":
             store = shmstore.MemoryStore(limits=limits)
         elif request.param.startswith("shared"):
             server = shmstore.serve(export=False, limits=limits)
@@ -37,7 +43,7 @@ def limited_store(request: pytest.FixtureRequest) -> Iterator[LimitedStore]:
 
     yield make
     for thing in reversed(opened):
-        if isinstance(thing, BaseStore):
-            thing.close()
-        else:
+        if isinstance(thing, shmstore.StoreServer):
             thing.shutdown()
+        else:
+            thing.close()

@@ -1,0 +1,303 @@
+"""What only an async store has: cancellation, its pool under many tasks, a loop that is
+never blocked, timeouts and errors over a real server.  (The contract itself runs over
+the async stores through the contract suite's ``aio-*`` params.)"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import psutil
+import pytest
+
+import shmstore
+import shmstore.aio
+from shmstore import Checkpoint
+from shmstore.aio import AsyncMemoryStore, AsyncSharedStore, AsyncStore
+from shmstore.core.errors import (
+    AccessDenied,
+    CheckpointNotFound,
+    ConfigError,
+    StoreTimeout,
+    StoreUnavailable,
+    VersionConflict,
+)
+
+from .helpers import SESSION_PIDS, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+KINDS = ["memory", "shared", "shared-plane", "tcp"]
+
+
+@pytest.fixture(scope="module")
+def tcp_server() -> Iterator[shmstore.StoreServer]:
+    with shmstore.serve("tcp://127.0.0.1:0", export=False) as srv:
+        SESSION_PIDS.add(srv.pid)
+        yield srv
+
+
+def run(test: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    return asyncio.run(test(*args))
+
+
+async def opened(kind: str, request: pytest.FixtureRequest, **options: Any) -> AsyncStore:
+    """An empty async store of ``kind``, opened in the running loop."""
+    if kind == "memory":
+        return AsyncMemoryStore()
+    srv = request.getfixturevalue("tcp_server" if kind == "tcp" else "shared_server")
+    plane = {"data_plane": True, "data_plane_threshold": 1} if kind == "shared-plane" \
+        else {"data_plane": False}
+    store = await shmstore.aio.connect(srv.url, authkey=srv.authkey, timeout=10.0,
+                                       **plane, **options)
+    for name in await store.executions():
+        await store.clear(name)
+    return store
+
+
+async def ops(store: AsyncStore) -> dict[str, int]:
+    return (await store.stats()).ops
+
+
+def cp(execution: str = "run", state: object = None) -> Checkpoint:
+    return Checkpoint(execution_id=execution, state=state)
+
+
+@pytest.fixture
+def kind_store(request: pytest.FixtureRequest) -> Callable[..., Awaitable[AsyncStore]]:
+    return lambda kind, **options: opened(kind, request, **options)
+
+
+# -- cancellation ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["shared", "shared-plane", "tcp"])
+def test_a_call_cancelled_mid_flight_discards_its_connection_and_the_next_is_in_step(
+        kind: str, kind_store: Callable[..., Awaitable[AsyncStore]]) -> None:
+    async def main() -> None:
+        store = await kind_store(kind)
+        assert isinstance(store, AsyncSharedStore)
+        async with store:
+            before = (await ops(store))["wait"]
+            waiting = asyncio.create_task(store.wait("idle", timeout=30))
+            while (await ops(store))["wait"] == before:  # the request is in the server
+                await asyncio.sleep(0.01)
+            busy = [c for c in store._conns if c not in store._idle]
+            assert len(busy) == 1
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            assert busy[0].closed and busy[0] not in store._idle
+            # The wait's answer, if the server ever sends one, has nowhere to land: every
+            # later call reads its own answer.
+            saved = await store.save(cp("idle", {"n": 1}))
+            assert (await store.load(saved.id)).state == {"n": 1}
+            assert [c.version for c in await store.list("idle")] == [1]
+
+    run(main)
+
+
+def test_a_cancelled_memory_wait_leaves_the_store_working(
+        kind_store: Callable[..., Awaitable[AsyncStore]]) -> None:
+    async def main() -> None:
+        async with await kind_store("memory") as store:
+            waiting = asyncio.create_task(store.wait("idle", timeout=30))
+            await asyncio.sleep(0)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            await store.save(cp("idle", 1))
+            assert (await store.wait("idle", timeout=5)).state == 1
+
+    run(main)
+
+
+# -- the pool --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["shared", "shared-plane"])
+def test_100_tasks_share_a_bounded_pool_and_each_gets_its_own_answer(
+        kind: str, kind_store: Callable[..., Awaitable[AsyncStore]]) -> None:
+    async def one(store: AsyncStore, i: int) -> tuple[int, Any]:
+        saved = await store.save(cp(f"task-{i % 10}", {"i": i, "blob": bytes([i]) * 500}))
+        return i, (await store.load(saved.id)).state
+
+    async def main() -> None:
+        store = await kind_store(kind, max_connections=4)
+        assert isinstance(store, AsyncSharedStore)
+        async with store:
+            most = 0
+
+            async def watch() -> None:
+                nonlocal most
+                while True:
+                    most = max(most, store.connections)
+                    await asyncio.sleep(0)
+
+            watcher = asyncio.create_task(watch())
+            got = await asyncio.gather(*[one(store, i) for i in range(100)])
+            watcher.cancel()
+            assert all(state == {"i": i, "blob": bytes([i]) * 500} for i, state in got)
+            assert 1 <= most <= 4 and store.connections <= 4
+            assert sum([len(await store.list(f"task-{k}")) for k in range(10)]) == 100
+
+    run(main)
+
+
+# -- the loop goes on ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_wait_never_blocks_the_loop_other_tasks_progress_and_wake_it(
+        kind: str, kind_store: Callable[..., Awaitable[AsyncStore]]) -> None:
+    async def main() -> None:
+        async with await kind_store(kind) as store:
+            waiting = asyncio.create_task(store.wait("stage", after_version=0, timeout=30))
+            done = 0
+            for i in range(20):  # another task's calls go through while it waits
+                await store.save(cp("other", i))
+                done += 1
+            assert not waiting.done() and done == 20
+            await store.save(cp("stage", "go"))
+            assert (await waiting).state == "go"
+
+    run(main)
+
+
+def test_a_plain_compute_runs_off_the_loop_and_a_coroutine_compute_is_awaited(
+        kind_store: Callable[..., Awaitable[AsyncStore]]) -> None:
+    async def main() -> None:
+        async with await kind_store("shared") as store:
+            ticks = 0
+
+            async def tick() -> None:
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0.001)
+
+            ticker = asyncio.create_task(tick())
+            started = ticks
+            release = threading.Event()
+            computing = asyncio.create_task(store.load_or_compute(
+                "lc", "slow", lambda: release.wait(30) and "sync"))
+            while ticks < started + 5:  # the loop runs while compute blocks its thread
+                await asyncio.sleep(0.001)
+            release.set()
+            assert (await computing).state == "sync"
+
+            async def compute() -> str:
+                await asyncio.sleep(0)
+                return "async"
+
+            assert (await store.load_or_compute("lc", "fast", compute)).state == "async"
+            assert (await store.load_or_compute("lc", "fast", compute)).version == 2
+            ticker.cancel()
+
+    run(main)
+
+
+# -- timeouts and errors ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_errors_are_the_sync_stores(kind: str,
+                                    kind_store: Callable[..., Awaitable[AsyncStore]]) -> None:
+    async def main() -> None:
+        async with await kind_store(kind) as store:
+            before = await ops(store)
+            with pytest.raises(ConfigError):
+                await store.load("")
+            with pytest.raises(ConfigError):
+                await store.list("run", limit=-1)
+            with pytest.raises(ConfigError):
+                await store.wait("run", timeout=float("nan"))
+            with pytest.raises(ConfigError):
+                await store.save("not a checkpoint")  # type: ignore[arg-type]
+            after = await ops(store)
+            assert {k: after[k] - before[k] for k in after if k != "stats"} == \
+                dict.fromkeys((k for k in after if k != "stats"), 0)
+            with pytest.raises(CheckpointNotFound):
+                await store.load("nope")
+            await store.save(cp())
+            with pytest.raises(VersionConflict):
+                await store.save(cp(), expected_version=0)
+            with pytest.raises(StoreTimeout):
+                await store.wait("run", after_version=1, timeout=0.2)
+        with pytest.raises(StoreUnavailable):
+            await store.latest("run")
+
+    run(main)
+
+
+def test_a_stopped_server_is_a_timeout_and_a_wrong_key_or_no_server_are_named(
+        server: shmstore.StoreServer, tmp_path: Any) -> None:
+    async def main() -> None:
+        async with AsyncSharedStore(server.url, authkey=server.authkey, timeout=0.5) as store:
+            await store.save(cp())
+            os.kill(server.pid, signal.SIGSTOP)  # delivered asynchronously: until it is
+            assert wait_until(lambda: psutil.Process(server.pid).status()
+                              == psutil.STATUS_STOPPED, 10)
+            try:
+                with pytest.raises(StoreTimeout):
+                    await store.latest("run")
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            assert (await store.latest("run")) is not None
+        async with AsyncSharedStore(server.url, authkey=b"w" * 32, timeout=5) as wrong:
+            with pytest.raises(AccessDenied):
+                await wrong.executions()
+        async with AsyncSharedStore(f"unix://{tmp_path}/none.sock", authkey=b"k",
+                                    timeout=5) as nowhere:
+            with pytest.raises(StoreUnavailable):
+                await nowhere.executions()
+
+    run(main)
+
+
+def test_closing_under_a_call_fails_that_call_clearly(
+        kind_store: Callable[..., Awaitable[AsyncStore]]) -> None:
+    async def main() -> None:
+        store = await kind_store("shared")
+        before = (await ops(store))["wait"]
+        waiting = asyncio.create_task(store.wait("idle", timeout=30))
+        while (await ops(store))["wait"] == before:
+            await asyncio.sleep(0.01)
+        await store.aclose()
+        with pytest.raises(StoreUnavailable, match="closed"):
+            await waiting
+
+    run(main)
+
+
+def test_connect_switches_backend_by_url(shared_server: shmstore.StoreServer) -> None:
+    async def main() -> None:
+        async with await shmstore.aio.connect("memory://") as memory:
+            assert isinstance(memory, AsyncMemoryStore)
+        async with await shmstore.aio.connect(shared_server.url,
+                                              authkey=shared_server.authkey) as shared:
+            assert isinstance(shared, AsyncSharedStore)
+        with pytest.raises(ConfigError):
+            await shmstore.aio.connect("http://nowhere")
+        with pytest.raises(ConfigError):
+            await shmstore.aio.connect(shared_server.url)  # no key anywhere
+
+    run(main)
+
+
+def test_sync_and_async_memory_stores_share_one_table() -> None:
+    sync = shmstore.MemoryStore()
+
+    async def main() -> None:
+        async with AsyncMemoryStore(sync) as store:
+            await store.save(cp("both", 1))
+        assert sync.latest("both").state == 1  # type: ignore[union-attr]
+        sync.close()
+        with pytest.raises(ConfigError):
+            AsyncMemoryStore(sync)
+
+    run(main)
