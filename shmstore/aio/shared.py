@@ -27,7 +27,7 @@ import weakref
 from collections.abc import Awaitable
 from typing import Any
 
-from ..backends.shared import ANSWERS, BLOCKING_OPS, answer
+from ..backends.shared import ANSWERS, BLOCKING_OPS, answer, client_settings
 from ..backends.wire import (
     _ANCILLARY,
     _BIG,
@@ -49,9 +49,9 @@ from ..backends.wire import (
 from ..core import segment
 from ..core.backend import ANSWERS_RECORDS, ROLE_WORKER
 from ..core.codec import MsgpackCodec
-from ..core.config import DEFAULT_TIMEOUT, coerce_authkey, parse_url
-from ..core.errors import ConfigError, StoreUnavailable
-from ..core.validate import count, duration
+from ..core.config import DEFAULT_TIMEOUT
+from ..core.errors import StoreUnavailable
+from ..core.validate import count
 from .store import AsyncStore
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS", "AsyncChannel", "AsyncSharedStore"]
@@ -335,17 +335,12 @@ class AsyncSharedStore(AsyncStore):
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         super().__init__(codec=codec)
-        self._address = parse_url(url)
+        self._address, self._authkey, self.timeout, plane, _threshold, self.role = \
+            client_settings(url, authkey=authkey, timeout=timeout, data_plane=data_plane,
+                            data_plane_threshold=data_plane_threshold, role=role)
+        if plane is not None:
+            self._plane_threshold = plane
         self.url = self._address.url
-        self._authkey = coerce_authkey(authkey)
-        self.timeout = duration(timeout, "timeout")
-        threshold = count(data_plane_threshold, "data_plane_threshold", minimum=1)
-        if data_plane and self._address.family == "AF_UNIX" and segment.available():
-            self._plane_threshold = threshold
-        if not isinstance(role, str) or not 0 < len(role) <= 64:
-            raise ConfigError(f"role must be a non-empty str of at most 64 characters, not "
-                              f"{role!r:.80}", value=repr(role)[:80])
-        self.role = role
         self.copy_on_load = bool(copy_on_load)
         self.max_connections = count(max_connections, "max_connections", minimum=1)
         self.name = name or f"aio-client-{os.getpid()}"

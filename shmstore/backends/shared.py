@@ -37,7 +37,7 @@ from ..core.backend import (
     StatsDict,
 )
 from ..core.codec import MsgpackCodec
-from ..core.config import DEFAULT_TIMEOUT, coerce_authkey, parse_url
+from ..core.config import DEFAULT_TIMEOUT, Address, coerce_authkey, parse_url
 from ..core.errors import ConfigError, ShmstoreError, StoreUnavailable
 from ..core.limits import LimitsDict
 from ..core.record import Record
@@ -64,6 +64,28 @@ def answer(kind: str, result: Any, url: str) -> Any:
     if kind == "#ERROR" and isinstance(result, BaseException):
         raise result
     raise ShmstoreError(f"the server at {url} failed: {result}")
+
+
+def client_settings(url: str, *, authkey: bytes | str, timeout: float, data_plane: bool,
+                    data_plane_threshold: int, role: str
+                    ) -> tuple[Address, bytes, float, int | None, int, str]:
+    """A server client's options, checked (the sync and the async client take the same):
+    ``(address, authkey, timeout, plane threshold or None, threshold, role)``; the plane
+    is on only for a unix socket where memory files can be made.
+
+    Raises:
+        ConfigError: a bad URL, authkey, timeout, threshold or role.
+    """
+    address = parse_url(url)
+    key = coerce_authkey(authkey)
+    seconds = duration(timeout, "timeout")
+    threshold = count(data_plane_threshold, "data_plane_threshold", minimum=1)
+    plane = threshold if data_plane and address.family == "AF_UNIX" and segment.available() \
+        else None
+    if not isinstance(role, str) or not 0 < len(role) <= 64:
+        raise ConfigError(f"role must be a non-empty str of at most 64 characters, not "
+                          f"{role!r:.80}", value=repr(role)[:80])
+    return address, key, seconds, plane, threshold, role
 
 
 class SharedStore(BaseStore):
@@ -109,17 +131,12 @@ class SharedStore(BaseStore):
         role: str = ROLE_WORKER,
     ) -> None:
         super().__init__(codec=codec)
-        self._address = parse_url(url)
+        self._address, self._authkey, self.timeout, plane, threshold, self.role = \
+            client_settings(url, authkey=authkey, timeout=timeout, data_plane=data_plane,
+                            data_plane_threshold=data_plane_threshold, role=role)
+        if plane is not None:
+            self._plane_threshold = plane
         self.url = self._address.url
-        self._authkey = coerce_authkey(authkey)
-        self.timeout = duration(timeout, "timeout")
-        threshold = count(data_plane_threshold, "data_plane_threshold", minimum=1)
-        if data_plane and self._address.family == "AF_UNIX" and segment.available():
-            self._plane_threshold = threshold
-        if not isinstance(role, str) or not 0 < len(role) <= 64:
-            raise ConfigError(f"role must be a non-empty str of at most 64 characters, not "
-                              f"{role!r:.80}", value=repr(role)[:80])
-        self.role = role
         self._options = {"data_plane": bool(data_plane), "data_plane_threshold": threshold,
                          "copy_on_load": bool(copy_on_load), "role": role}
         self.copy_on_load = bool(copy_on_load)
