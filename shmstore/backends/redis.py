@@ -85,7 +85,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from importlib import resources
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -374,24 +374,27 @@ def _guarded(op: Callable[..., _R]) -> Callable[..., _R]:
     return call
 
 
-class RedisBackend:
-    """`RedisStore`'s `Backend`: each operation one or a few scripts (see the module doc).
+#: What an operation's steps yield to their runner: run a script (``_RUN, name, *args``),
+#: read a hash (``_HGETALL, key``), subscribe to an execution's wake-ups
+#: (``_SUBSCRIBE, execution_id``: the runner sends back the subscription, and closes it
+#: when the operation ends), sleep on one until a wake-up or ``seconds``
+#: (``_SLEEP, subscription, seconds``).
+_RUN, _HGETALL, _SUBSCRIBE, _SLEEP = "run", "hgetall", "subscribe", "sleep"
+#: One operation as steps: a generator of the I/O it needs, returning its answer.
+Steps = Generator[tuple[Any, ...], Any, _R]
 
-    It holds no reference to its store (the store owns it; a cycle would keep a dropped
-    store's sockets open until the cyclic collector ran).
+
+class RedisOps:
+    """Every `Backend` operation on Redis as steps (``_g_<op>``), with no I/O of its own:
+    what to ask Redis (the scripts, their arguments) and what the answers mean, once, for
+    the sync runner (`RedisBackend`) and the asyncio one (`shmstore.aio.redis`).  A runner
+    sends each step's result back into the generator, or throws its error in.
     """
 
-    def __init__(self, client: Any, prefix: bytes, timeout: float, address: str, *,
-                 owns_client: bool) -> None:
-        self._client = client
+    def __init__(self, prefix: bytes, timeout: float, address: str) -> None:
         self._prefix = prefix
         self.timeout = timeout
         self.address = address
-        self._owns_client = owns_client
-        self._closed = False
-        # The subscriptions waits sleep on now: close() wakes them.
-        self._sleeping: set[_WakeUps] = set()
-        self._sleeping_lock = threading.Lock()
 
     def _translate(self, exc: Exception) -> ShmstoreError | Exception:
         """Map a redis-py error to the exception tree."""
@@ -423,19 +426,331 @@ class RedisBackend:
             return ShmstoreError(f"Redis at {address} failed: {text}")
         return exc
 
+    def _memory_figures(self) -> tuple[int, int]:
+        """Redis' ``maxmemory`` and ``used_memory`` for a refusal's message (0, 0 here:
+        a runner that can read them on the spot says so)."""
+        return 0, 0
+
     def _maxmemory_full(self) -> StoreFull:
-        maximum = current = 0
-        try:
-            info = self._client.info("memory")
-            maximum, current = int(info["maxmemory"]), int(info["used_memory"])
-        except Exception:  # the figures are a courtesy; the error stands
-            pass
+        maximum, current = self._memory_figures()
         return StoreFull(
             f"Redis at {self.address} is at its maxmemory ({maximum} bytes, {current} used) "
             "and refuses writes; delete or clear executions, set shmstore limits below it, "
             "or raise Redis' maxmemory",
             limit="maxmemory", maximum=maximum, current=current, requested=0,
         )
+
+    def _key(self, execution_id: str, suffix: str) -> bytes:
+        return self._prefix + b"{" + _b(execution_tag(execution_id)) + b"}:" + _b(suffix)
+
+    # -- table operations, as steps ----------------------------------------------------
+
+    def _g_save(self, record: Record, expected_version: int | None = None) -> Steps[int]:
+        expected = b"" if expected_version is None else b"%d" % expected_version
+        try:
+            return int((yield _RUN, "save", expected, *_record_args(record)))
+        except _redis.exceptions.ResponseError as exc:
+            error = self._translate(exc)
+            if isinstance(error, VersionConflict):
+                raise rules.version_conflict(record.execution_id, expected_version,
+                                             error.actual) from None
+            raise error from None
+
+    def _g_store(self, op: str, records: Sequence[Record], only_new: bool) -> Steps[list[int]]:
+        records = list(records)
+        args: list[Any] = []
+        for record in records:
+            args.extend(_record_args(record))
+        return [int(v) for v in (yield _RUN, "store", op, b"1" if only_new else b"0",
+                                          len(records), *args)]
+
+    def _g_save_many(self, records: Sequence[Record]) -> Steps[builtins.list[int]]:
+        return (yield from self._g_store("save_many", records, False))
+
+    def _g_save_new(self, records: Sequence[Record]) -> Steps[builtins.list[int]]:
+        return (yield from self._g_store("save_new", records, True))
+
+    def _g_scan(self, op: str, executions: Sequence[str], prefix: bool, *,
+              node_name: str | None = None, checkpoint_id: str | None = None,
+              before_id: str | None = None, children: str | None = None,
+              limit: int | None = None,
+              by_id: bool = False) -> Steps[list[tuple[str, list[Record], list[Record]]]]:
+        """Per execution in scope (in id order): its records that pass the filters, newest
+        first, and its ``children`` records, oldest first (one script call)."""
+        if not executions:
+            (yield _RUN, "scan", op, b"0", b"", b"0", b"", b"", b"", b"0", 0, b"0")  # counts the op
+            return []
+        answer = (yield _RUN,
+            "scan", op, b"1" if prefix else b"0",
+            b"" if node_name is None else _b(node_name), b"0" if node_name is None else b"1",
+            b"" if checkpoint_id is None else _b(checkpoint_id),
+            b"" if before_id is None else _b(before_id),
+            b"" if children is None else _b(children), b"0" if children is None else b"1",
+            -1 if limit is None else limit, b"1" if by_id else b"0",
+            *[_b(name) for name in executions])
+        return [(_s(name), [_record(r) for r in found], [_record(r) for r in kids])
+                for name, found, kids in answer]
+
+    def _g_find(self, executions: Sequence[str], prefix: bool = False,
+             node_name: str | None = None, where: EncodedWhere | None = None,
+             before_id: str | None = None, limit: int | None = None,
+             checkpoint_id: str | None = None, children: str | None = None,
+             by_id: bool = False) -> Steps[builtins.list[Found]]:
+        # Metadata is filtered here, with Python's equality (1 == 1.0, a tuple is not a
+        # list), exactly as the table does; Redis applies every other filter.
+        filters = decode_where(where)
+        scanned = (yield from self._g_scan("find", executions, prefix, node_name=node_name,
+                             checkpoint_id=checkpoint_id, before_id=before_id,
+                             children=children, by_id=by_id,
+                             limit=limit if filters is None else (0 if limit == 0 else None)))
+        out: builtins.list[Found] = []
+        for _name, found, kids in scanned:
+            matched = rules.first_matches(found, None, filters, None,
+                                          None if limit is None else limit - len(out))
+            out.extend(with_children(matched, kids))
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    def _g_purge(self, executions: Sequence[str], prefix: bool = False,
+              node_name: str | None = None, where: EncodedWhere | None = None,
+              keep: int = 0, children: str | None = None) -> Steps[int]:
+        # Read the scope, decide as the table does, then drop in one script the records
+        # that are still there at the same version (a record saved in between survives).
+        filters = decode_where(where)
+        doomed: builtins.list[Record] = []
+        for _name, newest_first, _kids in (yield from self._g_scan("purge", executions, prefix)):
+            doomed += purge_plan(newest_first[::-1], node_name, filters, keep, children)
+        if not doomed:
+            return 0
+        args: builtins.list[bytes] = []
+        for record in doomed:
+            args += [_b(record.id), b"%d" % record.version]
+        return int((yield _RUN, "drop", *args))
+
+    def _g_copy(self, source: str, target: str, prefix: bool = False) -> Steps[int]:
+        if source == target:
+            raise rules.copy_onto_itself(source)
+        plan = [(record, rules.renamed(name, source, target))
+                for name, newest_first, _ in (yield from self._g_scan("copy", [source], prefix))
+                for record in newest_first[::-1]]
+        copies = rules.copy_records(plan, source, target)
+        if copies:
+            yield from self._g_store("", copies, False)
+        return len(copies)
+
+    def _g_load(self, checkpoint_id: str) -> Steps[Record]:
+        raw = (yield _RUN, "load", _b(checkpoint_id))
+        if raw is None:
+            raise not_found(checkpoint_id)
+        return _record(raw)
+
+    def _g_load_many(self, checkpoint_ids: Sequence[str]) -> Steps[builtins.list[Record]]:
+        ok, value = (yield _RUN, "load_many", *[_b(cid) for cid in checkpoint_ids])
+        if not ok:
+            raise not_found(_s(value))
+        return [_record(raw) for raw in value]
+
+    def _g_list(self, execution_id: str, limit: int | None = None,
+             before_version: int | None = None, newest_first: bool = False,
+             after_version: int | None = None) -> Steps[builtins.list[Record]]:
+        raws = (yield _RUN, "list", _b(execution_id), -1 if limit is None else limit,
+                         b"" if before_version is None else b"%d" % before_version,
+                         b"1" if newest_first else b"0",
+                         b"" if after_version is None else b"%d" % after_version)
+        return [_record(raw) for raw in raws]
+
+    def _g_latest(self, execution_id: str) -> Steps[Record | None]:
+        raw = (yield _RUN, "latest", _b(execution_id))
+        return None if raw is None else _record(raw)
+
+    def _g_delete(self, checkpoint_id: str) -> Steps[bool]:
+        return bool((yield _RUN, "delete", _b(checkpoint_id)))
+
+    def _g_clear(self, execution_id: str) -> Steps[int]:
+        return int((yield _RUN, "clear", _b(execution_id)))
+
+    def _g_executions(self) -> Steps[builtins.list[str]]:
+        names = yield _RUN, "executions"
+        return sorted(_s(name) for name in names)
+
+    def _g_wait(self, execution_id: str, after_version: int = 0,
+             timeout: float | None = None,
+             generation: int = 0) -> Steps[tuple[Record | None, int]]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        count = b"1"
+        name = _b(execution_id)
+        wakeups: Any = None  # (the runner closes its subscriptions when the op ends)
+        while True:
+            ms = 60_000 if deadline is None else int((deadline - time.monotonic()) * 1000)
+            found, value, generation = (yield _RUN, "wait", name, after_version, count,
+                                                 max(ms, 0) + WAKE_GRACE_MS, generation)
+            generation = int(generation)
+            count = b"0"
+            if found:
+                return (_record(value), generation)
+            if ms < 1:
+                return (None, generation)
+            if wakeups is None:
+                # Subscribe, then look again: a save between the two is not missed.
+                wakeups = yield _SUBSCRIBE, execution_id
+                continue
+            yield _SLEEP, wakeups, ms / 1000
+
+    def _g_claim(self, execution_id: str, node_name: str, owner: str, lease_s: float,
+              timeout: float = 0.0) -> Steps[ClaimAnswer]:
+        deadline = time.monotonic() + timeout
+        lease_ms = max(1, math.ceil(lease_s * 1000))
+        count = b"1"
+        args = (_b(execution_id), _b(node_name), _b(owner), lease_ms)
+        wakeups: Any = None  # (the runner closes its subscriptions when the op ends)
+        while True:
+            ms = int((deadline - time.monotonic()) * 1000)
+            answer = (yield _RUN, "claim", *args, count)
+            count = b"0"
+            kind = _s(answer[0])
+            if kind == DONE:
+                return (DONE, _record(answer[1]))
+            if kind == GRANTED:
+                return (GRANTED, _s(answer[1]))
+            if kind == HELD:
+                return (HELD, _s(answer[1]))
+            holder, pttl = _s(answer[1]), int(answer[2])  # the script's only other: busy
+            if ms < 1:
+                return (BUSY, holder)
+            if wakeups is None:
+                wakeups = yield _SUBSCRIBE, execution_id  # then look again
+                continue
+            # Timed to the lease's expiry: a dead owner's lease passes on then.
+            yield _SLEEP, wakeups, max(1, min(ms, pttl)) / 1000
+
+    def _g_renew(self, execution_id: str, node_name: str, token: str,
+                 lease_s: float) -> Steps[bool]:
+        return bool((yield _RUN, "renew", _b(execution_id), _b(node_name), _b(token),
+                              max(1, math.ceil(lease_s * 1000))))
+
+    def _g_release(self, execution_id: str, node_name: str, token: str) -> Steps[bool]:
+        return bool((yield _RUN, "release", _b(execution_id), _b(node_name), _b(token)))
+
+    def _g_complete(self, record: Record, token: str) -> Steps[CompleteAnswer]:
+        kind, value = (yield _RUN, "complete", _b(token), *_record_args(record))
+        if kind == b"done":
+            return (DONE, _record(value))
+        return (SAVED, int(value))
+
+    def _g_limits(self) -> Steps[LimitsDict]:
+        return (yield from self._g_read_limits()).to_dict()
+
+    def _g_read_limits(self) -> Steps[Limits]:
+        stored = yield _HGETALL, self._prefix + b"limits"
+        if not stored:
+            return Limits()
+        values: dict[str, Any] = dict.fromkeys(LIMIT_FIELDS)
+        for key, value in stored.items():
+            name = _s(key)
+            values[name] = _s(value) if name == "on_full" else int(value)
+        return Limits.from_dict(values)
+
+    def _g_stats(self) -> Steps[StatsDict]:
+        (checkpoints, executions, payload, ops_flat, stats_flat, largest_flat,
+         info_server, info_memory) = (yield _RUN, "stats")
+        ops = dict.fromkeys(TABLE_OPS, 0)
+        for i in range(0, len(ops_flat), 2):
+            ops[_s(ops_flat[i])] = int(ops_flat[i + 1])
+        counters = {_s(stats_flat[i]): int(stats_flat[i + 1])
+                    for i in range(0, len(stats_flat), 2)}
+        rss = _info_field(info_memory, "used_memory_rss")
+        return {
+            "checkpoints": int(checkpoints),
+            "executions": int(executions),
+            "payload_bytes": int(payload),
+            "ops": ops,
+            "largest_executions": [
+                (_s(largest_flat[i]), int(largest_flat[i + 1]), int(largest_flat[i + 2]))
+                for i in range(0, len(largest_flat), 3)],
+            "evictions": counters.get("evictions", 0),
+            "rejections": counters.get("rejections", 0),
+            "pruned": counters.get("pruned", 0),
+            "limits": (yield from self._g_read_limits()).to_dict(),
+            "server_pid": _info_field(info_server, "process_id"),
+            "server_rss": rss,
+            # Redis reports no RSS high-water mark; its allocator's peak is the nearest.
+            "server_peak_rss": max(rss, _info_field(info_memory, "used_memory_peak")),
+            "uptime_s": float(_info_field(info_server, "uptime_in_seconds")),
+            "clients": [],
+        }
+
+    def _g_memory_history(self, since: float | None = None) -> Steps[builtins.list[Sample]]:
+        """Redis keeps no history: the present as one sample (a poller builds the series)."""
+        stats = (yield from self._g_stats())
+        now = time.time()
+        if since is not None and now <= since:
+            return []
+        return [{"t": now, "server_rss": stats["server_rss"], "server_uss": None,
+                 "checkpoints": stats["checkpoints"], "payload_bytes": stats["payload_bytes"],
+                 "segment_bytes": 0, "clients": {},
+                 "executions": [list(e) for e in stats["largest_executions"]]}]
+
+
+
+class RedisBackend(RedisOps):
+    """`RedisStore`'s `Backend`: each operation one or a few scripts (see the module doc),
+    its `RedisOps` steps run with redis-py's blocking client.
+
+    It holds no reference to its store (the store owns it; a cycle would keep a dropped
+    store's sockets open until the cyclic collector ran).
+    """
+
+    def __init__(self, client: Any, prefix: bytes, timeout: float, address: str, *,
+                 owns_client: bool) -> None:
+        super().__init__(prefix, timeout, address)
+        self._client = client
+        self._owns_client = owns_client
+        self._closed = False
+        # The subscriptions waits sleep on now: close() wakes them.
+        self._sleeping: set[_WakeUps] = set()
+        self._sleeping_lock = threading.Lock()
+
+    def _memory_figures(self) -> tuple[int, int]:
+        try:
+            info = self._client.info("memory")
+            return int(info["maxmemory"]), int(info["used_memory"])
+        except Exception:  # the figures are a courtesy; the error stands
+            return 0, 0
+
+    def _drive(self, steps: Steps[_R]) -> _R:
+        """Run an operation's steps with blocking calls; its answer."""
+        subscribed: builtins.list[_WakeUps] = []
+        value: Any = None
+        error: BaseException | None = None
+        try:
+            while True:
+                try:
+                    step = steps.send(value) if error is None else steps.throw(error)
+                except StopIteration as done:
+                    result: _R = done.value
+                    return result
+                value, error = None, None
+                try:
+                    value = self._do(step, subscribed)
+                except Exception as exc:
+                    error = exc
+        finally:
+            for wakeups in subscribed:
+                self._unsubscribe(wakeups)
+
+    def _do(self, step: tuple[Any, ...], subscribed: builtins.list[_WakeUps]) -> Any:
+        kind = step[0]
+        if kind == _RUN:
+            return self._run(*step[1:])
+        if kind == _HGETALL:
+            return self._client.hgetall(step[1])
+        if kind == _SUBSCRIBE:
+            wakeups = self._subscribe(step[1])
+            subscribed.append(wakeups)
+            return wakeups
+        step[1].sleep(step[2])
+        return None
 
     def _run(self, name: str, *args: Any) -> Any:
         """Run one script (EVALSHA; loaded when Redis does not know it yet)."""
@@ -462,222 +777,83 @@ class RedisBackend:
             self._sleeping.discard(wakeups)
         wakeups.close()
 
-    def _key(self, execution_id: str, suffix: str) -> bytes:
-        return self._prefix + b"{" + _b(execution_tag(execution_id)) + b"}:" + _b(suffix)
-
     # -- table operations ---------------------------------------------------------------
 
     def save(self, record: Record, expected_version: int | None = None) -> int:
-        expected = b"" if expected_version is None else b"%d" % expected_version
-        try:
-            return int(self._run("save", expected, *_record_args(record)))
-        except _redis.exceptions.ResponseError as exc:
-            error = self._translate(exc)
-            if isinstance(error, VersionConflict):
-                raise rules.version_conflict(record.execution_id, expected_version,
-                                             error.actual) from None
-            raise error from None
-
-    def _store(self, op: str, records: Sequence[Record], only_new: bool) -> list[int]:
-        records = list(records)
-        args: list[Any] = []
-        for record in records:
-            args.extend(_record_args(record))
-        return [int(v) for v in self._run("store", op, b"1" if only_new else b"0",
-                                          len(records), *args)]
+        return self._drive(self._g_save(record, expected_version))
 
     def save_many(self, records: Sequence[Record]) -> builtins.list[int]:
-        return self._store("save_many", records, False)
+        return self._drive(self._g_save_many(records))
 
     def save_new(self, records: Sequence[Record]) -> builtins.list[int]:
-        return self._store("save_new", records, True)
-
-    def _scan(self, op: str, executions: Sequence[str], prefix: bool, *,
-              node_name: str | None = None, checkpoint_id: str | None = None,
-              before_id: str | None = None, children: str | None = None,
-              limit: int | None = None,
-              by_id: bool = False) -> list[tuple[str, list[Record], list[Record]]]:
-        """Per execution in scope (in id order): its records that pass the filters, newest
-        first, and its ``children`` records, oldest first (one script call)."""
-        if not executions:
-            self._run("scan", op, b"0", b"", b"0", b"", b"", b"", b"0", 0, b"0")  # counts the op
-            return []
-        answer = self._run(
-            "scan", op, b"1" if prefix else b"0",
-            b"" if node_name is None else _b(node_name), b"0" if node_name is None else b"1",
-            b"" if checkpoint_id is None else _b(checkpoint_id),
-            b"" if before_id is None else _b(before_id),
-            b"" if children is None else _b(children), b"0" if children is None else b"1",
-            -1 if limit is None else limit, b"1" if by_id else b"0",
-            *[_b(name) for name in executions])
-        return [(_s(name), [_record(r) for r in found], [_record(r) for r in kids])
-                for name, found, kids in answer]
+        return self._drive(self._g_save_new(records))
 
     def find(self, executions: Sequence[str], prefix: bool = False,
              node_name: str | None = None, where: EncodedWhere | None = None,
              before_id: str | None = None, limit: int | None = None,
              checkpoint_id: str | None = None, children: str | None = None,
              by_id: bool = False) -> builtins.list[Found]:
-        # Metadata is filtered here, with Python's equality (1 == 1.0, a tuple is not a
-        # list), exactly as the table does; Redis applies every other filter.
-        filters = decode_where(where)
-        scanned = self._scan("find", executions, prefix, node_name=node_name,
-                             checkpoint_id=checkpoint_id, before_id=before_id,
-                             children=children, by_id=by_id,
-                             limit=limit if filters is None else (0 if limit == 0 else None))
-        out: builtins.list[Found] = []
-        for _name, found, kids in scanned:
-            matched = rules.first_matches(found, None, filters, None,
-                                          None if limit is None else limit - len(out))
-            out.extend(with_children(matched, kids))
-            if limit is not None and len(out) >= limit:
-                break
-        return out
+        return self._drive(self._g_find(executions, prefix, node_name, where, before_id,
+                                        limit, checkpoint_id, children, by_id))
 
     def purge(self, executions: Sequence[str], prefix: bool = False,
               node_name: str | None = None, where: EncodedWhere | None = None,
               keep: int = 0, children: str | None = None) -> int:
-        # Read the scope, decide as the table does, then drop in one script the records
-        # that are still there at the same version (a record saved in between survives).
-        filters = decode_where(where)
-        doomed: builtins.list[Record] = []
-        for _name, newest_first, _kids in self._scan("purge", executions, prefix):
-            doomed += purge_plan(newest_first[::-1], node_name, filters, keep, children)
-        if not doomed:
-            return 0
-        args: builtins.list[bytes] = []
-        for record in doomed:
-            args += [_b(record.id), b"%d" % record.version]
-        return int(self._run("drop", *args))
+        return self._drive(self._g_purge(executions, prefix, node_name, where, keep, children))
 
     def copy(self, source: str, target: str, prefix: bool = False) -> int:
-        if source == target:
-            raise rules.copy_onto_itself(source)
-        plan = [(record, rules.renamed(name, source, target))
-                for name, newest_first, _ in self._scan("copy", [source], prefix)
-                for record in newest_first[::-1]]
-        copies = rules.copy_records(plan, source, target)
-        if copies:
-            self._store("", copies, False)
-        return len(copies)
+        return self._drive(self._g_copy(source, target, prefix))
 
     def load(self, checkpoint_id: str) -> Record:
-        raw = self._run("load", _b(checkpoint_id))
-        if raw is None:
-            raise not_found(checkpoint_id)
-        return _record(raw)
+        return self._drive(self._g_load(checkpoint_id))
 
     def load_many(self, checkpoint_ids: Sequence[str]) -> builtins.list[Record]:
-        ok, value = self._run("load_many", *[_b(cid) for cid in checkpoint_ids])
-        if not ok:
-            raise not_found(_s(value))
-        return [_record(raw) for raw in value]
+        return self._drive(self._g_load_many(checkpoint_ids))
 
     def list(self, execution_id: str, limit: int | None = None,
              before_version: int | None = None, newest_first: bool = False,
              after_version: int | None = None) -> builtins.list[Record]:
-        raws = self._run("list", _b(execution_id), -1 if limit is None else limit,
-                         b"" if before_version is None else b"%d" % before_version,
-                         b"1" if newest_first else b"0",
-                         b"" if after_version is None else b"%d" % after_version)
-        return [_record(raw) for raw in raws]
+        return self._drive(self._g_list(execution_id, limit, before_version, newest_first,
+                                        after_version))
 
     def latest(self, execution_id: str) -> Record | None:
-        raw = self._run("latest", _b(execution_id))
-        return None if raw is None else _record(raw)
+        return self._drive(self._g_latest(execution_id))
 
     def delete(self, checkpoint_id: str) -> bool:
-        return bool(self._run("delete", _b(checkpoint_id)))
+        return self._drive(self._g_delete(checkpoint_id))
 
     def clear(self, execution_id: str) -> int:
-        return int(self._run("clear", _b(execution_id)))
+        return self._drive(self._g_clear(execution_id))
 
     def executions(self) -> builtins.list[str]:
-        return sorted(_s(name) for name in self._run("executions"))
+        return self._drive(self._g_executions())
 
     def wait(self, execution_id: str, after_version: int = 0,
              timeout: float | None = None,
              generation: int = 0) -> tuple[Record | None, int]:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        count = b"1"
-        name = _b(execution_id)
-        wakeups: _WakeUps | None = None
-        try:
-            while True:
-                ms = 60_000 if deadline is None else int((deadline - time.monotonic()) * 1000)
-                found, value, generation = self._run("wait", name, after_version, count,
-                                                     max(ms, 0) + WAKE_GRACE_MS, generation)
-                generation = int(generation)
-                count = b"0"
-                if found:
-                    return (_record(value), generation)
-                if ms < 1:
-                    return (None, generation)
-                if wakeups is None:
-                    # Subscribe, then look again: a save between the two is not missed.
-                    wakeups = self._subscribe(execution_id)
-                    continue
-                wakeups.sleep(ms / 1000)
-        finally:
-            if wakeups is not None:
-                self._unsubscribe(wakeups)
+        return self._drive(self._g_wait(execution_id, after_version, timeout, generation))
 
     def claim(self, execution_id: str, node_name: str, owner: str, lease_s: float,
               timeout: float = 0.0) -> ClaimAnswer:
-        deadline = time.monotonic() + timeout
-        lease_ms = max(1, math.ceil(lease_s * 1000))
-        count = b"1"
-        args = (_b(execution_id), _b(node_name), _b(owner), lease_ms)
-        wakeups: _WakeUps | None = None
-        try:
-            while True:
-                ms = int((deadline - time.monotonic()) * 1000)
-                answer = self._run("claim", *args, count)
-                count = b"0"
-                kind = _s(answer[0])
-                if kind == DONE:
-                    return (DONE, _record(answer[1]))
-                if kind == GRANTED:
-                    return (GRANTED, _s(answer[1]))
-                if kind == HELD:
-                    return (HELD, _s(answer[1]))
-                holder, pttl = _s(answer[1]), int(answer[2])  # the script's only other: busy
-                if ms < 1:
-                    return (BUSY, holder)
-                if wakeups is None:
-                    wakeups = self._subscribe(execution_id)  # then look again
-                    continue
-                # Timed to the lease's expiry: a dead owner's lease passes on then.
-                wakeups.sleep(max(1, min(ms, pttl)) / 1000)
-        finally:
-            if wakeups is not None:
-                self._unsubscribe(wakeups)
+        return self._drive(self._g_claim(execution_id, node_name, owner, lease_s, timeout))
 
     def renew(self, execution_id: str, node_name: str, token: str, lease_s: float) -> bool:
-        return bool(self._run("renew", _b(execution_id), _b(node_name), _b(token),
-                              max(1, math.ceil(lease_s * 1000))))
+        return self._drive(self._g_renew(execution_id, node_name, token, lease_s))
 
     def release(self, execution_id: str, node_name: str, token: str) -> bool:
-        return bool(self._run("release", _b(execution_id), _b(node_name), _b(token)))
+        return self._drive(self._g_release(execution_id, node_name, token))
 
     def complete(self, record: Record, token: str) -> CompleteAnswer:
-        kind, value = self._run("complete", _b(token), *_record_args(record))
-        if kind == b"done":
-            return (DONE, _record(value))
-        return (SAVED, int(value))
+        return self._drive(self._g_complete(record, token))
 
     def limits(self) -> LimitsDict:
-        return self._read_limits().to_dict()
+        return self._drive(self._g_limits())
 
-    def _read_limits(self) -> Limits:
-        stored = self._client.hgetall(self._prefix + b"limits")
-        if not stored:
-            return Limits()
-        values: dict[str, Any] = dict.fromkeys(LIMIT_FIELDS)
-        for key, value in stored.items():
-            name = _s(key)
-            values[name] = _s(value) if name == "on_full" else int(value)
-        return Limits.from_dict(values)
+    def stats(self) -> StatsDict:
+        return self._drive(self._g_stats())
+
+    def memory_history(self, since: float | None = None) -> builtins.list[Sample]:
+        return self._drive(self._g_memory_history(since))
 
     def _write_limits(self, limits: Limits) -> None:
         fields: dict[bytes, bytes] = {b"on_full": _b(limits.on_full)}
@@ -693,46 +869,6 @@ class RedisBackend:
                 pipe.execute()
         except Exception as exc:
             raise self._translate(exc) from None
-
-    def stats(self) -> StatsDict:
-        (checkpoints, executions, payload, ops_flat, stats_flat, largest_flat,
-         info_server, info_memory) = self._run("stats")
-        ops = dict.fromkeys(TABLE_OPS, 0)
-        for i in range(0, len(ops_flat), 2):
-            ops[_s(ops_flat[i])] = int(ops_flat[i + 1])
-        counters = {_s(stats_flat[i]): int(stats_flat[i + 1])
-                    for i in range(0, len(stats_flat), 2)}
-        rss = _info_field(info_memory, "used_memory_rss")
-        return {
-            "checkpoints": int(checkpoints),
-            "executions": int(executions),
-            "payload_bytes": int(payload),
-            "ops": ops,
-            "largest_executions": [
-                (_s(largest_flat[i]), int(largest_flat[i + 1]), int(largest_flat[i + 2]))
-                for i in range(0, len(largest_flat), 3)],
-            "evictions": counters.get("evictions", 0),
-            "rejections": counters.get("rejections", 0),
-            "pruned": counters.get("pruned", 0),
-            "limits": self._read_limits().to_dict(),
-            "server_pid": _info_field(info_server, "process_id"),
-            "server_rss": rss,
-            # Redis reports no RSS high-water mark; its allocator's peak is the nearest.
-            "server_peak_rss": max(rss, _info_field(info_memory, "used_memory_peak")),
-            "uptime_s": float(_info_field(info_server, "uptime_in_seconds")),
-            "clients": [],
-        }
-
-    def memory_history(self, since: float | None = None) -> builtins.list[Sample]:
-        """Redis keeps no history: the present as one sample (a poller builds the series)."""
-        stats = self.stats()
-        now = time.time()
-        if since is not None and now <= since:
-            return []
-        return [{"t": now, "server_rss": stats["server_rss"], "server_uss": None,
-                 "checkpoints": stats["checkpoints"], "payload_bytes": stats["payload_bytes"],
-                 "segment_bytes": 0, "clients": {},
-                 "executions": [list(e) for e in stats["largest_executions"]]}]
 
     def register_client(self, pid: int, name: str = "", role: str = ROLE_WORKER,
                         leaving: bool = False) -> None:
