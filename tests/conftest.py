@@ -26,7 +26,7 @@ from .redis_server import RedisServer
 # "aio-*" are the async stores (shmstore.aio) of the same backends, run through
 # `tests.aio_adapter.SyncOverAsync`: the same contract tests, unchanged.
 SYNC_BACKENDS = ["memory", "shared", "shared-plane", "redis"]
-ASYNC_BACKENDS = ["aio-memory", "aio-shared", "aio-shared-plane"]
+ASYNC_BACKENDS = ["aio-memory", "aio-shared", "aio-shared-plane", "aio-redis"]
 BACKENDS = SYNC_BACKENDS + ASYNC_BACKENDS
 #: A client of the data plane for every state, however small.
 PLANE_EVERYTHING = {"data_plane": True, "data_plane_threshold": 1}
@@ -118,14 +118,24 @@ def store(request: pytest.FixtureRequest) -> Iterator[BaseStore]:
 
 
 def async_store(request: pytest.FixtureRequest, limits: Limits | None = None,
-                server: shmstore.StoreServer | None = None) -> BaseStore:
+                server: shmstore.StoreServer | None = None, flush: bool = True) -> BaseStore:
     """An ``aio-*`` param's async store, empty, behind the sync interface (the session's
-    server unless ``server`` is given; ``limits`` for an in-process one)."""
-    from shmstore.aio import AsyncMemoryStore, AsyncSharedStore
+    server unless ``server`` is given; ``limits`` for an in-process one; on Redis,
+    ``flush=False`` keeps what is there, e.g. limits a sync store wrote)."""
+    from shmstore.aio import AsyncMemoryStore, AsyncRedisStore, AsyncSharedStore
 
     from .aio_adapter import SyncOverAsync
 
     kind = request.param[len("aio-"):]
+    if kind == "redis":
+        redis_ = request.getfixturevalue("redis_server")
+        if flush:
+            redis_.flush()
+
+        async def on_redis() -> AsyncRedisStore:
+            return AsyncRedisStore(redis_.url, timeout=10.0)
+
+        return cast(BaseStore, SyncOverAsync(on_redis))
     if kind == "memory":
         async def memory() -> AsyncMemoryStore:
             return AsyncMemoryStore(limits=limits)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from .factory import MEMORY_URL, connect
 from .memory import AsyncMemoryStore
+from .redis import AsyncRedisStore
 from .shared import AsyncSharedStore
 from .store import AsyncStore
 
-__all__ = ["MEMORY_URL", "AsyncMemoryStore", "AsyncSharedStore", "AsyncStore", "connect"]
+__all__ = ["MEMORY_URL", "AsyncMemoryStore", "AsyncRedisStore", "AsyncSharedStore",
+           "AsyncStore", "connect"]

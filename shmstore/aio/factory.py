@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from ..core.config import DEFAULT_TIMEOUT, is_redis_url, parse_url
-from ..core.errors import ConfigError
 from ..core.factory import _authkey_from_environment, _url_from_environment
 from .store import AsyncStore
 
@@ -54,8 +53,9 @@ async def connect(
     pool: dict[str, Any] = {} if max_connections is None else {
         "max_connections": max_connections}
     if is_redis_url(url):
-        raise ConfigError(f"shmstore.aio has no Redis store yet: {url.split(':')[0]}:// URLs "
-                          "take the sync shmstore.connect", value=url.split(":")[0])
+        from .redis import AsyncRedisStore
+
+        return AsyncRedisStore(url, timeout=timeout)
     parse_url(url)
     if authkey is None:
         authkey = _authkey_from_environment(url)

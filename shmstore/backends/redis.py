@@ -131,7 +131,9 @@ try:
 except ImportError:  # pragma: no cover - the extra is not installed
     _redis = None  # type: ignore[assignment]
 
-__all__ = ["DEFAULT_PREFIX", "REDIS_SCHEMES", "RedisStore"]
+__all__ = ["DEFAULT_PREFIX", "REDIS_SCHEMES", "SCRIPT_SOURCES", "RedisBackend", "RedisOps",
+           "RedisStore",
+           "check_prefix", "open_client"]
 
 DEFAULT_PREFIX = "shmstore:"
 DEFAULT_TIMEOUT = 30.0
@@ -158,8 +160,10 @@ SCRIPTS = tuple(sorted(entry.name[:-len(".lua")] for entry in _LUA.iterdir()
                        if entry.name.endswith(".lua") and entry.name != "prelude.lua"))
 
 # Scripts by name: (source, SHA1).  EVALSHA needs no load first; NOSCRIPT loads once.
-_SOURCES = {name: _script(name) for name in SCRIPTS}
-_SHAS = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in _SOURCES.items()}
+#: Each script's Lua source (loaded when Redis does not know its SHA yet).
+SCRIPT_SOURCES = {name: _script(name) for name in SCRIPTS}
+_SHAS = {name: hashlib.sha1(source.encode()).hexdigest()
+         for name, source in SCRIPT_SOURCES.items()}
 
 
 def _b(text: str) -> bytes:
@@ -207,6 +211,44 @@ def _redis_url(url: str) -> str:
     if scheme == "redis+unix":
         return "unix" + url[len("redis+unix"):]
     return url
+
+
+def check_prefix(prefix: object) -> str:
+    """A key prefix as given, checked; also that redis-py is there.
+
+    Raises:
+        ConfigError: redis-py is not installed, or the prefix is not a str without braces.
+    """
+    if _redis is None:
+        raise ConfigError("RedisStore needs redis-py: pip install 'shmstore[redis]'",
+                          value="redis")
+    if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
+        raise ConfigError(f"prefix must be a str without braces, not {prefix!r:.80}",
+                          value=repr(prefix)[:80])
+    return prefix
+
+
+def open_client(client_class: Any, retry_class: Any, url: str, timeout: float) -> Any:
+    """A redis-py client (sync or asyncio: ``client_class`` and its ``retry_class``) for
+    one of our URLs: the call timeout on its sockets, never a retry (a retried script
+    could run twice: a save after a timeout), the password from `ENV_REDIS_PASSWORD`
+    when the URL has none.
+
+    Raises:
+        ConfigError: a bad URL.
+    """
+    target = _redis_url(url)
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": retry_class(NoBackoff(), 0),
+    }
+    if urlsplit(target).password is None and os.environ.get(ENV_REDIS_PASSWORD):
+        options["password"] = os.environ[ENV_REDIS_PASSWORD]
+    try:
+        return client_class.from_url(target, **options)
+    except ValueError as exc:
+        raise ConfigError(f"bad Redis URL {_redact(url)}: {exc}", value=_redact(url)) from None
 
 
 def _redact(url: str) -> str:
@@ -264,13 +306,7 @@ class RedisStore(BaseStore):
         codec: MsgpackCodec | None = None,
     ) -> None:
         super().__init__(codec=codec)
-        if _redis is None:
-            raise ConfigError("RedisStore needs redis-py: pip install 'shmstore[redis]'",
-                              value="redis")
-        if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
-            raise ConfigError(f"prefix must be a str without braces, not {prefix!r:.80}",
-                              value=repr(prefix)[:80])
-        self.prefix = prefix
+        self.prefix = check_prefix(prefix)
         self.timeout = duration(timeout, "timeout")
         if isinstance(url_or_client, str):
             self.url: str | None = url_or_client
@@ -289,20 +325,7 @@ class RedisStore(BaseStore):
             self._backend._write_limits(Limits.coerce(limits))
 
     def _open(self, url: str) -> Any:
-        target = _redis_url(url)
-        options: dict[str, Any] = {
-            "socket_timeout": self.timeout,
-            "socket_connect_timeout": self.timeout,
-            # A retried script could run twice (a save after a timeout): never retry.
-            "retry": Retry(NoBackoff(), 0),
-        }
-        if urlsplit(target).password is None and os.environ.get(ENV_REDIS_PASSWORD):
-            options["password"] = os.environ[ENV_REDIS_PASSWORD]
-        try:
-            return _redis.Redis.from_url(target, **options)
-        except ValueError as exc:
-            raise ConfigError(f"bad Redis URL {_redact(url)}: {exc}", value=_redact(url)) \
-                from None
+        return open_client(_redis.Redis, Retry, url, self.timeout)
 
     def __repr__(self) -> str:
         return f"<RedisStore {self.address} prefix={self.prefix!r}>"
@@ -442,6 +465,10 @@ class RedisOps:
 
     def _key(self, execution_id: str, suffix: str) -> bytes:
         return self._prefix + b"{" + _b(execution_tag(execution_id)) + b"}:" + _b(suffix)
+
+    def _evalsha(self, name: str, args: Sequence[Any]) -> tuple[Any, ...]:
+        """The command that runs script ``name`` (its source: `SCRIPT_SOURCES`)."""
+        return ("EVALSHA", _SHAS[name], 0, self._prefix, *args)
 
     # -- table operations, as steps ----------------------------------------------------
 
@@ -756,10 +783,10 @@ class RedisBackend(RedisOps):
         """Run one script (EVALSHA; loaded when Redis does not know it yet)."""
         client = self._client
         try:
-            return client.execute_command("EVALSHA", _SHAS[name], 0, self._prefix, *args)
+            return client.execute_command(*self._evalsha(name, args))
         except _redis.exceptions.NoScriptError:
-            client.script_load(_SOURCES[name])
-        return client.execute_command("EVALSHA", _SHAS[name], 0, self._prefix, *args)
+            client.script_load(SCRIPT_SOURCES[name])
+        return client.execute_command(*self._evalsha(name, args))
 
     def _subscribe(self, execution_id: str) -> _WakeUps:
         """Listen to the execution's wake-up channel; subscribed when this returns.

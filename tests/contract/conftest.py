@@ -24,6 +24,9 @@ def limited_store(request: pytest.FixtureRequest) -> Iterator[LimitedStore]:
         store: BaseStore
         if request.param == "aio-memory":
             store = async_store(request, limits=limits)
+        elif request.param == "aio-redis":  # the limits are the data set's: a sync store
+            opened.append(request.getfixturevalue("redis_limited_store")(limits))  # writes
+            store = async_store(request, flush=False)
         elif request.param.startswith("aio-"):
             server = shmstore.serve(export=False, limits=limits)
             opened.append(server)
