@@ -28,6 +28,7 @@ from ..backends.redis import (
     SCRIPT_SOURCES,
     RedisOps,
     Steps,
+    _b,
     _redact,
     check_prefix,
     open_client,
@@ -99,6 +100,9 @@ class AsyncRedisBackend(RedisOps):
 
     def __init__(self, client: Any, prefix: bytes, timeout: float, address: str) -> None:
         super().__init__(prefix, timeout, address)
+        import redis.exceptions
+
+        self._no_script = redis.exceptions.NoScriptError
         self._client = client
         self.closed = False
         self._sleeping: set[_Subscription] = set()
@@ -154,9 +158,8 @@ class AsyncRedisBackend(RedisOps):
             command = self._evalsha(step[1], step[2:])
             try:
                 return await client.execute_command(*command)
-            except Exception as exc:
-                if type(exc).__name__ != "NoScriptError":
-                    raise
+            except self._no_script:  # Redis restarted, or flushed its scripts
+                pass
             await client.script_load(SCRIPT_SOURCES[step[1]])
             return await client.execute_command(*command)
         if kind == _HGETALL:
@@ -222,7 +225,7 @@ class AsyncRedisStore(AsyncStore):
         self.address = _redact(url)
         client = open_client(redis.asyncio.Redis, Retry, url, self.timeout)
         self._backend: AsyncRedisBackend = AsyncRedisBackend(
-            client, prefix.encode(), self.timeout, self.address)
+            client, _b(prefix), self.timeout, self.address)
 
     def __repr__(self) -> str:
         return f"<AsyncRedisStore {self.address} prefix={self.prefix!r}>"
