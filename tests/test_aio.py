@@ -76,7 +76,7 @@ def kind_store(request: pytest.FixtureRequest) -> Callable[..., Awaitable[AsyncS
 
 
 @pytest.mark.parametrize("kind", ["shared", "shared-plane", "tcp"])
-def test_a_call_cancelled_mid_flight_discards_its_connection_and_the_next_is_in_step(
+def test_a_wait_cancelled_mid_flight_discards_its_connection_and_the_next_is_in_step(
         kind: str, kind_store: Callable[..., Awaitable[AsyncStore]]) -> None:
     async def main() -> None:
         store = await kind_store(kind)
@@ -86,7 +86,8 @@ def test_a_call_cancelled_mid_flight_discards_its_connection_and_the_next_is_in_
             waiting = asyncio.create_task(store.wait("idle", timeout=30))
             while (await ops(store))["wait"] == before:  # the request is in the server
                 await asyncio.sleep(0.01)
-            busy = [c for c in store._conns if c not in store._idle]
+            # the wait has a connection of its own (the pipelined ones serve the rest)
+            busy = [c for c in store._conns if c not in store._idle + store._shared]
             assert len(busy) == 1
             waiting.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -97,6 +98,85 @@ def test_a_call_cancelled_mid_flight_discards_its_connection_and_the_next_is_in_
             saved = await store.save(cp("idle", {"n": 1}))
             assert (await store.load(saved.id)).state == {"n": 1}
             assert [c.version for c in await store.list("idle")] == [1]
+
+    run(main)
+
+
+def _stopped(pid: int) -> bool:
+    return bool(psutil.Process(pid).status() == psutil.STATUS_STOPPED)
+
+
+@pytest.mark.parametrize("plane", [False, True])
+def test_calls_cancelled_in_flight_leave_their_pipelined_connection_in_step(
+        server: shmstore.StoreServer, plane: bool) -> None:
+    """Twenty loads in flight on one connection (the server stopped, so none is
+    answered yet); ten are cancelled.  Their answers are dropped when they come (and,
+    on the data plane, their segments' descriptors closed): the other ten get their
+    own states, on the same connection, and so do later calls."""
+    big = b"s" * (64 * 1024)
+
+    async def main() -> None:
+        async with AsyncSharedStore(server.url, authkey=server.authkey, timeout=30,
+                                    data_plane=plane, data_plane_threshold=4096) as store:
+            ids = [(await store.save(cp("piped", {"i": i, "blob": big}))).id
+                   for i in range(20)]
+            (conn,) = store._shared
+            fds_before = len(os.listdir("/proc/self/fd"))
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                assert wait_until(lambda: _stopped(server.pid), 10)
+                loads = [asyncio.create_task(store.load(i)) for i in ids]
+                while conn.in_flight < 20:  # each task writes its request at its start
+                    await asyncio.sleep(0)
+                for task in loads[::2]:
+                    task.cancel()
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            got = await asyncio.gather(*loads, return_exceptions=True)
+            assert all(isinstance(g, asyncio.CancelledError) for g in got[::2])
+            assert [g.state["i"] for g in got[1::2]] == list(range(1, 20, 2))  # type: ignore[union-attr]
+            while conn.in_flight:  # the cancelled ones' answers, still coming
+                await asyncio.sleep(0.01)
+            assert store._shared == [conn] and not conn.closed and store.connections == 1
+            del got
+            assert (await store.load(ids[4])).state == {"i": 4, "blob": big}
+            # (the loop lets go of the future that woke this task, and of the mapping
+            # its answer held, once the task yields)
+            await asyncio.sleep(0)
+            assert len(os.listdir("/proc/self/fd")) == fds_before
+
+    run(main)
+
+
+def test_pipelined_saves_and_loads_with_and_without_segments_each_get_their_own(
+        server: shmstore.StoreServer) -> None:
+    """Small states (bytes on the socket) and large ones (segments riding on their
+    request's first bytes) pipelined on one connection, queued while the server is
+    stopped so that it reads them glued together: every save lands whole, and every
+    load comes back with its own state."""
+    async def main() -> None:
+        async with AsyncSharedStore(server.url, authkey=server.authkey, timeout=30,
+                                    data_plane_threshold=8192) as store:
+            await store.executions()
+            states = [{"i": i, "blob": bytes([i]) * (100 if i % 2 else 20_000)}
+                      for i in range(30)]
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                assert wait_until(lambda: _stopped(server.pid), 10)
+                saving = [asyncio.create_task(store.save(cp(f"mix-{i % 3}", state)))
+                          for i, state in enumerate(states)]
+                while store._shared[0].in_flight < 30:
+                    await asyncio.sleep(0)
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            saved = await asyncio.gather(*saving)
+            assert store.connections == 1
+            loaded = await asyncio.gather(*[store.load(c.id) for c in saved])
+            assert [c.state for c in loaded] == states
+            assert sorted(c.version for c in saved if c.execution_id == "mix-0") == \
+                list(range(1, 11))
+            for k in range(3):
+                await store.clear(f"mix-{k}")
 
     run(main)
 

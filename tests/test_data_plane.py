@@ -546,3 +546,38 @@ def test_a_client_that_cannot_make_a_segment_sends_bytes(
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         assert store.stats().segments == 0
         assert numpy.array_equal(store.load(cp.id).state["a"], state["a"])
+
+
+# -- several messages in flight on one connection ------------------------------------------------
+
+
+def test_pipelined_requests_keep_their_descriptors_apart(
+    plane_server: shmstore.StoreServer,
+) -> None:
+    """Requests written back to back, some carrying segments: the server reads them
+    glued together (the kernel ends a read at bytes carrying descriptors, not before),
+    and each request gets its own descriptors, none dropped with the one before."""
+    chan = _raw_channel(plane_server)
+    states = [bytes([i]) * (PAGE + i) for i in range(3)]
+    segs = [segment.write(DEFAULT_CODEC.encode(state)) for state in states]
+    os.kill(plane_server.pid, signal.SIGSTOP)  # so that they queue up in its socket
+    try:
+        assert wait_until(lambda: psutil.Process(plane_server.pid).status()
+                          == psutil.STATUS_STOPPED, 10)
+        for i, seg in enumerate(segs):
+            chan.send_message(("executions", ()))  # no descriptor, just before one
+            chan.send_message(("save", (Record(f"piped-{i}", "piped", "", 0, 0, None,
+                                               b"\x80", seg), None)))
+    finally:
+        os.kill(plane_server.pid, signal.SIGCONT)
+    try:
+        for seg in segs:
+            seg.close()
+        answers = [chan.unpack(chan.recv()) for _ in range(6)]
+    finally:
+        chan.close()
+    assert [kind for kind, _ in answers] == ["#RETURN"] * 6, answers
+    assert [version for _, version in answers[1::2]] == [1, 2, 3]
+    with plane_server.connect() as store:
+        assert [cp.state for cp in store.list("piped")] == states
+        store.clear("piped")

@@ -145,54 +145,88 @@ class _Outgoing:
 
 class _Incoming:
     """A descriptor-passing channel's received descriptors, and its unpacker hook that
-    gives each segment ext value the next of them (as ``adopt`` makes it)."""
+    gives each segment ext value the next of the message's descriptors (as ``adopt``
+    makes it).
 
-    __slots__ = ("adopt", "fds", "taken")
+    Each descriptor is queued with the stream position of the last byte of the read it
+    came with (``received`` counts every byte read on the channel).  A sender's
+    descriptors ride on the first bytes of their message, each ``sendmsg`` holding one
+    message's bytes only, and the kernel ends a read at the bytes that carry descriptors
+    (it may glue earlier bytes before them, never later ones after): so that byte is in
+    the message the descriptors belong to.  A message ending at position ``end`` owns
+    the descriptors queued before ``end`` -- on a connection carrying several messages
+    in flight (a pipelined client, the server reading its requests), the descriptors of
+    a next message already read stay queued for it.
+    """
+
+    __slots__ = ("adopt", "fds", "mine", "received", "taken")
 
     def __init__(self, adopt: Adopt) -> None:
         self.adopt = adopt
-        self.fds: deque[int] = deque()  # received, not yet taken by a message
+        # received, not yet taken by a message: (position they came at, descriptor)
+        self.fds: deque[tuple[int, int]] = deque()
+        self.mine: deque[int] = deque()  # those of the message being decoded
+        self.received = 0
         self.taken = 0
 
     def __call__(self, code: int, data: bytes) -> Any:
         if code != _SEGMENT_EXT:
             return _ext_hook(code, data)
         index, size = _SEGMENT.unpack(data)
-        if index != self.taken or not self.fds:
+        if index != self.taken or not self.mine:
             raise ValueError(f"memory segment {index} of a message came without its "
                              "descriptor")
         self.taken += 1
-        return self.adopt(self.fds.popleft(), size)
+        return self.adopt(self.mine.popleft(), size)
 
     def drop(self) -> None:
+        """Close every descriptor received and not taken (the channel is closing)."""
+        while self.mine:
+            os.close(self.mine.popleft())
         while self.fds:
-            os.close(self.fds.popleft())
+            os.close(self.fds.popleft()[1])
 
     def take(self, ancillary: list[tuple[int, int, bytes]], flags: int) -> None:
-        """Queue the descriptors of one ``recvmsg``'s ancillary data.
+        """Queue the descriptors of one ``recvmsg``'s ancillary data (``received``
+        already counts the bytes that read brought).
 
         Raises:
             ShmstoreError: the kernel truncated them (more than a message may carry).
         """
+        at = self.received - 1
         for level, kind, data in ancillary:
             if (level, kind) == _RIGHTS:
                 fds = array.array("i")
                 fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-                self.fds.extend(fds)
+                self.fds.extend((at, fd) for fd in fds)
         if flags & _CTRUNC:
             self.drop()
             raise ShmstoreError("more descriptors came with a message than it may carry")
 
-    def unpack(self, data: bytes | bytearray | memoryview) -> Any:
-        """Decode one message with the descriptors received for it; those left over
-        belong to no message and are closed."""
-        if not self.fds:
+    def owns(self, end: int) -> bool:
+        """Whether descriptors came for the message that ends at stream position ``end``."""
+        return bool(self.fds) and self.fds[0][0] < end
+
+    def unpack(self, data: bytes | bytearray | memoryview, end: int) -> Any:
+        """Decode the message that ends at stream position ``end`` with the descriptors
+        that came for it; those of them left over belong to no message and are closed."""
+        fds, mine = self.fds, self.mine
+        while fds and fds[0][0] < end:
+            mine.append(fds.popleft()[1])
+        if not mine:
             return unpack(data)
         self.taken = 0
         try:
             return unpack(data, self)
         finally:
-            self.drop()
+            while mine:
+                os.close(mine.popleft())
+
+    def discard(self, end: int) -> None:
+        """Close the descriptors of the message ending at ``end`` (one nobody decodes)."""
+        fds = self.fds
+        while fds and fds[0][0] < end:
+            os.close(fds.popleft()[1])
 
 
 def pack(message: object) -> bytes:
@@ -388,9 +422,14 @@ class Channel:
     def _read(self, view: memoryview) -> int:
         """One read into ``view``; descriptors that come with it are queued."""
         incoming, sock = self._in, self._sock
-        if not self._with_fds or incoming is None or sock is None:
+        if incoming is None or sock is None:
             return os.readv(self.fd, [view])
+        if not self._with_fds:
+            n = os.readv(self.fd, [view])
+            incoming.received += n
+            return n
         n, ancillary, flags, _ = sock.recvmsg_into([view], _ANCILLARY, _CLOEXEC)
+        incoming.received += n
         if ancillary or flags:
             incoming.take(ancillary, flags)
         return n
@@ -474,13 +513,16 @@ class Channel:
     def unpack(self, data: bytes | bytearray | memoryview) -> Any:
         """Decode one message received on this channel (`unpack`, with its descriptors).
 
-        Descriptors left over once the message is decoded belong to no message: they are
-        closed.
+        Call it before the next `recv`.  Descriptors that came for the message and are
+        left over once it is decoded belong to no message: they are closed (those of a
+        next message already read stay queued for it).
         """
         incoming = self._in
         if incoming is None or not incoming.fds:
             return unpack(data)
-        return incoming.unpack(data)
+        # where the message just received ends: what was read, less what is buffered
+        # past it (nothing, after a large message)
+        return incoming.unpack(data, incoming.received - (self._end - self._start))
 
     def _drop_fds(self) -> None:
         if self._in is not None:
