@@ -181,6 +181,61 @@ def test_pipelined_saves_and_loads_with_and_without_segments_each_get_their_own(
     run(main)
 
 
+@pytest.mark.parametrize("kind", ["shared", "tcp"])
+def test_large_requests_and_answers_pipelined_with_small_ones_arrive_whole(
+        kind: str, kind_store: Callable[..., Awaitable[AsyncStore]]) -> None:
+    """Multi-MiB states on the socket (no data plane): their requests outgrow the
+    socket's buffer and wait their turn to be written, their answers outgrow the read
+    buffer; small calls between them, on the same connection, still get their own."""
+    async def main() -> None:
+        store = await kind_store(kind)
+        assert isinstance(store, AsyncSharedStore)
+        async with store:
+            big = [bytes([i]) * (3 * 1024 * 1024 + i) for i in range(4)]
+            calls: list[Awaitable[Any]] = []
+            for i, blob in enumerate(big):
+                calls.append(store.save(cp("big", blob)))
+                calls.append(store.save(cp("small", i)))
+            saved = await asyncio.gather(*calls)
+            assert store.connections == 1
+            loaded = await asyncio.gather(*[store.load(c.id) for c in saved])
+            assert [c.state for c in loaded] == [x for i, b in enumerate(big) for x in (b, i)]
+            await store.clear("big")
+            await store.clear("small")
+
+    run(main)
+
+
+def test_a_timed_out_call_retires_its_connection_which_closes_once_drained(
+        server: shmstore.StoreServer) -> None:
+    """A call times out (the server stopped): its connection takes no new calls, the
+    calls already on it still get their answers, and it closes when the last has."""
+    async def main() -> None:
+        async with AsyncSharedStore(server.url, authkey=server.authkey, timeout=0.3) as store:
+            saved = await store.save(cp("t", 1))
+            (old,) = store._shared
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                assert wait_until(lambda: _stopped(server.pid), 10)
+                short = asyncio.create_task(store.load(saved.id))
+                await asyncio.sleep(0)  # its request is written
+                store.timeout = 30.0  # the next calls may take longer
+                long = asyncio.create_task(store.load(saved.id))
+                with pytest.raises(StoreTimeout):
+                    await short
+                assert old.retired and not old.closed and old.in_flight == 2
+                later = asyncio.create_task(store.latest("t"))  # opens a new connection
+                await asyncio.sleep(0)
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            assert (await long).state == 1 and (await later).state == 1  # type: ignore[union-attr]
+            while not old.closed:  # the timed-out call's answer, still coming
+                await asyncio.sleep(0.01)
+            assert store._shared != [old] and store.connections == 1
+
+    run(main)
+
+
 def test_a_cancelled_memory_wait_leaves_the_store_working(
         kind_store: Callable[..., Awaitable[AsyncStore]]) -> None:
     async def main() -> None:

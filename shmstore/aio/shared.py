@@ -383,16 +383,16 @@ class AsyncChannel:
         if future.done():  # cancelled, or timed out: nobody reads it
             if incoming is not None:
                 incoming.discard(end)
-            if self.retired:
-                self._close_if_unwaited()
-            return
-        try:
-            value = unpack(data) if incoming is None or not incoming.owns(end) \
-                else incoming.unpack(data, end)
-        except Exception as exc:  # garbled: that call's error, in step
-            future.set_exception(exc)
         else:
-            future.set_result(value)
+            try:
+                value = unpack(data) if incoming is None or not incoming.owns(end) \
+                    else incoming.unpack(data, end)
+            except Exception as exc:  # garbled: that call's error, in step
+                future.set_exception(exc)
+            else:
+                future.set_result(value)
+        if self.retired:
+            self._close_if_unwaited()
 
     # -- ending ------------------------------------------------------------------------
 
