@@ -236,6 +236,32 @@ def test_a_timed_out_call_retires_its_connection_which_closes_once_drained(
     run(main)
 
 
+def test_requests_made_while_calls_are_in_flight_go_out_in_one_write(
+        kind_store: Callable[..., Awaitable[AsyncStore]]) -> None:
+    """An idle connection writes a request at once; on one with calls in flight, the
+    requests of a turn of the loop wait for its end and go together (the server is
+    busy meanwhile), and every one still gets its own answer."""
+    async def main() -> None:
+        store = await kind_store("shared")
+        assert isinstance(store, AsyncSharedStore)
+        async with store:
+            await store.executions()
+            (conn,) = store._shared
+            first = asyncio.ensure_future(store.save(cp("cork", 0)))
+            await asyncio.sleep(0)  # its task ran: written at once, nothing held
+            assert conn.in_flight == 1 and conn._cork is None
+            rest = [asyncio.ensure_future(store.save(cp("cork", i))) for i in range(1, 6)]
+            await asyncio.sleep(0)  # their tasks ran in this turn: held, not yet written
+            assert conn._cork is not None and conn.in_flight == 6
+            saved = await asyncio.gather(first, *rest)
+            assert conn._cork is None
+            assert sorted(c.version for c in saved) == [1, 2, 3, 4, 5, 6]
+            assert [c.state for c in await store.list("cork")] == [0, 1, 2, 3, 4, 5]
+            await store.clear("cork")
+
+    run(main)
+
+
 def test_a_cancelled_memory_wait_leaves_the_store_working(
         kind_store: Callable[..., Awaitable[AsyncStore]]) -> None:
     async def main() -> None:

@@ -123,6 +123,7 @@ class AsyncChannel:
         self.calls: deque[_Call] = deque()
         self._records = 0  # of them, how many may carry descriptors
         self._writes: deque[tuple[memoryview, list[int] | None]] = deque()
+        self._cork: bytearray | None = None  # requests made in this turn of the loop
         self._timer: asyncio.TimerHandle | None = None
         self._on_close = on_close
         #: Takes no new calls (one timed out); closes once none waits.
@@ -207,8 +208,23 @@ class AsyncChannel:
             raise
         if (out is None or not out.fds) and not self._writes:
             with packer.getbuffer() as view:
-                small = _HEADER.pack(len(view)) + view if len(view) <= SMALL_MESSAGE else None
-            if small is not None:  # the usual case: one write, now
+                size = len(view)
+                if size <= SMALL_MESSAGE and (self._cork is not None or self.calls):
+                    # Calls are in flight, so the server is busy with them: the request
+                    # waits for the end of this turn of the loop, and goes in one write
+                    # with the others the tasks of this turn make.
+                    if self._cork is None:
+                        self._cork = bytearray()
+                        self._loop.call_soon(self._uncork)
+                    self._cork += _HEADER.pack(size)
+                    self._cork += view
+                    small = None
+                else:
+                    small = _HEADER.pack(size) + view if size <= SMALL_MESSAGE else None
+            if small is None and size <= SMALL_MESSAGE:
+                packer.reset()
+                return
+            if small is not None:  # an idle connection: one write, now
                 packer.reset()
                 try:
                     sent = os.write(self.fd, small)
@@ -237,6 +253,9 @@ class AsyncChannel:
             self._packer = self._new_packer()
         writes = self._writes
         idle = not writes
+        if self._cork is not None:  # what this turn's calls sent so far goes first
+            writes.append((memoryview(self._cork), None))
+            self._cork = None
         if fds:
             # `FDS_PER_SEND` descriptors on each of the message's first bytes, in order,
             # as `Channel` sends them; then the rest.
@@ -248,6 +267,19 @@ class AsyncChannel:
             writes.append((data, None))
         if idle and not self._flush():
             self._loop.add_writer(self.fd, self._writable)
+
+    def _uncork(self) -> None:
+        """The end of a loop turn: send the requests its calls made, in one write."""
+        cork, self._cork = self._cork, None
+        if cork is None or self.closed:
+            return
+        idle = not self._writes
+        self._writes.append((memoryview(cork), None))
+        try:
+            if idle and not self._flush():
+                self._loop.add_writer(self.fd, self._writable)
+        except OSError:
+            pass  # failed and closed: the calls waiting have the error
 
     def _flush(self) -> bool:
         """Send what is queued until the socket takes no more; True if all is sent.
@@ -408,7 +440,7 @@ class AsyncChannel:
     def send_nowait(self, message: object) -> None:
         """Send a small message if the socket takes it now and nothing is queued before
         it, else not at all (a goodbye that must never wait)."""
-        if self.closed or self._writes:
+        if self.closed or self._writes or self._cork is not None:
             return
         data = pack(message)
         try:
@@ -433,6 +465,7 @@ class AsyncChannel:
                 if not call.future.done():
                     call.future.set_exception(OSError("the connection was closed"))
         self._writes.clear()
+        self._cork = None
         if self._in is not None:
             self._in.drop()
         self._sock.close()

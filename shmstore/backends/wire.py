@@ -316,9 +316,9 @@ class Channel:
         keep: the largest message whose buffers are kept for the next.
     """
 
-    __slots__ = ("_buf", "_conn", "_end", "_in", "_keep", "_large", "_out", "_packer",
-                 "_poll", "_sock", "_start", "_view", "_with_fds", "fd", "frame_timeout_ms",
-                 "passes_fds")
+    __slots__ = ("_buf", "_conn", "_end", "_held", "_in", "_keep", "_large", "_out",
+                 "_packer", "_poll", "_sock", "_start", "_view", "_with_fds", "fd",
+                 "frame_timeout_ms", "passes_fds")
 
     def __init__(self, conn: connection.Connection, *,
                  frame_timeout: float | None = None, passes_fds: bool = False,
@@ -329,6 +329,7 @@ class Channel:
         self._view = memoryview(self._buf)
         self._start = self._end = 0
         self._large = bytearray()  # the last large message's buffer, if kept
+        self._held = bytearray()  # small messages held back to go with the next (`more`)
         self._keep = keep
         # Descriptor passing: what the packer lists and the unpacker takes (no per-message
         # state anywhere else: a message's descriptors are its channel's alone).
@@ -355,18 +356,33 @@ class Channel:
     def _new_packer(self) -> msgpack.Packer:
         return _new_packer(_default if self._out is None else self._out)
 
-    def send_message(self, message: object) -> None:
+    def send_message(self, message: object, more: bool = False) -> None:
         """Encode ``message`` as `pack` does and send it, without copying the encoding;
         the descriptors of its segments go with it (or, if this connection passes none,
-        their bytes in their place)."""
+        their bytes in their place).
+
+        ``more``: another message follows at once (the server, answering requests a
+        pipelining client sent together): a small one without descriptors is held back
+        and goes with the next, in one write.
+        """
         packer, out = self._packer, self._out
         size = 0
         try:
             packer.pack(message)
             with packer.getbuffer() as view:
                 size = len(view)
+                held = self._held
                 if out is not None and out.fds:
+                    if held:
+                        self._flush_held()
                     self._send_with_fds(view, out.fds)
+                elif more and size <= SMALL_MESSAGE and len(held) < CHANNEL_BUFFER:
+                    held += _HEADER.pack(size)
+                    held += view
+                elif held:
+                    held += _header(size)
+                    held += view
+                    self._flush_held()
                 else:
                     self.send(view)
         except BaseException:
@@ -378,6 +394,19 @@ class Channel:
         packer.reset()  # keeps its buffer...
         if size > self._keep:  # ...which must not stay as big as a rare huge message
             self._packer = self._new_packer()
+
+    def _flush_held(self) -> None:
+        held, self._held = self._held, bytearray()
+        self._write([memoryview(held)])
+
+    def has_message(self) -> bool:
+        """True if a whole next message (of at most the buffer's size) is buffered."""
+        start = self._start
+        avail = self._end - start
+        if avail < 4:
+            return False
+        size: int = _HEADER.unpack_from(self._buf, start)[0]
+        return 0 <= size <= avail - 4
 
     def send(self, data: bytes | memoryview) -> None:
         """Send one message (blocking, bounded by the socket's send timeout)."""

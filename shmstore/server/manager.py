@@ -226,7 +226,8 @@ class TableServer(managers.Server):
             # its own, and its decoded arguments are as big.
             del data
             try:
-                chan.send_message(msg)
+                # Requests a client pipelined, already here: their answers go together.
+                chan.send_message(msg, more=chan.has_message())
             except OSError:
                 return
             del msg  # nor the answer (a loaded state) or the error
