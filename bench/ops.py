@@ -41,6 +41,7 @@ import multiprocessing
 import os
 import queue
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -212,23 +213,73 @@ def async_section(rounds: int, n: int, pinned: bool) -> dict[str, list[float]]:
     """The async client against the sync one, in the same run, interleaved.
 
     Latency: a 1 KiB save and load, one call at a time, `AsyncSharedStore` (in one event
-    loop) against `SharedStore`.  Throughput: `ASYNC_TASKS` tasks on one async store
-    against as many threads on one sync store, each doing save+load pairs; calls/s.
+    loop) against `SharedStore`; and the floor, a bare 1 KiB round trip to an echo
+    process (`_echo_server`) on the same socket, blocking (``multiprocessing.connection``)
+    against the least an asyncio loop does (a reader callback, ``recv_into`` a buffer, a
+    future): what any asyncio client pays over a blocking one.  Throughput:
+    `ASYNC_TASKS` tasks on one async store against as many threads on one sync store,
+    each doing save+load pairs; calls/s.
     """
     import asyncio
+    import socket
 
     import shmstore.aio
 
+    tmp = tempfile.mkdtemp(prefix="shmstore-bench-")
+    raw_addr, authkey = os.path.join(tmp, "raw.sock"), os.urandom(32)
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    echo = ctx.Process(target=_echo_server, args=(raw_addr, authkey, ready), daemon=True)
+    echo.start()
+    ready.wait()
+    raw = Client(raw_addr, authkey=authkey)
     server = shmstore.serve(export=False)
     sync_store = server.connect(data_plane=False)
     state = make_state(1024)
     if pinned:
         cpu = min(os.sched_getaffinity(0))
-        for pid in (os.getpid(), server.pid):
+        for pid in (os.getpid(), server.pid, echo.pid):
             for tid in os.listdir(f"/proc/{pid}/task"):
                 os.sched_setaffinity(int(tid), {cpu})
     out: dict[str, list[float]] = {k: [] for k in (
-        "save sync", "save async", "load sync", "load async", "tasks async", "threads sync")}
+        "save sync", "save async", "load sync", "load async", "floor sync", "floor async",
+        "tasks async", "threads sync")}
+    payload = b"S" + os.urandom(1023)
+
+    def floor_sync() -> None:
+        raw.send_bytes(payload)
+        raw.recv_bytes()
+
+    async def floor_async(n: int) -> list[float]:
+        """``n`` bare round trips on the echo connection, driven by the loop."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(fileno=os.dup(raw.fileno()))
+        sock.setblocking(False)  # (the descriptor's, shared with ``raw``: undone below)
+        buf = memoryview(bytearray(65536))
+        frame = len(payload).to_bytes(4, "big") + payload
+        reply = 4 + 2  # b"ok", framed
+        got, waiter = 0, loop.create_future()
+
+        def readable() -> None:
+            nonlocal got
+            got += sock.recv_into(buf[got:])
+            if got >= reply and not waiter.done():
+                waiter.set_result(None)
+
+        loop.add_reader(sock.fileno(), readable)
+        samples = []
+        try:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                got, waiter = 0, loop.create_future()
+                os.write(sock.fileno(), frame)
+                await waiter
+                samples.append(time.perf_counter() - t0)
+        finally:
+            loop.remove_reader(sock.fileno())
+            sock.setblocking(True)
+            sock.close()
+        return samples
     per_worker = max(2, n // ASYNC_TASKS)
 
     def threads_round() -> float:
@@ -272,6 +323,8 @@ def async_section(rounds: int, n: int, pinned: bool) -> dict[str, list[float]]:
         await astore.save(cp)
         await asyncio.gather(*[work(w) for w in range(ASYNC_TASKS)])  # warm the pool
         for _ in range(rounds):
+            out["floor sync"] += timed(floor_sync, n)
+            out["floor async"] += await floor_async(n)
             out["save sync"] += timed(lambda: sync_store.save(cp), n)
             out["save async"] += await atimed(lambda: astore.save(cp))
             out["load sync"] += timed(lambda: sync_store.load(sync_id), n)
@@ -289,6 +342,12 @@ def async_section(rounds: int, n: int, pinned: bool) -> dict[str, list[float]]:
     finally:
         sync_store.close()
         server.shutdown()
+        raw.close()
+        echo.join(10)
+        if echo.is_alive():
+            echo.kill()
+            echo.join()
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -299,7 +358,7 @@ def print_async(out: dict[str, list[float]], rounds: int, pinned: bool) -> dict[
     print("| 1 KiB | system | median µs | p10 µs | p90 µs | p99 µs | async ÷ sync |")
     print("|---|---|---:|---:|---:|---:|---:|")
     summary: dict[str, Any] = {}
-    for op in ("save", "load"):
+    for op in ("floor", "save", "load"):
         sync_med = statistics.median(out[f"{op} sync"])
         for system in ("sync", "async"):
             samples = out[f"{op} {system}"]
@@ -309,6 +368,8 @@ def print_async(out: dict[str, list[float]], rounds: int, pinned: bool) -> dict[
                   f"{med / sync_med:.2f} |")
             summary[f"1KiB {op} {system}"] = {"median_us": med * 1e6,
                                               "p99_us": pct(samples, 0.99) * 1e6}
+    print("\nfloor: a bare 1 KiB round trip to an echo process, blocking against an asyncio "
+          "reader callback (what any asyncio client pays)")
     print(f"\n| {ASYNC_TASKS} at once, 1 KiB save+load | median calls/s | min | max | "
           "÷ threads |")
     print("|---|---:|---:|---:|---:|")
