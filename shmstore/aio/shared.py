@@ -60,7 +60,7 @@ from ..core.errors import StoreUnavailable
 from ..core.validate import count
 from .store import AsyncStore
 
-__all__ = ["DEFAULT_MAX_CONNECTIONS", "AsyncChannel", "AsyncSharedStore"]
+__all__ = ["DEFAULT_MAX_CONNECTIONS", "PIPELINE_DEPTH", "AsyncChannel", "AsyncSharedStore"]
 
 #: How many pipelined connections an `AsyncSharedStore` opens at most (and how many
 #: blocking waits it runs at once).
