@@ -33,9 +33,6 @@ from typing import Any
 
 from ..backends.shared import ANSWERS, BLOCKING_OPS, answer, client_settings
 from ..backends.wire import (
-    _ANCILLARY,
-    _BIG,
-    _CLOEXEC,
     _HEADER,
     CHANNEL_BUFFER,
     CLIENT_KEEP,
@@ -47,6 +44,7 @@ from ..backends.wire import (
     _Incoming,
     _new_packer,
     _Outgoing,
+    frame_header,
     handshake,
     pack,
     translate,
@@ -209,33 +207,23 @@ class AsyncChannel:
         if (out is None or not out.fds) and not self._writes:
             with packer.getbuffer() as view:
                 size = len(view)
-                if size <= SMALL_MESSAGE and (self._cork is not None or self.calls):
-                    # Calls are in flight, so the server is busy with them: the request
-                    # waits for the end of this turn of the loop, and goes in one write
-                    # with the others the tasks of this turn make.
-                    if self._cork is None:
-                        self._cork = bytearray()
-                        self._loop.call_soon(self._uncork)
-                    self._cork += _HEADER.pack(size)
-                    self._cork += view
-                    small = None
-                else:
-                    small = _HEADER.pack(size) + view if size <= SMALL_MESSAGE else None
-            if small is None and size <= SMALL_MESSAGE:
+                if size <= SMALL_MESSAGE:
+                    frame = None
+                    if self._cork is not None or self.calls:
+                        # Calls are in flight, so the server is busy with them: the
+                        # request waits for the end of this turn of the loop, and goes in
+                        # one write with the others the tasks of this turn make.
+                        if self._cork is None:
+                            self._cork = bytearray()
+                            self._loop.call_soon(self._uncork)
+                        self._cork += _HEADER.pack(size)
+                        self._cork += view
+                    else:  # an idle connection: one write, now
+                        frame = _HEADER.pack(size) + view
+            if size <= SMALL_MESSAGE:
                 packer.reset()
-                return
-            if small is not None:  # an idle connection: one write, now
-                packer.reset()
-                try:
-                    sent = os.write(self.fd, small)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError as exc:
-                    self._fail(exc)
-                    raise
-                if sent < len(small):
-                    self._writes.append((memoryview(small)[sent:], None))
-                    self._loop.add_writer(self.fd, self._writable)
+                if frame is not None:
+                    self._queue([(memoryview(frame), None)])
                 return
         size = 0
         try:
@@ -251,8 +239,7 @@ class AsyncChannel:
         packer.reset()
         if size > CLIENT_KEEP:  # the packer's buffer must not stay as big as a rare one
             self._packer = self._new_packer()
-        writes = self._writes
-        idle = not writes
+        writes: list[tuple[memoryview, list[int] | None]] = []
         if self._cork is not None:  # what this turn's calls sent so far goes first
             writes.append((memoryview(self._cork), None))
             self._cork = None
@@ -265,21 +252,29 @@ class AsyncChannel:
                 writes.append((data[index:] if last else data[index:index + 1], group))
         else:
             writes.append((data, None))
-        if idle and not self._flush():
-            self._loop.add_writer(self.fd, self._writable)
+        self._queue(writes)
 
     def _uncork(self) -> None:
         """The end of a loop turn: send the requests its calls made, in one write."""
         cork, self._cork = self._cork, None
         if cork is None or self.closed:
             return
-        idle = not self._writes
-        self._writes.append((memoryview(cork), None))
         try:
-            if idle and not self._flush():
-                self._loop.add_writer(self.fd, self._writable)
+            self._queue([(memoryview(cork), None)])
         except OSError:
             pass  # failed and closed: the calls waiting have the error
+
+    def _queue(self, writes: list[tuple[memoryview, list[int] | None]]) -> None:
+        """Send ``writes`` behind what waits to be sent: now, as far as the socket takes
+        them, the rest when it is writable.
+
+        Raises:
+            OSError: the socket failed (the channel is then closed).
+        """
+        idle = not self._writes
+        self._writes.extend(writes)
+        if idle and not self._flush():
+            self._loop.add_writer(self.fd, self._writable)
 
     def _flush(self) -> bool:
         """Send what is queued until the socket takes no more; True if all is sent.
@@ -303,7 +298,7 @@ class AsyncChannel:
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:
-            self._fail(exc)
+            self.close(exc)
             raise
         return True
 
@@ -321,16 +316,8 @@ class AsyncChannel:
         incoming = self._in
         if incoming is None:
             return self._sock.recv_into(view)
-        if not self._records:  # no answer due may carry descriptors
-            n = self._sock.recv_into(view)
-        else:
-            n, ancillary, flags, _ = self._sock.recvmsg_into([view], _ANCILLARY, _CLOEXEC)
-            incoming.received += n
-            if ancillary or flags:
-                incoming.take(ancillary, flags)
-            return n
-        incoming.received += n
-        return n
+        # a recvmsg only while an answer due may carry descriptors
+        return incoming.read(self._sock, view, self._records > 0)
 
     def _readable(self) -> None:
         """The loop's reader callback: one read, then every whole answer it completes."""
@@ -343,10 +330,10 @@ class AsyncChannel:
         except (BlockingIOError, InterruptedError):
             return
         except Exception as exc:  # OSError, or descriptors truncated
-            self._fail(exc)
+            self.close(exc)
             return
         if not n:
-            self._fail(EOFError())
+            self.close(EOFError())
             return
         self._end += n
         self._parse()
@@ -358,7 +345,7 @@ class AsyncChannel:
         with memoryview(out) as view:
             n = self._recv_into(view[have:size])
         if not n:
-            self._fail(EOFError())
+            self.close(EOFError())
             return
         self._large_have = have = have + n
         if have == size:
@@ -371,15 +358,10 @@ class AsyncChannel:
         buf = self._buf
         while not self.closed:
             start, avail = self._start, self._end - self._start
-            if avail < 4:
+            frame = frame_header(buf, start, avail)
+            if frame is None:
                 break
-            size = _HEADER.unpack_from(buf, start)[0]
-            header = 4
-            if size == -1:
-                if avail < 12:
-                    break
-                size = _BIG.unpack_from(buf, start + 4)[0]
-                header = 12
+            header, size = frame
             total = header + size
             if total > len(buf):  # read on into a buffer of its own
                 have = avail - header
@@ -403,7 +385,7 @@ class AsyncChannel:
         """One whole answer, ``behind`` bytes read past it: decode it into the oldest
         call's future."""
         if not self.calls:
-            self._fail(ValueError("an answer came that no call asked for"))
+            self.close(ValueError("an answer came that no call asked for"))
             return
         call = self.calls.popleft()
         if call.records:
@@ -417,7 +399,7 @@ class AsyncChannel:
                 incoming.discard(end)
         else:
             try:
-                value = unpack(data) if incoming is None or not incoming.owns(end) \
+                value = unpack(data) if incoming is None or not incoming.fds \
                     else incoming.unpack(data, end)
             except Exception as exc:  # garbled: that call's error, in step
                 future.set_exception(exc)
@@ -427,15 +409,6 @@ class AsyncChannel:
             self._close_if_unwaited()
 
     # -- ending ------------------------------------------------------------------------
-
-    def _fail(self, exc: BaseException) -> None:
-        """The connection broke: every call waiting on it fails with ``exc``; it closes."""
-        calls, self.calls = self.calls, deque()
-        self._records = 0
-        self.close()
-        for call in calls:
-            if not call.future.done():
-                call.future.set_exception(exc)
 
     def send_nowait(self, message: object) -> None:
         """Send a small message if the socket takes it now and nothing is queued before
@@ -448,8 +421,9 @@ class AsyncChannel:
         except OSError:
             pass
 
-    def close(self) -> None:
-        """Close the connection; calls waiting on it fail with `OSError`."""
+    def close(self, error: BaseException | None = None) -> None:
+        """Close the connection; calls waiting on it fail with ``error`` (`OSError`
+        unless given)."""
         if self.closed:
             return
         self.closed = True
@@ -457,13 +431,15 @@ class AsyncChannel:
             self._timer.cancel()
             self._timer = None
         calls, self.calls = self.calls, deque()
+        self._records = 0
         if not self._loop.is_closed():  # (a closed loop can wake no one)
             self._loop.remove_reader(self.fd)
             if self._writes:
                 self._loop.remove_writer(self.fd)
             for call in calls:
                 if not call.future.done():
-                    call.future.set_exception(OSError("the connection was closed"))
+                    call.future.set_exception(
+                        error if error is not None else OSError("the connection was closed"))
         self._writes.clear()
         self._cork = None
         if self._in is not None:
@@ -598,16 +574,12 @@ class AsyncSharedStore(AsyncStore):
             self._idle.remove(conn)
 
     async def _pipelined(self) -> AsyncChannel:
-        """The pipelined channel for a call: the least busy, or a new one when every
-        open one has `PIPELINE_DEPTH` calls in flight and there is room for another
-        (the tasks that come meanwhile go on the open ones)."""
-        best: AsyncChannel | None = None
-        for conn in self._shared:
-            if not conn.retired and (best is None or len(conn.calls) < len(best.calls)):
-                best = conn
-        if best is not None and (len(best.calls) < PIPELINE_DEPTH or self._opening is not None
-                                 or len(self._shared) >= self.max_connections):
-            return best
+        """The pipelined channel for a call when no open one has room (`_request` looks
+        first): a new one if there may be another, else the least busy (the tasks that
+        come while one opens go on the open ones)."""
+        live = [conn for conn in self._shared if not conn.retired]
+        if live and (self._opening is not None or len(self._shared) >= self.max_connections):
+            return min(live, key=lambda conn: len(conn.calls))
         opening = self._opening
         if opening is None:
             opening = self._opening = asyncio.ensure_future(self._open_pipelined())
@@ -633,7 +605,7 @@ class AsyncSharedStore(AsyncStore):
             kind, result = await self._wait_on_own(op, args, self.timeout + args[slot])
         else:
             conn = None
-            for conn in self._shared:  # the usual case, inline: one idle enough
+            for conn in self._shared:  # the usual case, inline: one with room
                 if not conn.retired and len(conn.calls) < PIPELINE_DEPTH:
                     break
             else:

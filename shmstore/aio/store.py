@@ -116,10 +116,7 @@ class AsyncStore(StoreLogic):
             EncodeError, VersionConflict, StoreFull: as `BaseStore.save`.
         """
         _check_limit(expected_version, "expected_version")
-        encoded = self._encoded(checkpoint)  # `_record` inline: a coroutine less per save
-        if self._must_ask_limit(encoded):
-            self._max_checkpoint_bytes = (await self.limits()).max_checkpoint_bytes
-        record = self._sealed(encoded)
+        record = await self._record(checkpoint)
         try:
             version = await self._call("save", record, expected_version)
         finally:

@@ -186,6 +186,23 @@ class _Incoming:
         while self.fds:
             os.close(self.fds.popleft()[1])
 
+    def read(self, sock: socket.socket, view: memoryview, with_fds: bool) -> int:
+        """One read into ``view``, counted; with ``with_fds``, a ``recvmsg`` whose
+        descriptors are queued (without, the kernel closes any that come).
+
+        Raises:
+            ShmstoreError: the kernel truncated them (more than a message may carry).
+        """
+        if not with_fds:
+            n = sock.recv_into(view)
+            self.received += n
+            return n
+        n, ancillary, flags, _ = sock.recvmsg_into([view], _ANCILLARY, _CLOEXEC)
+        self.received += n
+        if ancillary or flags:
+            self.take(ancillary, flags)
+        return n
+
     def take(self, ancillary: list[tuple[int, int, bytes]], flags: int) -> None:
         """Queue the descriptors of one ``recvmsg``'s ancillary data (``received``
         already counts the bytes that read brought).
@@ -203,30 +220,29 @@ class _Incoming:
             self.drop()
             raise ShmstoreError("more descriptors came with a message than it may carry")
 
-    def owns(self, end: int) -> bool:
-        """Whether descriptors came for the message that ends at stream position ``end``."""
-        return bool(self.fds) and self.fds[0][0] < end
+    def _claim(self, end: int) -> deque[int]:
+        """The descriptors of the message that ends at stream position ``end``."""
+        fds, mine = self.fds, self.mine
+        while fds and fds[0][0] < end:
+            mine.append(fds.popleft()[1])
+        return mine
 
     def unpack(self, data: bytes | bytearray | memoryview, end: int) -> Any:
         """Decode the message that ends at stream position ``end`` with the descriptors
         that came for it; those of them left over belong to no message and are closed."""
-        fds, mine = self.fds, self.mine
-        while fds and fds[0][0] < end:
-            mine.append(fds.popleft()[1])
-        if not mine:
+        if not self._claim(end):
             return unpack(data)
         self.taken = 0
         try:
             return unpack(data, self)
         finally:
-            while mine:
-                os.close(mine.popleft())
+            self.discard(end)
 
     def discard(self, end: int) -> None:
         """Close the descriptors of the message ending at ``end`` (one nobody decodes)."""
-        fds = self.fds
-        while fds and fds[0][0] < end:
-            os.close(fds.popleft()[1])
+        mine = self._claim(end)
+        while mine:
+            os.close(mine.popleft())
 
 
 def pack(message: object) -> bytes:
@@ -380,9 +396,7 @@ class Channel:
                     held += _HEADER.pack(size)
                     held += view
                 elif held:
-                    held += _header(size)
-                    held += view
-                    self._flush_held()
+                    self._flush_held(_header(size), view)
                 else:
                     self.send(view)
         except BaseException:
@@ -395,18 +409,17 @@ class Channel:
         if size > self._keep:  # ...which must not stay as big as a rare huge message
             self._packer = self._new_packer()
 
-    def _flush_held(self) -> None:
+    def _flush_held(self, *after: bytes | memoryview) -> None:
+        """Send the messages held back, and ``after`` them (a message's header and
+        bytes, not copied behind them), in one write."""
         held, self._held = self._held, bytearray()
-        self._write([memoryview(held)])
+        self._write([memoryview(held), *after])
 
     def has_message(self) -> bool:
         """True if a whole next message (of at most the buffer's size) is buffered."""
-        start = self._start
-        avail = self._end - start
-        if avail < 4:
-            return False
-        size: int = _HEADER.unpack_from(self._buf, start)[0]
-        return 0 <= size <= avail - 4
+        avail = self._end - self._start
+        frame = frame_header(self._buf, self._start, avail)
+        return frame is not None and 0 <= frame[1] <= avail - frame[0]
 
     def send(self, data: bytes | memoryview) -> None:
         """Send one message (blocking, bounded by the socket's send timeout)."""
@@ -453,15 +466,7 @@ class Channel:
         incoming, sock = self._in, self._sock
         if incoming is None or sock is None:
             return os.readv(self.fd, [view])
-        if not self._with_fds:
-            n = os.readv(self.fd, [view])
-            incoming.received += n
-            return n
-        n, ancillary, flags, _ = sock.recvmsg_into([view], _ANCILLARY, _CLOEXEC)
-        incoming.received += n
-        if ancillary or flags:
-            incoming.take(ancillary, flags)
-        return n
+        return incoming.read(sock, view, self._with_fds)
 
     def _fill(self, need: int) -> None:
         """Read until ``need`` bytes past ``_start`` are buffered (need <= buffer size)."""
@@ -597,6 +602,19 @@ class Channel:
         if hasattr(self, "_in"):
             self._drop_fds()
             self._release_socket()
+
+
+def frame_header(buf: bytearray, start: int, avail: int) -> tuple[int, int] | None:
+    """(header length, message length) of the frame at ``buf[start:]``, of which
+    ``avail`` bytes are there; None until its header is."""
+    if avail < 4:
+        return None
+    size: int = _HEADER.unpack_from(buf, start)[0]
+    if size != -1:
+        return 4, size
+    if avail < 12:
+        return None
+    return 12, _BIG.unpack_from(buf, start + 4)[0]
 
 
 def _header(n: int) -> bytes:
